@@ -1,0 +1,374 @@
+//! The engine: applies events to runs in groups, durably, and hands out the
+//! commands they owe.
+//!
+//! One call to [`Engine::apply`] is one group commit:
+//!
+//! 1. each input is applied with [`step`] to the run as this group left it;
+//! 2. queued runs are admitted while fewer than `max_active` jobs are
+//!    launching or running, oldest submission first;
+//! 3. every entry of the group is written in one atomic batch and flushed once;
+//! 4. only then are the outcomes and the commands returned, so nothing leaves
+//!    the engine before the transition that caused it is on disk.
+//!
+//! [`Engine::open`] recovers: it reads the live index and returns every
+//! command each live run is owed, for the driver to send again. Commands are
+//! idempotent, so sending one twice is harmless; losing one is not possible.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::ids::RunId;
+use crate::machine::{Command, Event, TransitionError, step};
+use crate::policy::Policy;
+use crate::run::{Disposition, Envelope, HistoryEntry, Run, RunSpec, RunStatus, StateTag};
+use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, WorkflowStore};
+use crate::time::Timestamp;
+
+/// Something to apply: a submission or an event for a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A new submission; the same one again is a no-op.
+    Submit(RunSpec),
+    /// An event for an existing run.
+    Event {
+        /// The run.
+        run: RunId,
+        /// The event and its fence.
+        envelope: Envelope,
+    },
+}
+
+impl Input {
+    /// The run the input is for.
+    pub fn run(&self) -> &RunId {
+        match self {
+            Input::Submit(spec) => &spec.run,
+            Input::Event { run, .. } => run,
+        }
+    }
+}
+
+/// Why an input was refused. Nothing was recorded for it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    /// No run has this id.
+    #[error("no run {0}: list runs with `evalflow runs`")]
+    UnknownRun(RunId),
+    /// The run's state does not allow the request.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+}
+
+/// What happened to one input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Recorded as entry `seq` of the run's history.
+    Recorded {
+        /// The run.
+        run: RunId,
+        /// The entry.
+        seq: u32,
+        /// The run's version after it.
+        version: u64,
+        /// The run's state after it.
+        state: StateTag,
+        /// What it did.
+        disposition: Disposition,
+    },
+    /// Refused; nothing recorded.
+    Rejected {
+        /// The run.
+        run: RunId,
+        /// Why.
+        error: InputError,
+    },
+}
+
+/// A command to carry out, with the run it is for and the version it was issued at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch {
+    /// The run's spec: everything a worker needs to know about the submission.
+    pub spec: RunSpec,
+    /// The run's version; the answering event carries it back as its fence.
+    pub version: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// The result of one group commit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// One outcome per input, in input order.
+    pub outcomes: Vec<Outcome>,
+    /// The commands to send, now that the group is durable.
+    pub dispatches: Vec<Dispatch>,
+    /// Runs admitted by the scheduler in this group.
+    pub admitted: usize,
+}
+
+/// A failure of the engine itself. Fatal: stop, and reopen to recover.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed; the group was not acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The live index and a run's status disagree.
+    #[error("the live index lists run {run}, which {problem}")]
+    Inconsistent {
+        /// The run.
+        run: RunId,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+/// The in-memory view of the live runs, rebuilt on open.
+#[derive(Debug, Default)]
+struct LiveSet {
+    runs: HashMap<RunId, LiveRun>,
+    /// Queued runs, oldest submission first: the admission order.
+    queue: BTreeSet<(Timestamp, RunId)>,
+    /// Runs launching or running: the jobs that hold a slot.
+    active: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LiveRun {
+    tag: StateTag,
+    submitted_at: Timestamp,
+}
+
+fn holds_slot(tag: StateTag) -> bool {
+    matches!(tag, StateTag::Launching | StateTag::Running)
+}
+
+impl LiveSet {
+    fn update(&mut self, spec: &RunSpec, status: &RunStatus) {
+        let run = &spec.run;
+        if let Some(old) = self.runs.remove(run) {
+            if old.tag == StateTag::Queued {
+                self.queue.remove(&(old.submitted_at, run.clone()));
+            }
+            self.active -= usize::from(holds_slot(old.tag));
+        }
+        if status.is_live() {
+            let tag = status.state.tag();
+            if tag == StateTag::Queued {
+                self.queue.insert((spec.submitted_at, run.clone()));
+            }
+            self.active += usize::from(holds_slot(tag));
+            self.runs.insert(run.clone(), LiveRun { tag, submitted_at: spec.submitted_at });
+        }
+    }
+}
+
+/// A run being changed by the current group.
+struct Working {
+    stored: StoredRun,
+    before: Option<RunStatus>,
+    entries: Vec<HistoryEntry>,
+    /// Commands issued by this group's entries.
+    issued: Vec<Command>,
+}
+
+/// The runs a group touches, in the order it first touched them.
+#[derive(Default)]
+struct Group {
+    order: Vec<RunId>,
+    runs: HashMap<RunId, Working>,
+}
+
+/// Applies events to runs, durably, in groups.
+pub struct Engine<S: WorkflowStore> {
+    store: S,
+    policy: Policy,
+    max_active: usize,
+    live: LiveSet,
+}
+
+impl<S: WorkflowStore> Engine<S> {
+    /// Opens the engine on `store` and recovers: returns the commands every
+    /// live run is owed, to be sent again. At most `max_active` jobs are
+    /// launching or running at once.
+    pub fn open(store: S, policy: Policy, max_active: usize) -> Result<(Engine<S>, Vec<Dispatch>), EngineError> {
+        let mut live = LiveSet::default();
+        let mut dispatches = Vec::new();
+        for run in store::all_runs(&store, RunFilter::Live)? {
+            let stored =
+                store.load(&run)?.ok_or(EngineError::Inconsistent { run: run.clone(), problem: "does not exist" })?;
+            let Run { spec, status } = stored.run;
+            if !status.is_live() {
+                return Err(EngineError::Inconsistent { run, problem: "is not live" });
+            }
+            live.update(&spec, &status);
+            dispatches.extend(status.outbox().into_iter().map(|command| Dispatch {
+                spec: spec.clone(),
+                version: status.version,
+                command,
+            }));
+        }
+        Ok((Engine { store, policy, max_active, live }, dispatches))
+    }
+
+    /// The store, for reads.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The policy runs are stepped with.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Live runs currently in state `tag`.
+    pub fn live_runs(&self, tag: StateTag) -> impl Iterator<Item = &RunId> {
+        self.live.runs.iter().filter(move |(_, r)| r.tag == tag).map(|(run, _)| run)
+    }
+
+    /// How many runs are live, and how many of them hold a launch slot.
+    pub fn live_counts(&self) -> (usize, usize) {
+        (self.live.runs.len(), self.live.active)
+    }
+
+    /// Applies `inputs` then admits queued runs, as one durable group.
+    pub fn apply(&mut self, inputs: Vec<Input>, now: Timestamp) -> Result<Applied, EngineError> {
+        let mut group = Group::default();
+        let mut outcomes = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            outcomes.push(self.apply_one(&mut group, input, now)?);
+        }
+        let admitted = self.admit(&mut group, now)?;
+        let commit = Commit {
+            changes: group
+                .order
+                .iter()
+                .filter_map(|run| group.runs.get(run))
+                .filter(|w| !w.entries.is_empty())
+                .map(|w| RunChange {
+                    run: w.stored.run.spec.run.clone(),
+                    spec: w.before.is_none().then(|| w.stored.run.spec.clone()),
+                    before: w.before.clone(),
+                    entries: w.entries.clone(),
+                })
+                .collect(),
+        };
+        if !commit.changes.is_empty() {
+            self.store.commit(&commit)?;
+        }
+        // Durable from here on: publish the effects.
+        let mut dispatches = Vec::new();
+        for run in &group.order {
+            let Some(working) = group.runs.remove(run) else { continue };
+            let Run { spec, status } = working.stored.run;
+            self.live.update(&spec, &status);
+            let owed = status.outbox();
+            for command in working.issued.into_iter().filter(|c| owed.contains(c)) {
+                dispatches.push(Dispatch { spec: spec.clone(), version: status.version, command });
+            }
+        }
+        Ok(Applied { outcomes, dispatches, admitted })
+    }
+
+    fn apply_one(&mut self, group: &mut Group, input: Input, now: Timestamp) -> Result<Outcome, EngineError> {
+        let run = input.run().clone();
+        let (envelope, new_spec) = match input {
+            Input::Submit(spec) => (Envelope::unfenced(Event::Submitted(spec.clone())), Some(spec)),
+            Input::Event { envelope, .. } => (envelope, None),
+        };
+        if !group.runs.contains_key(&run) {
+            let stored = self.store.load(&run)?;
+            let working = match (stored, new_spec) {
+                (Some(stored), _) => {
+                    Working { before: Some(stored.run.status.clone()), stored, entries: Vec::new(), issued: Vec::new() }
+                }
+                (None, Some(spec)) => return Ok(create(group, spec, envelope, now)),
+                (None, None) => return Ok(Outcome::Rejected { error: InputError::UnknownRun(run.clone()), run }),
+            };
+            group.order.push(run.clone());
+            group.runs.insert(run.clone(), working);
+        }
+        let Some(working) = group.runs.get_mut(&run) else { unreachable!("inserted above") };
+        let transition = match step(&self.policy, &working.stored.run, &envelope, now) {
+            Ok(transition) => transition,
+            Err(error) => return Ok(Outcome::Rejected { run, error: error.into() }),
+        };
+        check_invariants(&working.stored.run.status, &envelope.event, &transition.status, &transition.disposition);
+        let seq = working.stored.last_seq + 1;
+        let (version, state) = (transition.status.version, transition.status.state.tag());
+        working.entries.push(HistoryEntry {
+            seq,
+            at: now,
+            input: envelope,
+            disposition: transition.disposition.clone(),
+            status: transition.status.clone(),
+        });
+        working.issued.extend(transition.commands);
+        working.stored.run.status = transition.status;
+        working.stored.last_seq = seq;
+        Ok(Outcome::Recorded { run, seq, version, state, disposition: transition.disposition })
+    }
+
+    /// Admits queued runs, oldest submission first, while job slots are free.
+    /// Runs this group already changed count as this group left them.
+    fn admit(&mut self, group: &mut Group, now: Timestamp) -> Result<usize, EngineError> {
+        let mut active = self.live.active;
+        for working in group.runs.values() {
+            let was = self.live.runs.get(&working.stored.run.spec.run).map(|r| r.tag);
+            active -= usize::from(was.is_some_and(holds_slot));
+            active += usize::from(holds_slot(working.stored.run.status.state.tag()));
+        }
+        let free = self.max_active.saturating_sub(active);
+        if free == 0 {
+            return Ok(0);
+        }
+        let queued_here = group
+            .runs
+            .values()
+            .filter(|w| w.stored.run.status.state.tag() == StateTag::Queued)
+            .map(|w| (w.stored.run.spec.submitted_at, w.stored.run.spec.run.clone()));
+        let queued_before = self.live.queue.iter().filter(|(_, run)| !group.runs.contains_key(run)).take(free).cloned();
+        let mut candidates: Vec<(Timestamp, RunId)> = queued_here.chain(queued_before).collect();
+        candidates.sort();
+        candidates.truncate(free);
+        for (_, run) in &candidates {
+            let admit = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::Admitted) };
+            self.apply_one(group, admit, now)?;
+        }
+        Ok(candidates.len())
+    }
+}
+
+/// Records the first entry of a new run.
+fn create(group: &mut Group, spec: RunSpec, envelope: Envelope, now: Timestamp) -> Outcome {
+    let status = RunStatus::submitted(now);
+    let run = spec.run.clone();
+    let entry =
+        HistoryEntry { seq: 1, at: now, input: envelope, disposition: Disposition::Applied, status: status.clone() };
+    let outcome = Outcome::Recorded {
+        run: run.clone(),
+        seq: 1,
+        version: 1,
+        state: StateTag::Queued,
+        disposition: Disposition::Applied,
+    };
+    group.order.push(run.clone());
+    group.runs.insert(
+        run,
+        Working {
+            stored: StoredRun { run: Run { spec, status }, last_seq: 1 },
+            before: None,
+            entries: vec![entry],
+            issued: Vec::new(),
+        },
+    );
+    outcome
+}
+
+/// The machine's guarantees, asserted on every step: a bug here must stop
+/// the engine before it writes anything.
+fn check_invariants(before: &RunStatus, event: &Event, after: &RunStatus, disposition: &Disposition) {
+    let grows = u64::from(*disposition == Disposition::Applied);
+    assert_eq!(after.version, before.version + grows, "version must grow by one exactly when the state changes");
+    if before.state.tag().is_terminal() && *event != Event::RetryRequested {
+        assert_eq!(after.state, before.state, "a terminal state changes only on retry");
+    }
+}

@@ -1,0 +1,39 @@
+//! evalflow's workflow core: every submission run is a durable state machine.
+//!
+//! - [`machine::step`] is the pure transition function: `(run, event, now)` in,
+//!   the next status and the commands it owes out. No I/O, no clock.
+//! - [`policy::Policy`] is the configuration it decides with: the placement
+//!   ladder, retry limits, the time limit.
+//! - [`store::WorkflowStore`] persists runs: one history entry per event,
+//!   written with the indexes in one atomic batch; [`store::SledStore`] on
+//!   disk, [`store::MemoryStore`] as its in-memory twin.
+//! - [`engine::Engine`] applies events in groups with one flush per group,
+//!   hands out commands only after the flush, and on open recovers the
+//!   commands every live run is owed.
+//! - [`replay`] rebuilds a run from its history and compares.
+//!
+//! Nothing here is async and nothing talks to a cloud: the worker crate
+//! drives the engine and carries out its commands.
+
+pub mod engine;
+pub mod ids;
+pub mod machine;
+pub mod policy;
+pub mod replay;
+pub mod run;
+pub mod store;
+pub mod time;
+
+pub use engine::{Dispatch, Engine, EngineError, Input, Outcome};
+pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name};
+pub use machine::{
+    Activity, Command, Event, FailureReason, JobOutcome, Resume, RunState, Score, Transition, TransitionError, step,
+};
+pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPolicy};
+pub use replay::{ReplayError, replay};
+pub use run::{
+    AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, HistoryEntry, IgnoreReason, JobUsage, Run, RunSpec,
+    RunStatus, StateTag, SubmissionSource, Termination,
+};
+pub use store::{MemoryStore, SledStore, StateCounts, StoreError, WorkflowStore};
+pub use time::Timestamp;

@@ -1,0 +1,248 @@
+//! The store on disk: one sled tree, keys by prefix.
+//!
+//! | key | value |
+//! |---|---|
+//! | `m` | schema version |
+//! | `s` run | the run's spec |
+//! | `h` run `\0` seq (u32, big-endian) | a history entry, with the status after it |
+//! | `l` run | (empty) the run is live |
+//! | `t` state run | (empty) the run is in this terminal state |
+//! | `c` state | how many runs are in this state (u64, big-endian) |
+//!
+//! Run ids are ASCII letters, digits, `_` and `-`, so `\0` ends a run id in a
+//! history key and one run's entries never interleave with another's. A
+//! commit is one `apply_batch` (atomic, also across a crash) and one flush.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::codec::{self, SCHEMA_VERSION};
+use super::{
+    Commit, IndexDelta, LIST_LIMIT_MAX, RunChange, RunFilter, StateCounts, StoreError, StoredRun, WorkflowStore,
+};
+use crate::ids::RunId;
+use crate::run::{HistoryEntry, Run, RunSpec, StateTag};
+
+const META_KEY: &[u8] = b"m";
+const SPEC: u8 = b's';
+const HISTORY: u8 = b'h';
+const LIVE: u8 = b'l';
+const TERMINAL: u8 = b't';
+const COUNT: u8 = b'c';
+const EMPTY: &[u8] = &[];
+
+/// Tuning of the embedded database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SledOptions {
+    /// sled's page cache, in bytes: the main part of the store's memory.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions { cache_capacity_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// The durable store, in a directory of its own.
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// The counters, kept in memory by the store's only writer.
+    counts: Mutex<StateCounts>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: SledOptions) -> Result<SledStore, StoreError> {
+        let config = sled::Config::new().path(dir);
+        Self::open_with(config, options).map_err(|e| match e {
+            StoreError::Sled(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked { path: dir.display().to_string() }
+            }
+            other => other,
+        })
+    }
+
+    /// A store that lives until dropped, for tests.
+    pub fn temporary() -> Result<SledStore, StoreError> {
+        Self::open_with(sled::Config::new().temporary(true), SledOptions::default())
+    }
+
+    fn open_with(config: sled::Config, options: SledOptions) -> Result<SledStore, StoreError> {
+        let db = config
+            .cache_capacity(options.cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("runs")?;
+        match tree.get(META_KEY)? {
+            Some(found) if found.as_ref() != [SCHEMA_VERSION] => {
+                let found = found.first().copied().unwrap_or(0);
+                return Err(StoreError::SchemaVersion { found, supported: SCHEMA_VERSION });
+            }
+            Some(_) => {}
+            None => {
+                tree.insert(META_KEY, &[SCHEMA_VERSION])?;
+                db.flush()?;
+            }
+        }
+        let mut counts = StateCounts::default();
+        for item in tree.scan_prefix([COUNT]) {
+            let (key, value) = item?;
+            let tag = key.get(1).and_then(|&code| StateTag::from_code(code));
+            let count = <[u8; 8]>::try_from(value.as_ref()).map(u64::from_be_bytes);
+            match (tag, count) {
+                (Some(tag), Ok(count)) => counts[tag] = count,
+                _ => return Err(codec::corrupt(&key, "bad counter".into())),
+            }
+        }
+        Ok(SledStore { db, tree, counts: Mutex::new(counts) })
+    }
+
+    /// The bytes sled's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn last_entry(&self, run: &RunId) -> Result<Option<HistoryEntry>, StoreError> {
+        let prefix = history_prefix(run);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 5]);
+        match self.tree.get_lt(upper)? {
+            Some((key, value)) if key.starts_with(&prefix) => Ok(Some(codec::decode(&key, &value)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn stage(&self, change: &RunChange, batch: &mut sled::Batch, counts: &mut StateCounts) -> Result<(), StoreError> {
+        let last_seq_before = self.last_entry(&change.run)?.map_or(0, |e| e.seq);
+        change.validate(last_seq_before)?;
+        if let Some(spec) = &change.spec {
+            let key = key(SPEC, &change.run);
+            let value = codec::encode(&key, spec)?;
+            batch.insert(key, value);
+        }
+        for entry in &change.entries {
+            let key = entry_key(&change.run, entry.seq);
+            let value = codec::encode(&key, entry)?;
+            batch.insert(key, value);
+        }
+        let Some(after) = change.after() else { return Ok(()) };
+        let delta = IndexDelta::of(change.before.as_ref(), after);
+        match delta.live {
+            Some(true) => batch.insert(key(LIVE, &change.run), EMPTY),
+            Some(false) => batch.remove(key(LIVE, &change.run)),
+            None => {}
+        }
+        if let Some(tag) = delta.terminal_out {
+            batch.remove(terminal_key(tag, &change.run));
+        }
+        if let Some(tag) = delta.terminal_in {
+            batch.insert(terminal_key(tag, &change.run), EMPTY);
+        }
+        count(counts, change, delta)
+    }
+}
+
+/// Applies a delta's counter moves to `counts`, refusing to go below zero.
+fn count(counts: &mut StateCounts, change: &RunChange, delta: IndexDelta) -> Result<(), StoreError> {
+    if let Some(tag) = delta.count_out {
+        counts[tag] = counts[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
+            run: change.run.clone(),
+            problem: format!("leaves state {tag}, which counts no run"),
+        })?;
+    }
+    if let Some(tag) = delta.count_in {
+        counts[tag] += 1;
+    }
+    Ok(())
+}
+
+impl WorkflowStore for SledStore {
+    fn load(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
+        let key = key(SPEC, run);
+        let Some(spec) = self.tree.get(&key)? else { return Ok(None) };
+        let spec: RunSpec = codec::decode(&key, &spec)?;
+        let entry = self.last_entry(run)?.ok_or_else(|| codec::corrupt(&key, "a spec without history".into()))?;
+        Ok(Some(StoredRun { run: Run { spec, status: entry.status }, last_seq: entry.seq }))
+    }
+
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let mut counts = *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = counts;
+        let mut batch = sled::Batch::default();
+        for change in &commit.changes {
+            self.stage(change, &mut batch, &mut counts)?;
+        }
+        for (tag, count) in counts.iter() {
+            if count != before[tag] {
+                batch.insert(&[COUNT, tag.code()], &count.to_be_bytes()[..]);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
+        Ok(())
+    }
+
+    fn history(&self, run: &RunId) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.tree
+            .scan_prefix(history_prefix(run))
+            .map(|item| {
+                let (key, value) = item?;
+                codec::decode(&key, &value)
+            })
+            .collect()
+    }
+
+    fn runs(&self, filter: RunFilter, after: Option<&RunId>, limit: usize) -> Result<Vec<RunId>, StoreError> {
+        let prefix = match filter {
+            RunFilter::All => vec![SPEC],
+            RunFilter::Live => vec![LIVE],
+            RunFilter::Terminal(tag) => vec![TERMINAL, tag.code()],
+        };
+        let mut start = prefix.clone();
+        if let Some(after) = after {
+            start.extend_from_slice(after.as_str().as_bytes());
+            start.push(0);
+        }
+        let mut runs = Vec::new();
+        for item in self.tree.range(start..).take(limit.min(LIST_LIMIT_MAX)) {
+            let (key, _) = item?;
+            let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+            let id = std::str::from_utf8(id).map_err(|e| codec::corrupt(&key, e.to_string()))?;
+            runs.push(RunId::parse(id).map_err(|e| codec::corrupt(&key, e.to_string()))?);
+        }
+        Ok(runs)
+    }
+
+    fn counts(&self) -> Result<StateCounts, StoreError> {
+        Ok(*self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+fn key(kind: u8, run: &RunId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + run.as_str().len());
+    key.push(kind);
+    key.extend_from_slice(run.as_str().as_bytes());
+    key
+}
+
+fn history_prefix(run: &RunId) -> Vec<u8> {
+    let mut key = key(HISTORY, run);
+    key.push(0);
+    key
+}
+
+fn entry_key(run: &RunId, seq: u32) -> Vec<u8> {
+    let mut key = history_prefix(run);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn terminal_key(tag: StateTag, run: &RunId) -> Vec<u8> {
+    let mut key = vec![TERMINAL, tag.code()];
+    key.extend_from_slice(run.as_str().as_bytes());
+    key
+}
