@@ -15,12 +15,15 @@
 //! Nothing here is async and nothing talks to a cloud: the worker crate
 //! drives the engine and carries out its commands.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod engine;
 pub mod ids;
 pub mod machine;
 pub mod policy;
 pub mod replay;
 pub mod run;
+pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -1,6 +1,5 @@
 //! Time as data: the state machine never reads a clock, it is handed `now`.
 
-use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -34,11 +33,5 @@ impl Timestamp {
     /// As a [`SystemTime`], for formatting at the edges.
     pub fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.0)
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}ms", self.0)
     }
 }

@@ -1,0 +1,290 @@
+//! evalflow's core benchmark. Measures, in one run on this machine:
+//!
+//! 1. raw sled: writes/s in batches of 100 with one flush per batch, and
+//!    flushes/s with one write per flush (the physical limits);
+//! 2. the engine: durable transitions/s and complete runs/s (queued ->
+//!    published, activities answered instantly), with groups of 100 events,
+//!    and the ratio to raw sled;
+//! 3. a store of 1,000,000 runs: time to count runs by state on a fresh
+//!    open, and the engine's resident memory;
+//! 4. the same store plus 100,000 non-terminal runs: time to reopen and
+//!    recover every outstanding command.
+//!
+//! Usage: `cargo run --release -p evalflow-bench [-- --stored-runs N --live-runs N]`
+
+use std::time::{Duration, Instant};
+
+use evalflow_workflow::sim::InstantWorld;
+use evalflow_workflow::store::SledOptions;
+use evalflow_workflow::{
+    Disposition, Engine, Input, JobOutcome, Outcome, Policy, Resource, RunSpec, SledStore, Stage, StateTag,
+    SubmissionId, SubmissionSource, TeamId, Timestamp, WorkflowStore,
+};
+
+const GROUP: usize = 100;
+const POLICY: &str = r#"
+    time_limit_secs = 32400
+    [[profile]]
+    name = "g4"
+    host_memory_mib = 15000
+    gpu_memory_mib = 15000
+    vcpus = 4
+    price_per_hour_usd = 0.526
+    [[profile]]
+    name = "p3"
+    host_memory_mib = 60000
+    gpu_memory_mib = 16000
+    vcpus = 8
+    price_per_hour_usd = 3.06
+"#;
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [phase, dir, runs] = args.as_slice()
+        && phase == FILL_CHILD
+    {
+        return fill_store(&Policy::from_toml(POLICY)?, dir.as_ref(), runs.parse()?);
+    }
+    let flag = |name: &str, default: usize| -> Result<usize, Error> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(args.get(i + 1).ok_or(format!("{name} needs a number"))?.parse()?),
+            None => Ok(default),
+        }
+    };
+    let stored_runs = flag("--stored-runs", 1_000_000)?;
+    let live_runs = flag("--live-runs", 100_000)?;
+    let policy = Policy::from_toml(POLICY)?;
+    println!("evalflow core benchmark ({} CPUs)", std::thread::available_parallelism()?);
+
+    let (raw_writes, raw_flushes) = raw_sled()?;
+    println!("raw sled, batches of {GROUP}, one flush each: {:>9.0} writes/s (best of 3)", raw_writes);
+    println!("raw sled, one write per flush:             {:>9.0} flushes/s (best of 3)", raw_flushes);
+
+    let (transitions, runs) = engine_throughput(&policy, 50_000)?;
+    println!(
+        "engine, groups of {GROUP} events:            {:>9.0} durable transitions/s (target >= 50000)",
+        transitions
+    );
+    println!("engine, queued -> published:               {:>9.0} complete runs/s", runs);
+    println!("engine / raw sled:                         {:>9.1} % (target >= 40 %)", 100.0 * transitions / raw_writes);
+
+    let dir = tempfile::tempdir()?;
+    let fill = fill_in_child(dir.path(), stored_runs)?;
+    println!(
+        "{stored_runs} stored runs: filled in {:.1} s, engine RSS {} MiB (peak {} MiB; target < 500), {} MiB on disk",
+        fill.elapsed.as_secs_f64(),
+        fill.rss_mib,
+        fill.peak_rss_mib,
+        fill.disk_mib
+    );
+    let (open, count) = count_by_state(dir.path())?;
+    println!(
+        "count by state on a fresh open:           {:>9.3} ms (store open {:.0} ms; target < 50 ms)",
+        ms(count),
+        ms(open)
+    );
+
+    add_live_runs(&policy, dir.path(), stored_runs, live_runs)?;
+    let (recovery, commands) = reopen_and_recover(&policy, dir.path())?;
+    println!(
+        "reopen + recover {live_runs} live runs:         {:>9.0} ms, {commands} commands owed (target < 2000 ms)",
+        ms(recovery)
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn options() -> SledOptions {
+    SledOptions::default()
+}
+
+/// Raw sled: history-entry-sized values under history-like keys, with the
+/// store's own settings. Returns (writes/s in batches, flushes/s).
+fn raw_sled() -> Result<(f64, f64), Error> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(options().cache_capacity_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()?;
+    let tree = db.open_tree("raw")?;
+    let value = vec![0x5a_u8; 160];
+    let mut key_n = 0u64;
+    let mut write_batches = |batches: usize, size: usize| -> Result<f64, Error> {
+        let start = Instant::now();
+        for _ in 0..batches {
+            let mut batch = sled::Batch::default();
+            for _ in 0..size {
+                key_n += 1;
+                batch
+                    .insert(format!("hs{:07}-public\0{:04}", key_n % 50_000, key_n / 50_000).as_bytes(), value.clone());
+            }
+            tree.apply_batch(batch)?;
+            db.flush()?;
+        }
+        Ok((batches * size) as f64 / start.elapsed().as_secs_f64())
+    };
+    write_batches(200, GROUP)?; // warm up
+    // The disk's speed wanders from run to run: keep the best of three, so
+    // that the engine's share of it is not flattered.
+    let (mut writes, mut flushes) = (0.0_f64, 0.0_f64);
+    for _ in 0..3 {
+        writes = writes.max(write_batches(1_000, GROUP)?);
+        flushes = flushes.max(write_batches(2_000, 1)?);
+    }
+    Ok((writes, flushes))
+}
+
+fn spec(index: usize) -> RunSpec {
+    RunSpec::new(
+        SubmissionId::new(format!("s{index:07}")).unwrap_or_else(|e| panic!("{e}")),
+        TeamId::new(format!("team{}", index % 2300)).unwrap_or_else(|e| panic!("{e}")),
+        Stage::Public,
+        false,
+        SubmissionSource::Image {
+            uri: format!("123456789012.dkr.ecr.us-east-1.amazonaws.com/team{}:final", index % 2300),
+        },
+        Timestamp(1_700_000_000_000 + index as u64),
+    )
+}
+
+/// Drives `first..first + count` runs to their end, `GROUP` events per
+/// commit. Returns (state-changing entries, runs published).
+fn drive(
+    engine: &mut Engine<SledStore>,
+    first: usize,
+    count: usize,
+    outcome: impl FnMut(&evalflow_workflow::Dispatch) -> JobOutcome,
+) -> Result<(u64, u64), Error> {
+    let mut world = InstantWorld::new(outcome);
+    let mut submissions = (first..first + count).map(|i| Input::Submit(spec(i)));
+    let mut pending = std::collections::VecDeque::new();
+    let (mut transitions, mut published) = (0, 0);
+    loop {
+        // Submissions arrive as a stream, a group's worth at a time.
+        if pending.len() < GROUP {
+            pending.extend(submissions.by_ref().take(GROUP));
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let group: Vec<Input> = pending.drain(..GROUP.min(pending.len())).collect();
+        let now = Timestamp::now();
+        let applied = engine.apply(group, now)?;
+        for outcome in &applied.outcomes {
+            if let Outcome::Recorded { disposition: Disposition::Applied, state, .. } = outcome {
+                transitions += 1;
+                published += u64::from(*state == StateTag::Published);
+            }
+        }
+        pending.extend(applied.dispatches.iter().flat_map(|d| world.answer(d, now)));
+    }
+    Ok((transitions, published))
+}
+
+fn engine_throughput(policy: &Policy, runs: usize) -> Result<(f64, f64), Error> {
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path(), options())?;
+    let (mut engine, _) = Engine::open(store, policy.clone(), usize::MAX)?;
+    drive(&mut engine, 0, 2_000, |_| JobOutcome::Succeeded)?; // warm up
+    let start = Instant::now();
+    let (transitions, published) = drive(&mut engine, 2_000, runs, |_| JobOutcome::Succeeded)?;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(published, runs as u64, "every run is published");
+    Ok((transitions as f64 / secs, published as f64 / secs))
+}
+
+/// The argument that makes this binary the engine process of the memory phase.
+const FILL_CHILD: &str = "--fill-child";
+
+struct Fill {
+    elapsed: Duration,
+    rss_mib: u64,
+    peak_rss_mib: u64,
+    disk_mib: u64,
+}
+
+/// Runs the memory phase in a fresh process, so that its resident memory is
+/// the engine's alone, not the earlier phases'.
+fn fill_in_child(dir: &std::path::Path, runs: usize) -> Result<Fill, Error> {
+    let start = Instant::now();
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args([FILL_CHILD, &dir.display().to_string(), &runs.to_string()])
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("the fill process failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    let text = String::from_utf8(output.stdout)?;
+    let figures: Vec<u64> = text.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    let [rss_mib, peak_rss_mib, disk_mib] = figures[..] else {
+        return Err(format!("fill process said {text:?}").into());
+    };
+    Ok(Fill { elapsed: start.elapsed(), rss_mib, peak_rss_mib, disk_mib })
+}
+
+/// The engine process of the memory phase: fills a store with `runs` runs
+/// driven to their end (most published, some escalated from g4 to p3 on
+/// OOM, some out of memory on both) and prints its RSS, peak RSS and the
+/// store's size, in MiB.
+fn fill_store(policy: &Policy, dir: &std::path::Path, runs: usize) -> Result<(), Error> {
+    let store = SledStore::open(dir, options())?;
+    let (mut engine, _) = Engine::open(store, policy.clone(), usize::MAX)?;
+    let mut launches = 0u64;
+    drive(&mut engine, 0, runs, |_| {
+        launches += 1;
+        match launches % 10 {
+            0 => JobOutcome::OutOfMemory { resource: Resource::GpuMemory },
+            _ => JobOutcome::Succeeded,
+        }
+    })?;
+    let (rss, peak) = rss_mib()?;
+    println!("{rss} {peak} {}", engine.store().size_on_disk()? >> 20);
+    Ok(())
+}
+
+fn count_by_state(dir: &std::path::Path) -> Result<(Duration, Duration), Error> {
+    let start = Instant::now();
+    let store = SledStore::open(dir, options())?;
+    let opened = start.elapsed();
+    let start = Instant::now();
+    let counts = store.counts()?;
+    let counted = start.elapsed();
+    let shown: Vec<String> = counts.iter().filter(|(_, n)| *n > 0).map(|(t, n)| format!("{t} {n}")).collect();
+    println!("  counts: {}", shown.join(", "));
+    Ok((opened, counted))
+}
+
+/// Submits `live` more runs and admits them all, leaving each owing a launch.
+fn add_live_runs(policy: &Policy, dir: &std::path::Path, first: usize, live: usize) -> Result<(), Error> {
+    let store = SledStore::open(dir, options())?;
+    let (mut engine, _) = Engine::open(store, policy.clone(), usize::MAX)?;
+    for chunk_start in (first..first + live).step_by(GROUP) {
+        let group = (chunk_start..(chunk_start + GROUP).min(first + live)).map(|i| Input::Submit(spec(i))).collect();
+        engine.apply(group, Timestamp::now())?;
+    }
+    Ok(())
+}
+
+fn reopen_and_recover(policy: &Policy, dir: &std::path::Path) -> Result<(Duration, usize), Error> {
+    let start = Instant::now();
+    let store = SledStore::open(dir, options())?;
+    let (_engine, owed) = Engine::open(store, policy.clone(), usize::MAX)?;
+    Ok((start.elapsed(), owed.len()))
+}
+
+/// This process's resident memory now and at its peak, in MiB.
+fn rss_mib() -> Result<(u64, u64), Error> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let field = |name: &str| -> Result<u64, Error> {
+        let line = status.lines().find(|l| l.starts_with(name)).ok_or(format!("no {name} in /proc/self/status"))?;
+        let kib: u64 = line.split_whitespace().nth(1).ok_or("bad line")?.parse()?;
+        Ok(kib / 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
