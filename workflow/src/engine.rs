@@ -214,6 +214,11 @@ impl<S: WorkflowStore> Engine<S> {
         &self.store
     }
 
+    /// Closes the engine, keeping its store.
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
     /// The policy runs are stepped with.
     pub fn policy(&self) -> &Policy {
         &self.policy
@@ -370,5 +375,89 @@ fn check_invariants(before: &RunStatus, event: &Event, after: &RunStatus, dispos
     assert_eq!(after.version, before.version + grows, "version must grow by one exactly when the state changes");
     if before.state.tag().is_terminal() && *event != Event::RetryRequested {
         assert_eq!(after.state, before.state, "a terminal state changes only on retry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Attempt, Stage, SubmissionId, TeamId};
+    use crate::machine::JobOutcome;
+    use crate::run::{Detail, JobUsage, SubmissionSource};
+    use crate::store::MemoryStore;
+
+    fn spec(name: &str, submitted_at: u64) -> RunSpec {
+        RunSpec::new(
+            SubmissionId::new(name).unwrap(),
+            TeamId::new("t").unwrap(),
+            Stage::Public,
+            false,
+            SubmissionSource::Image { uri: "img".into() },
+            Timestamp(submitted_at),
+        )
+    }
+
+    fn engine(max_active: usize) -> Engine<MemoryStore> {
+        Engine::open(MemoryStore::new(), crate::policy::tests::case_policy(), max_active).unwrap().0
+    }
+
+    fn launched(applied: &Applied) -> Vec<&str> {
+        applied
+            .dispatches
+            .iter()
+            .filter(|d| matches!(d.command, Command::LaunchJob { .. }))
+            .map(|d| d.spec.run.as_str())
+            .collect()
+    }
+
+    fn event(run: &str, event: Event) -> Input {
+        Input::Event { run: RunId::parse(run).unwrap(), envelope: Envelope::unfenced(event) }
+    }
+
+    #[test]
+    fn admission_takes_the_oldest_submissions_while_slots_are_free() {
+        let mut engine = engine(2);
+        let submissions = [("c", 3), ("a", 1), ("d", 4), ("b", 2)].map(|(n, t)| Input::Submit(spec(n, t)));
+        let applied = engine.apply(submissions.to_vec(), Timestamp(10)).unwrap();
+        assert_eq!(launched(&applied), ["a-public", "b-public"]);
+        assert_eq!(applied.admitted, 2);
+        assert_eq!(engine.live_counts(), (4, 2));
+
+        // "a" fails to launch: its slot goes to the oldest waiting run, "c".
+        let failed = event("a-public", Event::LaunchFailed { attempt: Attempt(1), error: Detail::new("x") });
+        let applied = engine.apply(vec![failed], Timestamp(11)).unwrap();
+        assert_eq!(launched(&applied), ["c-public"]);
+        assert_eq!(engine.live_counts(), (3, 2));
+        assert_eq!(engine.apply(Vec::new(), Timestamp(12)).unwrap().admitted, 0, "no slot is free");
+    }
+
+    #[test]
+    fn an_event_for_an_unknown_run_is_rejected_and_not_recorded() {
+        let mut engine = engine(1);
+        let applied = engine.apply(vec![event("nope-public", Event::CancelRequested)], Timestamp(1)).unwrap();
+        assert!(matches!(&applied.outcomes[..], [Outcome::Rejected { error: InputError::UnknownRun(_), .. }]));
+        assert_eq!(engine.store().counts().unwrap().total(), 0);
+    }
+
+    #[test]
+    fn commands_superseded_within_a_group_are_not_dispatched() {
+        let mut engine = engine(1);
+        let cancel = event("a-public", Event::CancelRequested);
+        let applied = engine.apply(vec![Input::Submit(spec("a", 1)), cancel], Timestamp(1)).unwrap();
+        assert!(applied.dispatches.is_empty(), "cancelled before its admission: {:?}", applied.dispatches);
+
+        let applied = engine.apply(vec![Input::Submit(spec("b", 2))], Timestamp(2)).unwrap();
+        assert_eq!(launched(&applied), ["b-public"]);
+        let version = applied.dispatches[0].version;
+        let job = crate::ids::JobId::new("j").unwrap();
+        let launch = Input::Event {
+            run: RunId::parse("b-public").unwrap(),
+            envelope: Envelope::answering(Event::JobLaunched { attempt: Attempt(1), job: job.clone() }, version),
+        };
+        let usage = JobUsage { started_at: None, ended_at: Timestamp(3), peak_memory_mib: None };
+        let end =
+            event("b-public", Event::JobEnded { attempt: Attempt(1), job, outcome: JobOutcome::Succeeded, usage });
+        let applied = engine.apply(vec![launch, end, event("b-public", Event::CancelRequested)], Timestamp(3)).unwrap();
+        assert!(applied.dispatches.is_empty(), "scoring was owed, then cancelled in the same group");
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::engine::EngineError;
 use crate::ids::RunId;
-use crate::machine::{Event, TransitionError, step};
+use crate::machine::{Event, RunState, TransitionError, step};
 use crate::policy::Policy;
 use crate::run::{Disposition, HistoryEntry, Run, RunStatus};
 use crate::store::WorkflowStore;
@@ -82,8 +82,15 @@ pub enum ReplayError {
     },
 }
 
+/// A status in a few words: its state, where it runs or why it failed, its version.
 fn summary(status: &RunStatus, disposition: &Disposition) -> String {
-    format!("{} v{} ({disposition:?})", status.state.tag(), status.version)
+    let state = &status.state;
+    let detail = match (state.placement(), state) {
+        (Some((attempt, profile, _)), _) => format!(" attempt {attempt} on {profile}"),
+        (None, RunState::Failed { reason, .. }) => format!(" ({})", reason.kind()),
+        (None, _) => String::new(),
+    };
+    format!("{}{detail} v{}, {disposition:?}", state.tag(), status.version)
 }
 
 /// Rebuilds a run from `history`, checking every entry on the way.
@@ -155,4 +162,92 @@ fn compare(
         replayed: Box::new(status.clone()),
         replayed_disposition: disposition.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, Input};
+    use crate::ids::{Stage, SubmissionId, TeamId};
+    use crate::machine::JobOutcome;
+    use crate::policy::Resource;
+    use crate::run::{RunSpec, StateTag, SubmissionSource};
+    use crate::sim::InstantWorld;
+    use crate::store::MemoryStore;
+    use crate::time::Timestamp;
+
+    /// A run escalated from g4 to p3 on GPU OOM, then published.
+    fn escalated_run() -> (MemoryStore, RunId) {
+        let policy = crate::policy::tests::case_policy();
+        let (mut engine, _) = Engine::open(MemoryStore::new(), policy, 4).unwrap();
+        let spec = RunSpec::new(
+            SubmissionId::new("oom-g4").unwrap(),
+            TeamId::new("t").unwrap(),
+            Stage::Public,
+            false,
+            SubmissionSource::Image { uri: "img".into() },
+            Timestamp(0),
+        );
+        let run = spec.run.clone();
+        let mut launches = 0;
+        let mut world = InstantWorld::new(|_| {
+            launches += 1;
+            if launches == 1 {
+                JobOutcome::OutOfMemory { resource: Resource::GpuMemory }
+            } else {
+                JobOutcome::Succeeded
+            }
+        });
+        let mut inputs = vec![Input::Submit(spec)];
+        while !inputs.is_empty() {
+            let applied = engine.apply(inputs, Timestamp(1)).unwrap();
+            inputs = applied.dispatches.iter().flat_map(|d| world.answer(d, Timestamp(1))).collect();
+        }
+        (engine.into_store(), run)
+    }
+
+    #[test]
+    fn a_stored_history_replays_to_the_stored_status() {
+        let (store, run) = escalated_run();
+        let replayed = check(&crate::policy::tests::case_policy(), &store, &run).unwrap();
+        assert_eq!(replayed.status.state.tag(), StateTag::Published);
+        assert_eq!(replayed.status.attempts.len(), 2);
+    }
+
+    fn replay_with(policy_text: &str) -> ReplayError {
+        let (store, run) = escalated_run();
+        let policy = Policy::from_toml(policy_text).unwrap();
+        replay(&policy, &run, &store.history(&run).unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn a_changed_ladder_diverges_at_the_first_entry_it_decides_differently() {
+        let case = crate::policy::tests::CASE_POLICY;
+        // p3 with no more GPU memory than g4: the OOM on g4 is the top of the ladder.
+        let err = replay_with(&case.replace("gpu_memory_mib = 16000", "gpu_memory_mib = 15000"));
+        let ReplayError::Diverged { seq, event, .. } = &err else { panic!("{err}") };
+        assert_eq!((*seq, *event), (4, "job_ended"));
+        assert_eq!(
+            err.to_string(),
+            "run oom-g4-public diverges at entry 4 (job_ended): recorded launching attempt 2 on p3 v4, Applied, \
+             replay gives failed (out_of_memory) v4, Applied"
+        );
+        // p3 renamed: the escalation goes to the same machine under another name.
+        let err = replay_with(&case.replace("name = \"p3\"", "name = \"v100\""));
+        assert!(
+            err.to_string().ends_with(
+                "recorded launching attempt 2 on p3 v4, Applied, replay gives launching attempt 2 on v100 v4, Applied"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_gap_in_the_history_is_named() {
+        let (store, run) = escalated_run();
+        let mut history = store.history(&run).unwrap();
+        history.remove(2);
+        let err = replay(&crate::policy::tests::case_policy(), &run, &history).unwrap_err();
+        assert_eq!(err, ReplayError::Gap { run, seq: 4, previous: 2 });
+    }
 }

@@ -57,7 +57,9 @@ impl SledStore {
     pub fn open(dir: &Path, options: SledOptions) -> Result<SledStore, StoreError> {
         let config = sled::Config::new().path(dir);
         Self::open_with(config, options).map_err(|e| match e {
-            StoreError::Sled(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled reports a held file lock as an I/O error of kind `Other`
+            // whose message names the lock.
+            StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                 StoreError::Locked { path: dir.display().to_string() }
             }
             other => other,
@@ -245,4 +247,74 @@ fn terminal_key(tag: StateTag, run: &RunId) -> Vec<u8> {
     let mut key = vec![TERMINAL, tag.code()];
     key.extend_from_slice(run.as_str().as_bytes());
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, Input};
+    use crate::ids::{Stage, SubmissionId, TeamId};
+    use crate::run::SubmissionSource;
+    use crate::time::Timestamp;
+
+    fn submit(store: SledStore, name: &str) -> SledStore {
+        let spec = RunSpec::new(
+            SubmissionId::new(name).unwrap(),
+            TeamId::new("t").unwrap(),
+            Stage::Public,
+            false,
+            SubmissionSource::Image { uri: "img".into() },
+            Timestamp(0),
+        );
+        let (mut engine, _) = Engine::open(store, crate::policy::tests::case_policy(), 0).unwrap();
+        engine.apply(vec![Input::Submit(spec)], Timestamp(1)).unwrap();
+        engine.into_store()
+    }
+
+    #[test]
+    fn a_store_of_another_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        store.tree.insert(META_KEY, &[SCHEMA_VERSION + 1]).unwrap();
+        drop(store);
+        let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!("the store's records have schema version {}; this evalflow reads version 1", SCHEMA_VERSION + 1)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_is_reported_with_its_key() {
+        let store = submit(SledStore::temporary().unwrap(), "a");
+        let run = RunId::parse("a-public").unwrap();
+        store.tree.insert(entry_key(&run, 1), &[SCHEMA_VERSION, 0xff, 0xff][..]).unwrap();
+        let err = store.load(&run).unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { key, .. } if key.starts_with("ha-public")), "{err}");
+        store.tree.insert(entry_key(&run, 1), &[SCHEMA_VERSION + 1][..]).unwrap();
+        assert!(matches!(store.load(&run), Err(StoreError::SchemaVersion { .. })));
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_store_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_write_that_breaks_the_history_is_refused_and_changes_nothing() {
+        let store = submit(SledStore::temporary().unwrap(), "a");
+        let run = RunId::parse("a-public").unwrap();
+        let stored = store.load(&run).unwrap().unwrap();
+        let mut entry = store.history(&run).unwrap().remove(0);
+        entry.seq = 3; // skips seq 2
+        let change =
+            RunChange { run: run.clone(), spec: None, before: Some(stored.run.status.clone()), entries: vec![entry] };
+        let err = store.commit(&Commit { changes: vec![change] }).unwrap_err();
+        assert_eq!(err.to_string(), "refused write for run a-public: entry seq 3 after seq 1");
+        assert_eq!(store.history(&run).unwrap().len(), 1);
+        assert_eq!(store.counts().unwrap()[StateTag::Queued], 1);
+    }
 }
