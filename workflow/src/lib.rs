@@ -30,7 +30,8 @@ pub mod time;
 pub use engine::{Dispatch, Engine, EngineError, Input, Outcome};
 pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name};
 pub use machine::{
-    Activity, Command, Event, FailureReason, JobOutcome, Resume, RunState, Score, Transition, TransitionError, step,
+    Activity, Command, Event, FailureReason, JobOutcome, Limit, Resume, RunState, Score, Transition, TransitionError,
+    step,
 };
 pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPolicy};
 pub use replay::{ReplayError, replay};

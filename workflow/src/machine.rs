@@ -13,7 +13,7 @@
 //!                                                  | Failed{OutOfMemory} at the top of the ladder
 //! Running   --(JobEnded{Interrupted})------------> Launching{same profile, after backoff}     [LaunchJob]
 //!                                                  | Failed{Interrupted} after interruptions_max in a row
-//! Running   --(JobEnded{TimedOut|Crashed|CannotStart})--> Failed{the same reason}
+//! Running   --(JobEnded{TimedOut|Crashed|CannotStart|LimitExceeded})--> Failed{the same reason}
 //! Predicted --(PredictionsScored{score})---------> Scored{score}                              [Publish]
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
@@ -235,6 +235,31 @@ pub enum JobOutcome {
         /// What the runner said.
         detail: Detail,
     },
+    /// It was stopped for breaking a sandbox limit other than memory or time.
+    LimitExceeded {
+        /// Which limit.
+        limit: Limit,
+    },
+}
+
+/// A sandbox limit other than memory and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// The number of processes and threads.
+    Processes,
+    /// The bytes written to its output and scratch directories and logs.
+    Disk,
+}
+
+impl Limit {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Processes => "processes",
+            Limit::Disk => "disk",
+        }
+    }
 }
 
 /// An activity: the side effect a command asks for.
@@ -286,6 +311,11 @@ pub enum FailureReason {
         /// What the runner said.
         detail: Detail,
     },
+    /// Its job broke a sandbox limit.
+    LimitExceeded {
+        /// Which limit.
+        limit: Limit,
+    },
     /// Its jobs were interrupted too many times in a row.
     Interrupted {
         /// Interruptions in a row.
@@ -323,6 +353,7 @@ impl FailureReason {
             FailureReason::TimedOut { .. } => "timed_out",
             FailureReason::Crashed { .. } => "crashed",
             FailureReason::CannotStart { .. } => "cannot_start",
+            FailureReason::LimitExceeded { .. } => "limit_exceeded",
             FailureReason::Interrupted { .. } => "interrupted",
             FailureReason::InvalidPredictions { .. } => "invalid_predictions",
             FailureReason::NoEligibleProfile { .. } => "no_eligible_profile",
@@ -342,6 +373,7 @@ impl std::fmt::Display for FailureReason {
             FailureReason::Crashed { exit_code: Some(code) } => write!(f, "exited with code {code}"),
             FailureReason::Crashed { exit_code: None } => f.write_str("killed by a signal"),
             FailureReason::CannotStart { detail } => write!(f, "could not start: {detail}"),
+            FailureReason::LimitExceeded { limit } => write!(f, "exceeded the sandbox's {} limit", limit.as_str()),
             FailureReason::Interrupted { interruptions } => write!(f, "interrupted {interruptions} times in a row"),
             FailureReason::InvalidPredictions { reason } => write!(f, "invalid predictions: {reason}"),
             FailureReason::NoEligibleProfile { cpu_only: true } => f.write_str("no cpu_only profile is configured"),
@@ -754,6 +786,7 @@ impl Step<'_> {
             JobOutcome::TimedOut => fail(FailureReason::TimedOut { profile: profile.clone() }),
             JobOutcome::Crashed { exit_code } => fail(FailureReason::Crashed { exit_code: *exit_code }),
             JobOutcome::CannotStart { detail } => fail(FailureReason::CannotStart { detail: detail.clone() }),
+            JobOutcome::LimitExceeded { limit } => fail(FailureReason::LimitExceeded { limit: *limit }),
         }
     }
 
@@ -1118,13 +1151,17 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_crashes_and_unstartable_images_fail_with_their_reason() {
+    fn timeouts_crashes_unstartable_images_and_broken_limits_fail_with_their_reason() {
         let cases = [
             (JobOutcome::TimedOut, FailureReason::TimedOut { profile: pn("g4") }),
             (JobOutcome::Crashed { exit_code: Some(2) }, FailureReason::Crashed { exit_code: Some(2) }),
             (
                 JobOutcome::CannotStart { detail: Detail::new("CannotPullContainerError: x") },
                 FailureReason::CannotStart { detail: Detail::new("CannotPullContainerError: x") },
+            ),
+            (
+                JobOutcome::LimitExceeded { limit: Limit::Processes },
+                FailureReason::LimitExceeded { limit: Limit::Processes },
             ),
         ];
         for (outcome, reason) in cases {
@@ -1333,6 +1370,7 @@ mod tests {
             ended(JobOutcome::TimedOut),
             ended(JobOutcome::Crashed { exit_code: None }),
             ended(JobOutcome::CannotStart { detail: Detail::new("pull") }),
+            ended(JobOutcome::LimitExceeded { limit: Limit::Disk }),
             Event::PredictionsScored { attempt, score: Score::new(0.5).unwrap() },
             Event::PredictionsRejected { attempt, reason: Detail::new("x") },
             Event::Published { attempt },

@@ -20,6 +20,8 @@ pub enum SubmissionSource {
     Directory {
         /// The directory's absolute path.
         path: String,
+        /// A digest of its contents: the same id with other contents is another submission.
+        digest: String,
     },
     /// A container image URI (AWS Batch).
     Image {

@@ -51,7 +51,7 @@ fn spec(index: usize, cpu_only: bool) -> RunSpec {
         TeamId::new(format!("t{}", index % 3)).unwrap(),
         if index % 4 == 3 { Stage::Private } else { Stage::Public },
         cpu_only,
-        SubmissionSource::Directory { path: format!("/subs/s{index}") },
+        SubmissionSource::Directory { path: format!("/subs/s{index}"), digest: format!("{index:x}") },
         Timestamp(index as u64),
     )
 }
@@ -95,6 +95,7 @@ impl Seed {
             2 => JobOutcome::OutOfMemory { resource: Resource::HostMemory },
             3 => JobOutcome::OutOfMemory { resource: Resource::GpuMemory },
             4 => JobOutcome::Interrupted { detail: Detail::new("spot") },
+            5 if self.detail > 200 => JobOutcome::LimitExceeded { limit: Limit::Processes },
             5 => JobOutcome::TimedOut,
             _ => JobOutcome::Crashed { exit_code: Some(i32::from(self.detail)) },
         };
