@@ -1,0 +1,237 @@
+//! Where the evaluation's files are: the predictions a job wrote, the
+//! private labels, the published results and the leaderboards.
+//!
+//! [`FsArtifacts`] keeps them in the data directory:
+//!
+//! | path | what |
+//! |---|---|
+//! | `jobs/<job>/output/submission.csv` | a job's predictions |
+//! | `results/<stage>/<run>.json` | a published result (one per run) |
+//! | `leaderboard/<stage>.json`, `.csv` | the leaderboard, rebuilt from the results |
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use evalflow_workflow::{Attempt, RunId, Stage, SubmissionId, TeamId, Timestamp, job_name};
+use serde::{Deserialize, Serialize};
+
+use crate::ActivityError;
+use crate::fsutil::write_atomic;
+use crate::leaderboard::Leaderboard;
+
+/// A job's predictions, as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predictions {
+    /// The job wrote none.
+    Missing,
+    /// Too large to read.
+    TooLarge {
+        /// Its size.
+        bytes: u64,
+    },
+    /// The file's bytes.
+    Found(Vec<u8>),
+}
+
+/// A stage's private labels: test file -> is it FAKE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels(BTreeMap<String, bool>);
+
+impl Labels {
+    /// Parses a `filename,label` CSV (label 1 = FAKE, 0 = REAL). `source` names
+    /// the file in errors.
+    pub fn parse(bytes: &[u8], source: &str) -> Result<Labels, ActivityError> {
+        let bad = |line: u64, problem: String| {
+            ActivityError::Permanent(format!("labels file {source}, line {line}: {problem}"))
+        };
+        let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(bytes);
+        let headers = reader.headers().map_err(|e| bad(1, e.to_string()))?.clone();
+        if headers.iter().collect::<Vec<_>>() != ["filename", "label"] {
+            return Err(bad(1, "the header must be filename,label".into()));
+        }
+        let mut labels = BTreeMap::new();
+        for record in reader.records() {
+            let record = record.map_err(|e| bad(0, e.to_string()))?;
+            let line = record.position().map_or(0, |p| p.line());
+            let fake = match record.get(1) {
+                Some("1") => true,
+                Some("0") => false,
+                other => return Err(bad(line, format!("label {other:?} is not 0 or 1"))),
+            };
+            let file = record.get(0).unwrap_or_default().to_owned();
+            if labels.insert(file.clone(), fake).is_some() {
+                return Err(bad(line, format!("{file:?} is labelled twice")));
+            }
+        }
+        if labels.is_empty() {
+            return Err(bad(1, "no labels".into()));
+        }
+        Ok(Labels(labels))
+    }
+
+    /// How many test files there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none (never, for parsed labels).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The test files, sorted.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// The stored name of a test file, if it is one.
+    pub fn file(&self, name: &str) -> Option<&str> {
+        self.0.get_key_value(name).map(|(k, _)| k.as_str())
+    }
+
+    /// Whether a test file is FAKE.
+    pub fn is_fake(&self, name: &str) -> Option<bool> {
+        self.0.get(name).copied()
+    }
+}
+
+/// A score as published: what the leaderboard is built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedResult {
+    /// The run.
+    pub run: RunId,
+    /// The submission.
+    pub submission: SubmissionId,
+    /// Its team.
+    pub team: TeamId,
+    /// The stage.
+    pub stage: Stage,
+    /// The attempt whose predictions were scored.
+    pub attempt: Attempt,
+    /// The score.
+    pub score: f64,
+    /// When the submission was made.
+    pub submitted_at: Timestamp,
+}
+
+/// Predictions, labels, results and leaderboards.
+#[async_trait]
+pub trait ArtifactStore: Send + Sync {
+    /// The predictions the attempt's job wrote, if at most `max_bytes`.
+    async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError>;
+
+    /// A stage's private labels.
+    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError>;
+
+    /// Records a published result, once, and rebuilds its stage's leaderboard
+    /// from every result. Publishing the same result again changes nothing.
+    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError>;
+}
+
+/// Artifacts in the data directory.
+#[derive(Debug, Clone)]
+pub struct FsArtifacts {
+    inner: Arc<FsLayout>,
+}
+
+#[derive(Debug)]
+struct FsLayout {
+    jobs_dir: PathBuf,
+    results_dir: PathBuf,
+    leaderboard_dir: PathBuf,
+    labels: BTreeMap<Stage, PathBuf>,
+}
+
+impl FsArtifacts {
+    /// Artifacts under `data_dir`, with each stage's labels file.
+    pub fn new(data_dir: &Path, labels: BTreeMap<Stage, PathBuf>) -> FsArtifacts {
+        FsArtifacts {
+            inner: Arc::new(FsLayout {
+                jobs_dir: data_dir.join("jobs"),
+                results_dir: data_dir.join("results"),
+                leaderboard_dir: data_dir.join("leaderboard"),
+                labels,
+            }),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
+) -> Result<T, ActivityError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ActivityError::Transient(format!("worker thread: {e}")))?
+}
+
+#[async_trait]
+impl ArtifactStore for FsArtifacts {
+    async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
+        let path = self.inner.jobs_dir.join(job_name(run, attempt)).join("output").join("submission.csv");
+        blocking(move || {
+            let size = match fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => metadata.len(),
+                Ok(_) => return Ok(Predictions::Missing),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Predictions::Missing),
+                Err(e) => return Err(e.into()),
+            };
+            if size > max_bytes {
+                return Ok(Predictions::TooLarge { bytes: size });
+            }
+            Ok(Predictions::Found(fs::read(&path)?))
+        })
+        .await
+    }
+
+    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError> {
+        let path = self.inner.labels.get(&stage).cloned().ok_or_else(|| {
+            ActivityError::Permanent(format!("no labels file is configured for stage {stage} in evalflow.toml"))
+        })?;
+        blocking(move || {
+            let bytes = fs::read(&path)
+                .map_err(|e| ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display())))?;
+            Labels::parse(&bytes, &path.display().to_string())
+        })
+        .await
+    }
+
+    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
+        let (layout, result) = (self.inner.clone(), result.clone());
+        blocking(move || layout.publish(&result)).await
+    }
+}
+
+impl FsLayout {
+    fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
+        let stage_dir = self.results_dir.join(result.stage.as_str());
+        fs::create_dir_all(&stage_dir)?;
+        fs::create_dir_all(&self.leaderboard_dir)?;
+        // One publisher at a time rebuilds a leaderboard, across processes.
+        let lock = fs::File::create(self.leaderboard_dir.join(".lock"))?;
+        lock.lock()?;
+        let marker = stage_dir.join(format!("{}.json", result.run));
+        let bytes = serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?;
+        if fs::read(&marker).ok().as_deref() != Some(bytes.as_slice()) {
+            write_atomic(&marker, &bytes)?;
+        }
+        let mut results = Vec::new();
+        for entry in fs::read_dir(&stage_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = fs::read(&path)?;
+                let published: PublishedResult = serde_json::from_slice(&bytes)
+                    .map_err(|e| ActivityError::Permanent(format!("result {}: {e}", path.display())))?;
+                results.push(published);
+            }
+        }
+        let board = Leaderboard::build(result.stage, results);
+        let json_path = self.leaderboard_dir.join(format!("{}.json", result.stage));
+        let json = board.to_json();
+        if fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
+            write_atomic(&self.leaderboard_dir.join(format!("{}.csv", result.stage)), board.to_csv().as_bytes())?;
+            write_atomic(&json_path, json.as_bytes())?;
+        }
+        Ok(board)
+    }
+}

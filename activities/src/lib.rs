@@ -1,0 +1,109 @@
+//! evalflow's activities: the side effects the state machine asks for.
+//!
+//! - [`JobRunner`]: launch a job (or adopt the one already launched under its
+//!   deterministic name), terminate it, and check how running jobs ended.
+//!   [`local::LocalRunner`] runs jobs in a bubblewrap sandbox on this machine.
+//! - [`scoring`]: validate a `submission.csv` and compute its log loss.
+//! - [`leaderboard`]: the leaderboard, derived from published results.
+//! - [`ArtifactStore`]: predictions, labels, results and leaderboards;
+//!   [`artifacts::FsArtifacts`] keeps them in the data directory.
+//!
+//! Every activity is idempotent: running it twice has the effect of running
+//! it once, so a worker may repeat one after a crash.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod artifacts;
+pub mod fsutil;
+pub mod leaderboard;
+pub mod local;
+pub mod scoring;
+pub mod submission;
+
+use async_trait::async_trait;
+use evalflow_workflow::{Attempt, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage};
+
+pub use artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
+
+/// Why an activity failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivityError {
+    /// A failure that may pass (I/O hiccup, throttling, a service down): retry later.
+    #[error("{0}")]
+    Transient(String),
+    /// A failure that will not pass by retrying: the configuration or the
+    /// competition's data needs the operator.
+    #[error("{0}")]
+    Permanent(String),
+    /// The submission itself cannot be run (bad manifest, missing command).
+    #[error("{0}")]
+    InvalidSubmission(String),
+}
+
+impl ActivityError {
+    /// Whether retrying the same activity may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ActivityError::Transient(_) => true,
+            ActivityError::Permanent(_) | ActivityError::InvalidSubmission(_) => false,
+        }
+    }
+}
+
+impl From<std::io::Error> for ActivityError {
+    fn from(e: std::io::Error) -> Self {
+        ActivityError::Transient(e.to_string())
+    }
+}
+
+/// Everything a runner needs to launch one attempt of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchRequest {
+    /// What was submitted.
+    pub spec: RunSpec,
+    /// The attempt.
+    pub attempt: Attempt,
+    /// Where to place it.
+    pub profile: Profile,
+    /// The wall-clock limit, in seconds.
+    pub time_limit_secs: u64,
+}
+
+/// A job the engine believes is running.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunningJob {
+    /// The run.
+    pub run: RunId,
+    /// The stage it runs on.
+    pub stage: Stage,
+    /// The attempt.
+    pub attempt: Attempt,
+    /// The job.
+    pub job: JobId,
+}
+
+/// A job found ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedJob {
+    /// Which job.
+    pub job: RunningJob,
+    /// How it ended.
+    pub outcome: JobOutcome,
+    /// What it used.
+    pub usage: JobUsage,
+}
+
+/// Runs submissions' jobs somewhere: this machine, or AWS Batch.
+#[async_trait]
+pub trait JobRunner: Send + Sync {
+    /// Launches the attempt's job, or adopts the one already launched under
+    /// its deterministic name: calling it twice launches one job.
+    async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError>;
+
+    /// Stops the attempt's job, found by id or by its name; a job that never
+    /// started or already ended is fine.
+    async fn terminate(&self, run: &RunId, attempt: Attempt, job: Option<&JobId>) -> Result<(), ActivityError>;
+
+    /// Looks at jobs believed running and returns those that ended.
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError>;
+}

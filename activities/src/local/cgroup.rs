@@ -1,0 +1,185 @@
+//! A control group per job: a memory limit and a process limit over the
+//! job's whole process tree, the kernel's count of OOM kills and of refused
+//! forks, peak memory, and a way to kill every process of the job.
+//!
+//! Both layouts are supported: cgroup v1 (a hierarchy per controller, as on
+//! hosts in hybrid mode) where the job's group is a child of the caller's,
+//! and cgroup v2 (one unified hierarchy) where job groups live under
+//! `/sys/fs/cgroup/evalflow` so that the parent has no processes of its own.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// Why a job's control group could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the job's control group at {path}: {problem}")]
+pub struct CgroupError {
+    path: String,
+    problem: String,
+}
+
+fn error(path: &Path, problem: impl ToString) -> CgroupError {
+    CgroupError { path: path.display().to_string(), problem: problem.to_string() }
+}
+
+/// A job's control group(s).
+#[derive(Debug)]
+pub enum JobCgroup {
+    /// cgroup v1: one group in the memory hierarchy, one in the pids hierarchy.
+    V1 {
+        /// The group in the memory hierarchy.
+        memory: PathBuf,
+        /// The group in the pids hierarchy.
+        pids: PathBuf,
+    },
+    /// cgroup v2: one group.
+    V2 {
+        /// The group.
+        dir: PathBuf,
+    },
+}
+
+/// The caller's group in the v1 hierarchy of `controller`, from /proc/self/cgroup.
+fn v1_own_group(controller: &str) -> Option<PathBuf> {
+    let table = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = table.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        controllers.split(',').any(|c| c == controller).then(|| path.trim_start_matches('/').to_owned())
+    })?;
+    Some(Path::new(ROOT).join(controller).join(path))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|e| error(path, e))
+}
+
+/// The value of `key` in a flat keyed file (`oom_kill 3`), 0 if absent.
+fn keyed(path: &Path, key: &str) -> u64 {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines().find_map(|line| line.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+}
+
+fn number(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl JobCgroup {
+    /// Creates the group `name` with the job's limits.
+    pub fn create(name: &str, memory_limit_mib: u64, pids_max: u32) -> Result<JobCgroup, CgroupError> {
+        let memory_bytes = (memory_limit_mib * 1024 * 1024).to_string();
+        if let (Some(memory_parent), Some(pids_parent)) = (v1_own_group("memory"), v1_own_group("pids"))
+            && memory_parent.join("memory.limit_in_bytes").exists()
+        {
+            let (memory, pids) = (memory_parent.join(name), pids_parent.join(name));
+            for dir in [&memory, &pids] {
+                fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
+            }
+            write(&memory.join("memory.limit_in_bytes"), &memory_bytes)?;
+            // Without swap accounting the file is absent; with it, no swapping past the limit.
+            let _ = fs::write(memory.join("memory.memsw.limit_in_bytes"), &memory_bytes);
+            write(&pids.join("pids.max"), &pids_max.to_string())?;
+            return Ok(JobCgroup::V1 { memory, pids });
+        }
+        let root = Path::new(ROOT);
+        let controllers = fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| error(root, e))?;
+        if !controllers.split_whitespace().any(|c| c == "memory") {
+            return Err(error(root, "no memory controller (neither cgroup v1 nor v2 offers one)"));
+        }
+        let base = root.join("evalflow");
+        fs::create_dir_all(&base).map_err(|e| error(&base, e))?;
+        write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
+        write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
+        let dir = base.join(name);
+        fs::create_dir_all(&dir).map_err(|e| error(&dir, e))?;
+        write(&dir.join("memory.max"), &memory_bytes)?;
+        let _ = fs::write(dir.join("memory.swap.max"), "0");
+        write(&dir.join("pids.max"), &pids_max.to_string())?;
+        Ok(JobCgroup::V2 { dir })
+    }
+
+    /// The `cgroup.procs` files a process writes `0` to, to join the group.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        match self {
+            JobCgroup::V1 { memory, pids } => vec![memory.join("cgroup.procs"), pids.join("cgroup.procs")],
+            JobCgroup::V2 { dir } => vec![dir.join("cgroup.procs")],
+        }
+    }
+
+    /// How many processes of the group the kernel killed for memory.
+    pub fn oom_kills(&self) -> u64 {
+        match self {
+            JobCgroup::V1 { memory, .. } => keyed(&memory.join("memory.oom_control"), "oom_kill"),
+            JobCgroup::V2 { dir } => keyed(&dir.join("memory.events"), "oom_kill"),
+        }
+    }
+
+    /// How many forks the process limit refused.
+    pub fn pids_limit_hits(&self) -> u64 {
+        let dir = match self {
+            JobCgroup::V1 { pids, .. } => pids,
+            JobCgroup::V2 { dir } => dir,
+        };
+        keyed(&dir.join("pids.events"), "max")
+    }
+
+    /// The group's peak memory, in bytes, when the kernel keeps it.
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        match self {
+            JobCgroup::V1 { memory, .. } => number(&memory.join("memory.max_usage_in_bytes")),
+            JobCgroup::V2 { dir } => number(&dir.join("memory.peak")),
+        }
+    }
+
+    fn members(&self) -> Vec<i32> {
+        self.procs_files()
+            .iter()
+            .flat_map(|file| {
+                fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
+            })
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+
+    /// Sends `signal` to every process of the group.
+    pub fn signal_all(&self, signal: i32) {
+        for pid in self.members() {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
+    /// Kills every process of the group, waiting (bounded) until none is left.
+    pub fn kill_all(&self) {
+        if let JobCgroup::V2 { dir } = self {
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        }
+        for _ in 0..200 {
+            if self.members().is_empty() {
+                return;
+            }
+            self.signal_all(libc::SIGKILL);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!("processes of {self:?} survived SIGKILL for 2 s");
+    }
+
+    /// Removes the group (it must be empty).
+    pub fn remove(&self) {
+        let dirs: Vec<&PathBuf> = match self {
+            JobCgroup::V1 { memory, pids } => vec![memory, pids],
+            JobCgroup::V2 { dir } => vec![dir],
+        };
+        for dir in dirs {
+            if let Err(e) = fs::remove_dir(dir) {
+                tracing::warn!("could not remove {}: {e}", dir.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The local job runner: each job runs on this machine under its own
+//! supervisor process, in a bubblewrap sandbox with cgroup limits.
+//!
+//! Jobs live in `<jobs dir>/<job name>/` (see [`job`]); the job name
+//! `ef-<run>-a<attempt>` is deterministic, so launching twice adopts the
+//! first job. The supervisor is detached from the engine (its own process
+//! group, reparented on the engine's death), so jobs outlive the engine.
+
+pub mod cgroup;
+pub mod job;
+pub mod sandbox;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use evalflow_workflow::{
+    Attempt, Detail, JobId, JobOutcome, JobUsage, RunId, Stage, SubmissionSource, Timestamp, job_name,
+};
+
+use self::job::{JobPaths, JobRequest, Limits, Started, read_json};
+use self::sandbox::{Isolation, SandboxError};
+use crate::fsutil::write_atomic;
+use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+
+/// How long a launched job may go without its supervisor starting before it
+/// counts as lost.
+const SUPERVISOR_START_GRACE: Duration = Duration::from_secs(30);
+
+/// Where and how local jobs run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalRunnerConfig {
+    /// The directory of job directories.
+    pub jobs_dir: PathBuf,
+    /// The supervisor's program and leading arguments; the job directory is
+    /// appended (the CLI uses `evalflow supervise`).
+    pub supervisor: Vec<OsString>,
+    /// Each stage's test set directory.
+    pub test_sets: BTreeMap<Stage, PathBuf>,
+    /// How jobs are isolated.
+    pub isolation: Isolation,
+    /// The limits besides memory and time.
+    pub limits: Limits,
+}
+
+/// Runs jobs on this machine.
+#[derive(Debug, Clone)]
+pub struct LocalRunner {
+    config: Arc<LocalRunnerConfig>,
+}
+
+impl LocalRunner {
+    /// A runner; with [`Isolation::Sandbox`], fails unless a sandbox can be made here.
+    pub fn new(config: LocalRunnerConfig) -> Result<LocalRunner, SandboxError> {
+        if config.isolation == Isolation::Sandbox {
+            sandbox::probe()?;
+        }
+        Ok(LocalRunner { config: Arc::new(config) })
+    }
+
+    /// The files of the attempt's job.
+    pub fn job_paths(&self, run: &RunId, attempt: Attempt) -> JobPaths {
+        JobPaths::new(&self.config.jobs_dir, &job_name(run, attempt))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
+) -> Result<T, ActivityError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ActivityError::Transient(format!("worker thread: {e}")))?
+}
+
+#[async_trait]
+impl JobRunner for LocalRunner {
+    async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
+        let (config, request) = (self.config.clone(), request.clone());
+        blocking(move || launch(&config, &request)).await
+    }
+
+    async fn terminate(&self, run: &RunId, attempt: Attempt, _job: Option<&JobId>) -> Result<(), ActivityError> {
+        let paths = self.job_paths(run, attempt);
+        let grace = Duration::from_secs(self.config.limits.kill_grace_secs);
+        blocking(move || terminate(&paths, grace)).await
+    }
+
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
+        let (config, jobs) = (self.config.clone(), jobs.to_vec());
+        blocking(move || {
+            let mut ended = Vec::new();
+            for job in jobs {
+                let paths = JobPaths::new(&config.jobs_dir, &job_name(&job.run, job.attempt));
+                if let Some((outcome, usage)) = end_of(&paths)? {
+                    ended.push(EndedJob { job, outcome, usage });
+                }
+            }
+            Ok(ended)
+        })
+        .await
+    }
+}
+
+fn launch(config: &LocalRunnerConfig, request: &LaunchRequest) -> Result<JobId, ActivityError> {
+    let name = job_name(&request.spec.run, request.attempt);
+    let paths = JobPaths::new(&config.jobs_dir, &name);
+    if !paths.dir().exists() {
+        create(config, request, &paths)?;
+    }
+    let job = JobId::new(name).map_err(|e| ActivityError::Permanent(e.to_string()))?;
+    if paths.status().exists() || paths.started().exists() || paths.supervised()? {
+        return Ok(job); // adopted: it runs, or ran
+    }
+    spawn_supervisor(config, &paths)?;
+    Ok(job)
+}
+
+/// Prepares the job's directory under a temporary name and renames it into
+/// place, so that a job directory always has its `job.json`.
+fn create(config: &LocalRunnerConfig, request: &LaunchRequest, paths: &JobPaths) -> Result<(), ActivityError> {
+    let spec = &request.spec;
+    let SubmissionSource::Directory { path, .. } = &spec.source else {
+        let problem = format!("run {}: the local runner runs directory submissions, not container images", spec.run);
+        return Err(ActivityError::InvalidSubmission(problem));
+    };
+    let input_dir = config.test_sets.get(&spec.stage).ok_or_else(|| {
+        ActivityError::Permanent(format!("no test set is configured for stage {} in evalflow.toml", spec.stage))
+    })?;
+    let profile = &request.profile;
+    let job = JobRequest {
+        run: spec.run.clone(),
+        attempt: request.attempt,
+        profile: profile.name.clone(),
+        submission_dir: PathBuf::from(path),
+        input_dir: input_dir.clone(),
+        memory_limit_mib: profile.host_memory_mib,
+        gpu_memory_mib: profile.gpu_memory_mib,
+        vcpus: profile.vcpus,
+        time_limit_secs: request.time_limit_secs,
+        limits: config.limits,
+        isolation: config.isolation,
+    };
+    let name = paths.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging = config.jobs_dir.join(format!(".new-{name}-{}", std::process::id()));
+    fs::create_dir_all(&staging)?;
+    write_atomic(&staging.join("job.json"), &serde_json::to_vec_pretty(&job).map_err(std::io::Error::other)?)?;
+    match fs::rename(&staging, paths.dir()) {
+        Ok(()) => Ok(()),
+        Err(_) if paths.request().exists() => Ok(fs::remove_dir_all(&staging)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn spawn_supervisor(config: &LocalRunnerConfig, paths: &JobPaths) -> Result<(), ActivityError> {
+    let Some((program, args)) = config.supervisor.split_first() else {
+        return Err(ActivityError::Permanent("no supervisor program is configured".into()));
+    };
+    let log = fs::File::options().create(true).append(true).open(paths.dir().join("supervisor.log"))?;
+    let mut child = Command::new(program)
+        .args(args)
+        .arg(paths.dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0) // out of reach of the terminal's Ctrl-C
+        .spawn()?;
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
+fn terminate(paths: &JobPaths, grace: Duration) -> Result<(), ActivityError> {
+    if !paths.dir().exists() || paths.status().exists() {
+        return Ok(());
+    }
+    write_atomic(&paths.terminate(), b"")?;
+    let deadline = Instant::now() + grace + Duration::from_secs(30);
+    // A job that never started sees the marker when its supervisor starts; a
+    // job whose supervisor died died with it (its sandbox dies with its parent).
+    while paths.supervised()? && !paths.status().exists() {
+        if Instant::now() > deadline {
+            return Err(ActivityError::Transient(format!("{} did not stop in time", paths.dir().display())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// How the job ended, if it did.
+fn end_of(paths: &JobPaths) -> Result<Option<(JobOutcome, JobUsage)>, ActivityError> {
+    if let Some(status) = paths.read_status()? {
+        return Ok(Some((status.outcome, status.usage)));
+    }
+    if paths.supervised()? {
+        return Ok(None);
+    }
+    // Its supervisor is gone: the status may have been written just before.
+    if let Some(status) = paths.read_status()? {
+        return Ok(Some((status.outcome, status.usage)));
+    }
+    let lost = |detail: &str, started_at| {
+        let usage = JobUsage { started_at, ended_at: Timestamp::now(), peak_memory_mib: None };
+        Ok(Some((JobOutcome::Interrupted { detail: Detail::new(detail) }, usage)))
+    };
+    if let Some(started) = read_json::<Started>(&paths.started())? {
+        return lost("the job's supervisor died before the job ended", Some(started.at));
+    }
+    let age = fs::metadata(paths.request())?.modified()?.elapsed().unwrap_or_default();
+    if age > SUPERVISOR_START_GRACE {
+        return lost("the job's supervisor never started", None);
+    }
+    Ok(None)
+}
