@@ -17,6 +17,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cost;
 pub mod engine;
 pub mod ids;
 pub mod machine;

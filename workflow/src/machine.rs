@@ -367,7 +367,7 @@ impl std::fmt::Display for FailureReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FailureReason::OutOfMemory { resource, profile } => {
-                write!(f, "out of {} on {profile}, the largest profile with more", resource.as_str())
+                write!(f, "out of {} on {profile}, and no profile of its ladder has more", resource.words())
             }
             FailureReason::TimedOut { profile } => write!(f, "exceeded the time limit on {profile}"),
             FailureReason::Crashed { exit_code: Some(code) } => write!(f, "exited with code {code}"),

@@ -52,6 +52,14 @@ impl Resource {
             Resource::GpuMemory => "gpu_memory",
         }
     }
+
+    /// The resource in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            Resource::HostMemory => "host memory",
+            Resource::GpuMemory => "GPU memory",
+        }
+    }
 }
 
 /// One rung of the placement ladder: a kind of machine a job can run on.

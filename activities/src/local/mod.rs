@@ -57,12 +57,23 @@ pub struct LocalRunner {
 }
 
 impl LocalRunner {
-    /// A runner; with [`Isolation::Sandbox`], fails unless a sandbox can be made here.
-    pub fn new(config: LocalRunnerConfig) -> Result<LocalRunner, SandboxError> {
-        if config.isolation == Isolation::Sandbox {
-            sandbox::probe()?;
+    /// A runner. Call [`LocalRunner::check_host`] before running untrusted code with it.
+    pub fn new(config: LocalRunnerConfig) -> LocalRunner {
+        LocalRunner { config: Arc::new(config) }
+    }
+
+    /// Checks that this machine can run jobs as configured: with
+    /// [`Isolation::Sandbox`], that bubblewrap makes sandboxes and job cgroups
+    /// can be created.
+    pub fn check_host(&self) -> Result<(), SandboxError> {
+        if self.config.isolation == Isolation::Unconfined {
+            return Ok(());
         }
-        Ok(LocalRunner { config: Arc::new(config) })
+        sandbox::probe()?;
+        let probe = cgroup::JobCgroup::create(&format!("evalflow-probe-{}", std::process::id()), 64, 16)
+            .map_err(|e| SandboxError::NoCgroups(e.to_string()))?;
+        probe.remove();
+        Ok(())
     }
 
     /// The files of the attempt's job.

@@ -42,6 +42,12 @@ pub enum SandboxError {
          install it (apt-get install bubblewrap), or pass --no-sandbox to run them unconfined (only for code you trust)"
     )]
     NotInstalled,
+    /// Job control groups cannot be created, so memory and process limits cannot be enforced.
+    #[error(
+        "{0}: jobs need a memory and a process limit over their whole process tree; run evalflow as root \
+         on a host with cgroup memory and pids controllers, or pass --no-sandbox to run submissions unconfined"
+    )]
+    NoCgroups(String),
     /// bubblewrap is installed but cannot create namespaces here.
     #[error(
         "bubblewrap cannot create a sandbox on this machine ({0}): allow user namespaces \

@@ -27,6 +27,8 @@ use crate::submission::{GPU_OOM_EXIT_CODE, Manifest};
 const POLL: Duration = Duration::from_millis(50);
 /// How often it measures the job's disk use.
 const DISK_POLL: Duration = Duration::from_millis(500);
+/// The audit trail of program starts, in the jobs directory.
+pub const LAUNCHES_LOG: &str = "launches.log";
 /// The most directory entries one disk measurement reads.
 const DISK_ENTRIES_MAX: usize = 100_000;
 
@@ -157,6 +159,9 @@ fn run(paths: &JobPaths, request: &JobRequest, argv: &[String], cgroup: Option<&
         Ok(pre_exec) => pre_exec.install(&mut command),
         Err(e) => return ended_early(JobOutcome::Interrupted { detail: Detail::new(format!("cgroup: {e}")) }),
     }
+    if let Err(e) = record_launch(paths) {
+        return ended_early(JobOutcome::Interrupted { detail: Detail::new(format!("cannot record the launch: {e}")) });
+    }
     let started_at = Timestamp::now();
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -179,6 +184,19 @@ fn run(paths: &JobPaths, request: &JobRequest, argv: &[String], cgroup: Option<&
         stdout_tail: tail(&paths.stdout()),
         stderr_tail: tail(&paths.stderr()),
     }
+}
+
+/// Appends `<job name> <supervisor pid> <ms since epoch>` to the jobs
+/// directory's `launches.log` right before the job's program starts: an
+/// audit trail in which a job name never appears twice.
+fn record_launch(paths: &JobPaths) -> io::Result<()> {
+    use std::io::Write;
+    let jobs_dir = paths.dir().parent().ok_or_else(|| io::Error::other("a job directory has a parent"))?;
+    let name = paths.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let line = format!("{name} {} {}\n", std::process::id(), Timestamp::now().as_millis());
+    let mut log = File::options().create(true).append(true).open(jobs_dir.join(LAUNCHES_LOG))?;
+    log.write_all(line.as_bytes())?;
+    log.sync_data()
 }
 
 /// Waits for the job to end, stopping it when it breaks a limit or is asked to stop.

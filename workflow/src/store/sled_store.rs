@@ -14,7 +14,7 @@
 //! commit is one `apply_batch` (atomic, also across a crash) and one flush.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::codec::{self, SCHEMA_VERSION};
 use super::{
@@ -44,12 +44,14 @@ impl Default for SledOptions {
     }
 }
 
-/// The durable store, in a directory of its own.
+/// The durable store, in a directory of its own. Clones share it: one
+/// writer (the engine) and any number of readers.
+#[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
-    /// The counters, kept in memory by the store's only writer.
-    counts: Mutex<StateCounts>,
+    /// The counters, kept in memory and updated by the writer after each commit.
+    counts: Arc<Mutex<StateCounts>>,
 }
 
 impl SledStore {
@@ -99,7 +101,7 @@ impl SledStore {
                 _ => return Err(codec::corrupt(&key, "bad counter".into())),
             }
         }
-        Ok(SledStore { db, tree, counts: Mutex::new(counts) })
+        Ok(SledStore { db, tree, counts: Arc::new(Mutex::new(counts)) })
     }
 
     /// The bytes sled's files take on disk.

@@ -1,0 +1,181 @@
+//! Where a CLI command acts: through the API of the engine that holds the
+//! data directory, or, when none does, on the store itself (a direct node).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use evalflow_activities::leaderboard::Leaderboard;
+use evalflow_activities::local::sandbox::Isolation;
+use evalflow_worker::api::{ErrorBody, ReplayRequest, Selection};
+use evalflow_worker::config::Config;
+use evalflow_worker::lock::{EngineInfo, LockState, try_lock};
+use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
+use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// How long the CLI waits for an engine's answer.
+const API_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The supervisor command: this very binary's hidden `supervise`.
+pub fn supervisor() -> Result<Vec<OsString>> {
+    let exe = std::env::current_exe().context("cannot find the evalflow binary")?;
+    Ok(vec![exe.into(), "supervise".into()])
+}
+
+/// An engine's API.
+pub struct Client {
+    http: reqwest::Client,
+    info: EngineInfo,
+}
+
+impl Client {
+    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+        let unreachable = |e: reqwest::Error| {
+            anyhow!("the engine (pid {}) does not answer at {}: {e}", self.info.pid, self.info.api)
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+            bail!("{}", body.map_or_else(|| format!("the engine answered {status}"), |b| b.error));
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from the engine at {}", self.info.api))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(self.http.get(format!("{}{path}", self.info.api))).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.call(self.http.post(format!("{}{path}", self.info.api)).json(body)).await
+    }
+}
+
+/// Where commands go.
+pub enum Backend {
+    /// A running engine, through its API.
+    Engine(Client),
+    /// The store, through a direct node holding the data directory's lock.
+    Direct(Box<Node>),
+}
+
+/// Connects to the engine of `data_dir`, or opens its store when none runs.
+pub async fn connect(data_dir: &Path) -> Result<Backend> {
+    let lock = match try_lock(data_dir).with_context(|| format!("cannot lock {}", data_dir.display()))? {
+        LockState::Acquired(lock) => lock,
+        LockState::HeldBy(Some(info)) => {
+            let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
+            let client = Client { http, info };
+            client.get::<StatusView>("/v1/status").await.with_context(|| {
+                format!(
+                    "{} is locked by an evalflow engine (pid {}) that does not answer at {}: \
+                     wait for it, or stop it (kill {}) and try again",
+                    data_dir.display(),
+                    client.info.pid,
+                    client.info.api,
+                    client.info.pid
+                )
+            })?;
+            return Ok(Backend::Engine(client));
+        }
+        LockState::HeldBy(None) => bail!(
+            "{} is locked by another evalflow process that is starting or stopping: try again in a moment",
+            data_dir.display()
+        ),
+    };
+    let config = Config::load(data_dir)?;
+    let options = NodeOptions { isolation: Isolation::Sandbox, supervisor: supervisor()?, mode: Mode::Direct };
+    Ok(Backend::Direct(Box::new(Node::start(config, lock, options).await?)))
+}
+
+impl Backend {
+    /// Closes the backend: a direct node applies what it owes and stops.
+    pub async fn close(self) -> Result<()> {
+        match self {
+            Backend::Engine(_) => Ok(()),
+            Backend::Direct(node) => Ok(node.shutdown().await?),
+        }
+    }
+
+    pub async fn status(&self) -> Result<StatusView> {
+        match self {
+            Backend::Engine(c) => c.get("/v1/status").await,
+            Backend::Direct(n) => Ok(n.status().await?),
+        }
+    }
+
+    pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>> {
+        match self {
+            Backend::Engine(c) => c.get(&state.map_or("/v1/runs".into(), |s| format!("/v1/runs?state={s}"))).await,
+            Backend::Direct(n) => Ok(n.runs(state).await?),
+        }
+    }
+
+    pub async fn stopping(&self, run: &RunId) -> Result<bool> {
+        match self {
+            Backend::Engine(c) => c.get(&format!("/v1/runs/{run}/stopping")).await,
+            Backend::Direct(n) => Ok(n.stopping(run).await?),
+        }
+    }
+
+    pub async fn history(&self, run: &RunId) -> Result<Vec<EventView>> {
+        match self {
+            Backend::Engine(c) => c.get(&format!("/v1/runs/{run}/history")).await,
+            Backend::Direct(n) => Ok(n.history(run).await?),
+        }
+    }
+
+    pub async fn replay(&self, run: Option<RunId>) -> Result<ReplayView> {
+        match self {
+            Backend::Engine(c) => c.post("/v1/replay", &ReplayRequest { run }).await,
+            Backend::Direct(n) => Ok(n.replay(run).await?),
+        }
+    }
+
+    pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>> {
+        match self {
+            Backend::Engine(c) => c.post("/v1/submit", &specs).await,
+            Backend::Direct(n) => Ok(n.submit(specs).await?),
+        }
+    }
+
+    pub async fn cancel(&self, selection: Selection) -> Result<Vec<ActionView>> {
+        match self {
+            Backend::Engine(c) => c.post("/v1/cancel", &selection).await,
+            Backend::Direct(n) => Ok(n.cancel(select(n, selection).await?).await?),
+        }
+    }
+
+    pub async fn retry(&self, selection: Selection) -> Result<Vec<ActionView>> {
+        match self {
+            Backend::Engine(c) => c.post("/v1/retry", &selection).await,
+            Backend::Direct(n) => Ok(n.retry(select(n, selection).await?).await?),
+        }
+    }
+
+    pub async fn leaderboard(&self, stage: Stage) -> Result<Leaderboard> {
+        match self {
+            Backend::Engine(c) => c.get(&format!("/v1/leaderboard?stage={stage}")).await,
+            Backend::Direct(n) => Ok(n.leaderboard(stage).await?),
+        }
+    }
+
+    pub async fn cost(&self) -> Result<CostView> {
+        match self {
+            Backend::Engine(c) => c.get("/v1/cost").await,
+            Backend::Direct(n) => Ok(n.cost().await?),
+        }
+    }
+}
+
+async fn select(node: &Node, selection: Selection) -> Result<Vec<RunId>> {
+    Ok(match selection {
+        Selection::Runs(runs) => runs,
+        Selection::State(state) => node.runs_in(state).await?,
+    })
+}

@@ -1,0 +1,121 @@
+//! `evalflow demo`: a sample competition evaluated end to end on this
+//! machine, with live progress, then the leaderboards, the failures and the
+//! cost. Run again on the same directory, it does no work twice; interrupted
+//! and run again, it finishes with the same result.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use evalflow_activities::local::sandbox::Isolation;
+use evalflow_worker::config::Config;
+use evalflow_worker::lock::{LockState, try_lock};
+use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::submit::{SubmissionRequest, prepare};
+use evalflow_worker::views::RunView;
+use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::supervisor;
+use crate::{competition, output, signals};
+
+/// How often progress is redrawn.
+const PROGRESS_POLL: Duration = Duration::from_millis(250);
+
+/// Runs the demo in `data_dir`.
+pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
+    let examples = competition::write_demo(data_dir)?;
+    let lock = match try_lock(data_dir)? {
+        LockState::Acquired(lock) => lock,
+        LockState::HeldBy(Some(info)) => bail!(
+            "{} is served by an engine (pid {}) at {}: stop it first, or watch it with `evalflow --data-dir {} status`",
+            data_dir.display(),
+            info.pid,
+            info.api,
+            data_dir.display()
+        ),
+        LockState::HeldBy(None) => bail!("{} is in use by another evalflow process", data_dir.display()),
+    };
+    let config = Config::load(data_dir)?;
+    let now = Timestamp::now();
+    let mut specs = Vec::new();
+    for (example, path) in &examples {
+        let stages: &[Stage] = if example.final_pick { &[Stage::Public, Stage::Private] } else { &[Stage::Public] };
+        for stage in stages {
+            let request = SubmissionRequest {
+                id: SubmissionId::new(example.id)?,
+                team: TeamId::new(example.team)?,
+                stage: *stage,
+                path: path.clone(),
+            };
+            specs.push(prepare(&config, &request, now)?);
+        }
+    }
+    let runs: Vec<RunId> = specs.iter().map(|s| s.run.clone()).collect();
+    println!("evalflow demo: {} runs of {} example submissions in {}", runs.len(), examples.len(), data_dir.display());
+    let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine };
+    let node = Node::start(config, lock, options).await?;
+    for refused in node.submit(specs).await?.into_iter().filter(|a| !a.accepted) {
+        bail!("{}: {}", refused.run, refused.message);
+    }
+    let started = Instant::now();
+    let finished = tokio::select! {
+        result = progress(&node, &runs) => { result?; true }
+        _ = signals::shutdown() => false,
+    };
+    if !finished {
+        node.shutdown().await?;
+        eprintln!(
+            "interrupted: running jobs go on; run `evalflow demo --data-dir {}` again to finish",
+            data_dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    println!("{} runs ended in {:.1} s\n", runs.len(), started.elapsed().as_secs_f64());
+    report(&node, &runs).await?;
+    node.shutdown().await?;
+    println!("\ndata, jobs and logs are in {}: try `evalflow --data-dir {} history oom-g4-public`", data_dir.display(), data_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows counts per state and an ETA until every run in `runs` has ended.
+async fn progress(node: &Node, runs: &[RunId]) -> Result<()> {
+    let bar = ProgressBar::new(runs.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} ended  {msg}  ETA {eta}")?);
+    loop {
+        let views = node.runs(None).await?;
+        let mine: Vec<&RunView> = views.iter().filter(|v| runs.contains(&v.id)).collect();
+        let mut counts: BTreeMap<StateTag, usize> = BTreeMap::new();
+        for view in &mine {
+            *counts.entry(view.state).or_default() += 1;
+        }
+        let ended = mine.iter().filter(|v| v.state.is_terminal()).count();
+        let words: Vec<String> = counts.iter().map(|(state, n)| format!("{n} {state}")).collect();
+        bar.set_position(ended as u64);
+        bar.set_message(words.join(" · "));
+        if ended == runs.len() {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+        if node.stopped() {
+            bail!("the engine stopped: see the errors above");
+        }
+        tokio::time::sleep(PROGRESS_POLL).await;
+    }
+}
+
+async fn report(node: &Node, runs: &[RunId]) -> Result<()> {
+    for stage in Stage::ALL {
+        output::leaderboard(&node.leaderboard(stage).await?);
+        println!();
+    }
+    let views: Vec<RunView> = node.runs(None).await?.into_iter().filter(|v| runs.contains(&v.id)).collect();
+    output::runs(&views);
+    println!();
+    output::failures(&views);
+    println!();
+    output::cost(&node.cost().await?);
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! `evalflow`: evaluate competition submissions as durable state machines.
+//!
+//! Every command takes `--data-dir` (or `EVALFLOW_DATA_DIR`): the competition's
+//! directory, holding `evalflow.toml` and its state. When an engine serves that
+//! directory, commands go through its API; otherwise they open its store.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod backend;
+mod competition;
+mod demo;
+mod logs;
+mod output;
+mod serve;
+mod signals;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use evalflow_activities::local::sandbox::Isolation;
+use evalflow_worker::api::Selection;
+use evalflow_worker::config::Config;
+use evalflow_worker::submit::{SubmissionRequest, prepare, read_manifest};
+use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
+
+use crate::backend::{Backend, connect};
+
+#[derive(Debug, Parser)]
+#[command(name = "evalflow", version, about = "Re-run and score competition submissions as durable state machines")]
+struct Cli {
+    /// The competition's directory, holding evalflow.toml and its state [default: ., or evalflow-demo for demo].
+    #[arg(long, global = true, env = "EVALFLOW_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write an evalflow.toml and empty stages for a local competition in DIR.
+    Init {
+        /// Where to create it.
+        dir: PathBuf,
+    },
+    /// Evaluate a sample competition of eight example submissions, end to end.
+    Demo {
+        /// Run submissions without the sandbox (only for code you trust).
+        #[arg(long)]
+        no_sandbox: bool,
+    },
+    /// Run the engine, its workers and its HTTP API until stopped.
+    Serve {
+        /// The API's address, on loopback (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Run submissions without the sandbox (only for code you trust).
+        #[arg(long)]
+        no_sandbox: bool,
+    },
+    /// Submit a submission directory, or a manifest (JSON lines) of many.
+    Submit {
+        /// The submission's id.
+        #[arg(long, required_unless_present = "manifest")]
+        id: Option<SubmissionId>,
+        /// Its team.
+        #[arg(long, required_unless_present = "manifest")]
+        team: Option<TeamId>,
+        /// The stage to evaluate it on.
+        #[arg(long, default_value = "public")]
+        stage: Stage,
+        /// A JSON-lines manifest: {"id", "team", "stage", "path"} per line.
+        #[arg(long, conflicts_with_all = ["id", "team", "path"])]
+        manifest: Option<PathBuf>,
+        /// The submission's directory (with submission.toml).
+        #[arg(required_unless_present = "manifest")]
+        path: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs per state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs.
+    Runs {
+        /// Only runs in this state.
+        #[arg(long)]
+        state: Option<StateTag>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's history: every event, and the state it left.
+    History {
+        /// The run (<submission>-<stage>).
+        run: RunId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild runs from their history and compare with the stored state.
+    Replay {
+        /// The run.
+        #[arg(required_unless_present = "all")]
+        run: Option<RunId>,
+        /// Every run.
+        #[arg(long, conflicts_with = "run")]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run failed or cancelled runs again.
+    Retry {
+        /// The runs.
+        #[arg(required_unless_present = "state")]
+        runs: Vec<RunId>,
+        /// Every run in this state (failed or cancelled).
+        #[arg(long, conflicts_with = "runs")]
+        state: Option<StateTag>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop runs, terminating their jobs.
+    Cancel {
+        /// The runs.
+        #[arg(required_unless_present = "state")]
+        runs: Vec<RunId>,
+        /// Every run in this state.
+        #[arg(long, conflicts_with = "runs")]
+        state: Option<StateTag>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A stage's leaderboard.
+    Leaderboard {
+        /// The stage.
+        #[arg(long, default_value = "public")]
+        stage: Stage,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the runs cost, per profile.
+    Cost {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's job: how it ended, and the end of its output.
+    Logs {
+        /// The run.
+        run: RunId,
+        /// The attempt [default: the latest].
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Supervise one local job (started by the engine, not by hand).
+    #[command(hide = true)]
+    Supervise {
+        /// The job's directory.
+        job_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Command::Supervise { job_dir } = &cli.command {
+        return match evalflow_activities::local::supervisor::supervise(job_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: supervising {}: {e}", job_dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn isolation(no_sandbox: bool) -> Isolation {
+    if !no_sandbox {
+        return Isolation::Sandbox;
+    }
+    eprintln!(
+        "WARNING: --no-sandbox: submissions run unconfined, with this user's rights, files and network. \
+         Only do this for code you trust."
+    );
+    Isolation::Unconfined
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let data_dir = cli.data_dir.clone();
+    let dir = || data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    match cli.command {
+        Command::Init { dir } => {
+            competition::init(&dir, &competition::INIT)?;
+            println!(
+                "wrote {}: put each stage's test files in data/<stage>/test and their labels in \
+                 data/<stage>/labels.csv (filename,label with 1 = FAKE), then `evalflow --data-dir {} submit`",
+                dir.join(evalflow_worker::config::CONFIG_FILE).display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { no_sandbox } => {
+            let dir = data_dir.unwrap_or_else(|| PathBuf::from("evalflow-demo"));
+            demo::run(&dir, isolation(no_sandbox)).await
+        }
+        Command::Serve { listen, no_sandbox } => serve::run(&dir(), listen, isolation(no_sandbox)).await,
+        Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Command::Logs { run, attempt } => {
+            logs::print(&Config::load(&dir())?, &run, attempt)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        command => {
+            let backend = connect(&dir()).await?;
+            let result = act(&backend, &dir(), command).await;
+            backend.close().await?;
+            result
+        }
+    }
+}
+
+/// The commands that act through a backend.
+async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Submit { id, team, stage, manifest, path, json } => {
+            let requests = match (manifest, id, team, path) {
+                (Some(manifest), ..) => read_manifest(&manifest)?,
+                (None, Some(id), Some(team), Some(path)) => vec![SubmissionRequest { id, team, stage, path }],
+                _ => bail!("give --id, --team and a directory, or --manifest"),
+            };
+            let config = Config::load(dir)?;
+            let now = Timestamp::now();
+            let specs = requests.iter().map(|r| prepare(&config, r, now)).collect::<Result<Vec<_>, _>>()?;
+            let views = backend.submit(specs).await?;
+            report_actions(&views, json)
+        }
+        Command::Status { json: true } => output::json(&backend.status().await?).map(|()| ExitCode::SUCCESS),
+        Command::Status { json: false } => Ok({
+            output::status(&backend.status().await?);
+            ExitCode::SUCCESS
+        }),
+        Command::Runs { state, json } => {
+            let runs = backend.runs(state).await?;
+            if json { output::json(&runs)? } else { output::runs(&runs) }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { run, json } => {
+            let events = backend.history(&run).await?;
+            if json { output::json(&events)? } else { output::history(&events) }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { run, json, .. } => {
+            let view = backend.replay(run).await?;
+            if json { output::json(&view)? } else { output::replay(&view) }
+            Ok(if view.diverged.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Retry { runs, state, json } => report_actions(&backend.retry(selection(runs, state)?).await?, json),
+        Command::Cancel { runs, state, json } => {
+            let views = backend.cancel(selection(runs, state)?).await?;
+            wait_for_terminations(backend, &views).await?;
+            report_actions(&views, json)
+        }
+        Command::Leaderboard { stage, json } => {
+            let board = backend.leaderboard(stage).await?;
+            if json { output::json(&board)? } else { output::leaderboard(&board) }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cost { json } => {
+            let cost = backend.cost().await?;
+            if json { output::json(&cost)? } else { output::cost(&cost) }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { .. } | Command::Demo { .. } | Command::Serve { .. } | Command::Logs { .. } => {
+            unreachable!("handled without a backend")
+        }
+        Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn selection(runs: Vec<RunId>, state: Option<StateTag>) -> Result<Selection> {
+    match (runs.is_empty(), state) {
+        (true, Some(state)) => Ok(Selection::State(state)),
+        (false, None) => Ok(Selection::Runs(runs)),
+        _ => bail!("name runs, or --state, not both"),
+    }
+}
+
+fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool) -> Result<ExitCode> {
+    if json { output::json(&views)? } else { output::actions(views) }
+    Ok(if views.iter().all(|v| v.accepted) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// How long `cancel` waits for cancelled jobs to stop.
+const TERMINATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until the cancelled runs' jobs are stopped, so that `cancel`
+/// returning means the jobs no longer run.
+async fn wait_for_terminations(backend: &Backend, views: &[evalflow_worker::views::ActionView]) -> Result<()> {
+    let deadline = std::time::Instant::now() + TERMINATION_WAIT;
+    for view in views.iter().filter(|v| v.state == Some(StateTag::Cancelled)) {
+        while backend.stopping(&view.run).await? {
+            if std::time::Instant::now() > deadline {
+                bail!("{}: cancelled, but its job has not stopped yet: see `evalflow logs {}`", view.run, view.run);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn unsafe_run_ids_are_refused_with_the_rule() {
+        let err = Cli::try_parse_from(["evalflow", "history", "../../etc"]).unwrap_err().to_string();
+        assert!(err.contains("is not of the form <submission>-public or <submission>-private"), "{err}");
+        let err = Cli::try_parse_from(["evalflow", "runs", "--state", "done"]).unwrap_err().to_string();
+        assert!(err.contains("is not one of: queued, launching"), "{err}");
+    }
+}

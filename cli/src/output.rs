@@ -1,0 +1,154 @@
+//! How results are printed: tables for people, `--json` for programs.
+
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use evalflow_activities::leaderboard::Leaderboard;
+use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
+use evalflow_workflow::Timestamp;
+use serde::Serialize;
+
+/// Prints `value` as pretty JSON.
+pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
+    table
+}
+
+fn right(text: impl ToString) -> Cell {
+    Cell::new(text).set_alignment(CellAlignment::Right)
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(Timestamp(ms).to_system_time()).to_string()
+}
+
+fn score(value: Option<f64>) -> String {
+    value.map(|s| format!("{s:.4}")).unwrap_or_default()
+}
+
+/// `evalflow status`.
+pub fn status(view: &StatusView) {
+    println!("competition {} in {}", view.competition, view.data_dir);
+    println!("engine: {}", view.engine.as_deref().unwrap_or("none running (read from the store)"));
+    let mut table = table(&["state", "runs"]);
+    for (state, count) in &view.counts {
+        table.add_row(vec![Cell::new(state), right(count)]);
+    }
+    table.add_row(vec![Cell::new("total"), right(view.total)]);
+    println!("{table}");
+}
+
+/// `evalflow runs`.
+pub fn runs(views: &[RunView]) {
+    let mut table = table(&["run", "team", "state", "profile", "attempts", "score", "cost $", "failure"]);
+    for run in views {
+        table.add_row(vec![
+            Cell::new(&run.id),
+            Cell::new(&run.team),
+            Cell::new(run.state),
+            Cell::new(run.profile.as_ref().map(ToString::to_string).unwrap_or_default()),
+            right(run.attempts),
+            right(score(run.score)),
+            right(format!("{:.6}", run.cost_usd)),
+            Cell::new(run.reason.as_deref().unwrap_or_default()),
+        ]);
+    }
+    println!("{table}");
+    println!("{} runs", views.len());
+}
+
+/// `evalflow history`.
+pub fn history(events: &[EventView]) {
+    let mut table = table(&["seq", "at", "event", "state after", "detail"]);
+    for event in events {
+        let state = match &event.placement {
+            Some(placement) => format!("{} ({placement})", event.state),
+            None => event.state.to_string(),
+        };
+        let detail = match event.disposition.as_str() {
+            "applied" => event.detail.clone(),
+            other => format!("{} [{other}]", event.detail).trim_start().to_owned(),
+        };
+        table.add_row(vec![right(event.seq), Cell::new(time(event.at_ms)), Cell::new(&event.event), Cell::new(state), Cell::new(detail)]);
+    }
+    println!("{table}");
+}
+
+/// `evalflow replay`.
+pub fn replay(view: &ReplayView) {
+    for divergence in &view.diverged {
+        println!("{}", divergence.error);
+    }
+    println!("{} runs replayed, {} diverge", view.checked, view.diverged.len());
+}
+
+/// `evalflow submit`, `cancel`, `retry`.
+pub fn actions(views: &[ActionView]) {
+    for view in views {
+        let mark = if view.accepted { "ok" } else { "refused" };
+        println!("{mark:>7}  {}: {}", view.run, view.message);
+    }
+}
+
+/// `evalflow leaderboard`.
+pub fn leaderboard(board: &Leaderboard) {
+    println!("{} leaderboard (binary log loss, lower is better)", board.stage);
+    let mut table = table(&["rank", "team", "submission", "score", "submitted"]);
+    for entry in &board.entries {
+        table.add_row(vec![
+            right(entry.rank),
+            Cell::new(&entry.team),
+            Cell::new(&entry.submission),
+            right(format!("{:.4}", entry.score)),
+            Cell::new(time(entry.submitted_at.as_millis())),
+        ]);
+    }
+    println!("{table}");
+}
+
+/// `evalflow cost`.
+pub fn cost(view: &CostView) {
+    let mut table = table(&["profile", "attempts", "hours", "cost $"]);
+    for line in &view.report.lines {
+        table.add_row(vec![
+            Cell::new(&line.profile),
+            right(line.attempts),
+            right(format!("{:.5}", line.hours)),
+            right(format!("{:.5}", line.usd)),
+        ]);
+    }
+    table.add_row(vec![
+        Cell::new("total"),
+        right(""),
+        right(format!("{:.5}", view.report.total_hours)),
+        right(format!("{:.5}", view.report.total_usd)),
+    ]);
+    println!("{table}");
+    if view.billing == evalflow_workflow::cost::Billing::ScaledBySpeed {
+        println!("hours: this machine's running time divided by each profile's relative speed");
+    }
+}
+
+/// The failed runs, with their reasons.
+pub fn failures(views: &[RunView]) {
+    let failed: Vec<&RunView> = views.iter().filter(|r| r.failure.is_some()).collect();
+    if failed.is_empty() {
+        return;
+    }
+    let mut table = table(&["run", "failure", "reason", "profile", "attempts"]);
+    for run in failed {
+        table.add_row(vec![
+            Cell::new(&run.id),
+            Cell::new(run.failure.as_deref().unwrap_or_default()),
+            Cell::new(run.reason.as_deref().unwrap_or_default()),
+            Cell::new(run.profile.as_ref().map(ToString::to_string).unwrap_or_default()),
+            right(run.attempts),
+        ]);
+    }
+    println!("failures\n{table}");
+}

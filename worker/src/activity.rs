@@ -1,0 +1,116 @@
+//! Carrying out one command: the activity it names, and the events that
+//! answer it. Workers call this; retries and queues are theirs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evalflow_activities::scoring::{self, PREDICTIONS_MAX_BYTES};
+use evalflow_activities::{ActivityError, ArtifactStore, JobRunner, LaunchRequest, PublishedResult};
+use evalflow_workflow::{Activity, Command, Detail, Dispatch, Envelope, Event, Input, Policy};
+
+/// Attempts of an activity failing with a retryable error before giving up.
+pub const RETRIES_MAX: u32 = 5;
+/// The first delay between two attempts; it doubles each time.
+pub const RETRY_BASE: Duration = Duration::from_millis(500);
+
+/// What activities act on.
+pub struct Activities {
+    /// Where jobs run.
+    pub runner: Arc<dyn JobRunner>,
+    /// Predictions, labels, results, leaderboards.
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// The policy: profiles and the time limit.
+    pub policy: Policy,
+}
+
+impl Activities {
+    /// Carries out the command once and returns the events that answer it.
+    pub async fn execute(&self, dispatch: &Dispatch) -> Result<Vec<Input>, ActivityError> {
+        let spec = &dispatch.spec;
+        let answer = |event| Input::Event { run: spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) };
+        let event = match &dispatch.command {
+            Command::LaunchJob { attempt, profile, .. } => {
+                let Some(profile) = self.policy.profile(profile) else {
+                    let error = Detail::new(format!("profile {profile} is no longer in evalflow.toml"));
+                    return Ok(vec![answer(Event::ActivityFailed { attempt: *attempt, activity: Activity::Launch, error })]);
+                };
+                let request = LaunchRequest {
+                    spec: spec.clone(),
+                    attempt: *attempt,
+                    profile: profile.clone(),
+                    time_limit_secs: self.policy.time_limit_secs(),
+                };
+                match self.runner.launch(&request).await {
+                    Ok(job) => Event::JobLaunched { attempt: *attempt, job },
+                    Err(ActivityError::InvalidSubmission(error)) => {
+                        Event::LaunchFailed { attempt: *attempt, error: Detail::new(error) }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Command::TerminateJob { attempt, job } => {
+                self.runner.terminate(&spec.run, *attempt, job.as_ref()).await?;
+                let event = Event::JobTerminated { attempt: *attempt };
+                return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
+            }
+            Command::ScorePredictions { attempt, .. } => {
+                let labels = self.artifacts.labels(spec.stage).await?;
+                let predictions = self.artifacts.predictions(&spec.run, *attempt, PREDICTIONS_MAX_BYTES).await?;
+                match scoring::score(&predictions, &labels) {
+                    Ok(score) => Event::PredictionsScored { attempt: *attempt, score },
+                    Err(rejection) => {
+                        Event::PredictionsRejected { attempt: *attempt, reason: Detail::new(rejection.to_string()) }
+                    }
+                }
+            }
+            Command::Publish { attempt, score } => {
+                let result = PublishedResult {
+                    run: spec.run.clone(),
+                    submission: spec.submission.clone(),
+                    team: spec.team.clone(),
+                    stage: spec.stage,
+                    attempt: *attempt,
+                    score: score.value(),
+                    submitted_at: spec.submitted_at,
+                };
+                self.artifacts.publish(&result).await?;
+                Event::Published { attempt: *attempt }
+            }
+        };
+        Ok(vec![answer(event)])
+    }
+
+    /// Carries out the command, retrying retryable failures with backoff.
+    /// When it gives up, the answer is `ActivityFailed` (which fails the run
+    /// with a resumable reason), except for a termination, which stays owed.
+    pub async fn execute_with_retries(&self, dispatch: &Dispatch) -> Vec<Input> {
+        let mut delay = RETRY_BASE;
+        for attempt in 1..=RETRIES_MAX {
+            match self.execute(dispatch).await {
+                Ok(inputs) => return inputs,
+                Err(e) if e.is_retryable() && attempt < RETRIES_MAX => {
+                    tracing::warn!(run = %dispatch.spec.run, command = dispatch.command.kind(), "retrying: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::error!(run = %dispatch.spec.run, command = dispatch.command.kind(), "giving up: {e}");
+                    return gave_up(dispatch, &e).into_iter().collect();
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// The event that reports giving up on a command, if it has one.
+pub fn gave_up(dispatch: &Dispatch, error: &ActivityError) -> Option<Input> {
+    let (attempt, activity) = match &dispatch.command {
+        Command::LaunchJob { attempt, .. } => (*attempt, Activity::Launch),
+        Command::ScorePredictions { attempt, .. } => (*attempt, Activity::Score),
+        Command::Publish { attempt, .. } => (*attempt, Activity::Publish),
+        Command::TerminateJob { .. } => return None,
+    };
+    let event = Event::ActivityFailed { attempt, activity, error: Detail::new(error.to_string()) };
+    Some(Input::Event { run: dispatch.spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) })
+}

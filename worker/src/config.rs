@@ -1,0 +1,267 @@
+//! `evalflow.toml`: the competition, its stages, the policy, and how this
+//! machine runs jobs. Relative paths are relative to the file's directory.
+//!
+//! ```toml
+//! [competition]
+//! name = "deepfake-detection"
+//!
+//! [stages.public]
+//! test_set = "data/public/test"      # the files the submissions predict
+//! labels = "data/public/labels.csv"  # filename,label (1 = FAKE); never shown to submissions
+//!
+//! [policy]                           # see evalflow_workflow::policy
+//! time_limit_secs = 32400
+//! [[policy.profile]]
+//! name = "g4"
+//! ...
+//!
+//! [local]
+//! max_concurrent_jobs = 2
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use evalflow_activities::local::job::Limits;
+use evalflow_workflow::{Policy, PolicyConfig, PolicyError, Stage};
+use serde::Deserialize;
+
+/// The configuration file's name.
+pub const CONFIG_FILE: &str = "evalflow.toml";
+
+/// A configuration that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No `evalflow.toml`.
+    #[error(
+        "no {CONFIG_FILE} in {dir}: create a competition there with `evalflow init {dir}`, \
+         or point --data-dir (EVALFLOW_DATA_DIR) at one"
+    )]
+    Missing {
+        /// The data directory.
+        dir: String,
+    },
+    /// It cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML or has unknown fields.
+    #[error("{path}: {problem}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// What the parser said, with the line.
+        problem: String,
+    },
+    /// The policy is not usable.
+    #[error("{path}: [policy]: {source}")]
+    Policy {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        source: PolicyError,
+    },
+    /// A stage's test set or labels cannot be read.
+    #[error("{path}: [stages.{stage}] {what} {target} cannot be read: {problem}")]
+    Stage {
+        /// The file.
+        path: String,
+        /// The stage.
+        stage: Stage,
+        /// `test_set` or `labels`.
+        what: &'static str,
+        /// The path given.
+        target: String,
+        /// Why.
+        problem: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    competition: Competition,
+    #[serde(default)]
+    stages: BTreeMap<Stage, StageFile>,
+    policy: PolicyConfig,
+    #[serde(default)]
+    local: LocalConfig,
+}
+
+/// The `[competition]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Competition {
+    /// Its name, shown in reports.
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    test_set: PathBuf,
+    labels: PathBuf,
+}
+
+/// A stage's files, as absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageConfig {
+    /// The directory of test files.
+    pub test_set: PathBuf,
+    /// The labels CSV.
+    pub labels: PathBuf,
+}
+
+/// The `[local]` table: how this machine runs jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Jobs launching or running at once.
+    pub max_concurrent_jobs: usize,
+    /// Processes and threads per job.
+    pub pids_max: u32,
+    /// Bytes a job may write (scratch, output, logs), in MiB.
+    pub disk_max_mib: u64,
+    /// Between SIGTERM and SIGKILL, in seconds.
+    pub kill_grace_secs: u64,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig { max_concurrent_jobs: 2, pids_max: 256, disk_max_mib: 1024, kill_grace_secs: 5 }
+    }
+}
+
+impl LocalConfig {
+    /// The job limits besides memory and time.
+    pub fn limits(&self) -> Limits {
+        Limits { pids_max: self.pids_max, disk_max_mib: self.disk_max_mib, kill_grace_secs: self.kill_grace_secs }
+    }
+}
+
+/// A loaded, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory holding `evalflow.toml` and the competition's state.
+    pub data_dir: PathBuf,
+    /// The competition.
+    pub competition: Competition,
+    /// Each stage's files.
+    pub stages: BTreeMap<Stage, StageConfig>,
+    /// The policy.
+    pub policy: Policy,
+    /// How this machine runs jobs.
+    pub local: LocalConfig,
+}
+
+impl Config {
+    /// Loads and checks `data_dir/evalflow.toml`.
+    pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
+        let data_dir = std::path::absolute(data_dir)
+            .map_err(|source| ConfigError::Unreadable { path: data_dir.display().to_string(), source })?;
+        let path = data_dir.join(CONFIG_FILE);
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::Missing { dir: data_dir.display().to_string() });
+            }
+            Err(source) => return Err(ConfigError::Unreadable { path: shown, source }),
+        };
+        let file: ConfigFile =
+            toml::from_str(&text).map_err(|e| ConfigError::Malformed { path: shown.clone(), problem: e.to_string() })?;
+        let policy = Policy::new(file.policy).map_err(|source| ConfigError::Policy { path: shown.clone(), source })?;
+        let mut stages = BTreeMap::new();
+        for (stage, files) in file.stages {
+            let resolved = StageConfig { test_set: data_dir.join(files.test_set), labels: data_dir.join(files.labels) };
+            check_stage(&shown, stage, &resolved)?;
+            stages.insert(stage, resolved);
+        }
+        Ok(Config { data_dir, competition: file.competition, stages, policy, local: file.local })
+    }
+
+    /// The directory of the sled store.
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("state").join("store")
+    }
+
+    /// The directory of job directories.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.data_dir.join("jobs")
+    }
+
+    /// Where submitted directories are kept.
+    pub fn submissions_dir(&self) -> PathBuf {
+        self.data_dir.join("submissions")
+    }
+}
+
+fn check_stage(path: &str, stage: Stage, files: &StageConfig) -> Result<(), ConfigError> {
+    let fail = |what, target: &Path, problem: String| ConfigError::Stage {
+        path: path.to_owned(),
+        stage,
+        what,
+        target: target.display().to_string(),
+        problem,
+    };
+    std::fs::read_dir(&files.test_set).map_err(|e| fail("test_set", &files.test_set, e.to_string()))?;
+    let labels = std::fs::metadata(&files.labels).map_err(|e| fail("labels", &files.labels, e.to_string()))?;
+    if !labels.is_file() {
+        return Err(fail("labels", &files.labels, "not a file".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[competition]
+name = "t"
+[stages.public]
+test_set = "test"
+labels = "labels.csv"
+[policy]
+time_limit_secs = 10
+[[policy.profile]]
+name = "g4"
+host_memory_mib = 128
+gpu_memory_mib = 1
+vcpus = 1
+price_per_hour_usd = 0.5
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("test")).unwrap();
+        std::fs::write(dir.path().join("labels.csv"), "filename,label\n").unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        Config::load(dir.path())
+    }
+
+    #[test]
+    fn a_good_config_loads_with_absolute_paths() {
+        let config = load(GOOD).unwrap();
+        assert!(config.stages[&Stage::Public].test_set.is_absolute());
+        assert_eq!(config.local, LocalConfig::default());
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let missing = Config::load(tempfile::tempdir().unwrap().path()).unwrap_err().to_string();
+        assert!(missing.contains("no evalflow.toml in") && missing.contains("evalflow init"), "{missing}");
+        let typo = load(&GOOD.replace("[local]", "").replace("name = \"t\"", "name = \"t\"\nmetrc = 1")).unwrap_err();
+        assert!(typo.to_string().contains("unknown field `metrc`"), "{typo}");
+        let stage = load(&GOOD.replace("\"test\"", "\"nope\"")).unwrap_err().to_string();
+        assert!(stage.contains("[stages.public] test_set") && stage.contains("nope"), "{stage}");
+        let policy = load(&GOOD.replace("time_limit_secs = 10", "time_limit_secs = 0")).unwrap_err().to_string();
+        assert!(policy.contains("[policy]: time_limit_secs = 0"), "{policy}");
+        let syntax = load("[competition\n").unwrap_err().to_string();
+        assert!(syntax.contains("line 1"), "{syntax}");
+    }
+}

@@ -1,0 +1,409 @@
+//! A node of the embedded deployment: the engine thread, the activity
+//! workers and the job watcher on one competition's data directory, and the
+//! operations the CLI and the API offer on it.
+//!
+//! In [`Mode::Engine`] (`evalflow serve`, `evalflow demo`) the node runs the
+//! competition: it admits queued runs, carries out every command and follows
+//! running jobs. In [`Mode::Direct`] it acts for one CLI command while no
+//! engine runs: it starts no job, and carries out only the commands its own
+//! requests cause (a cancel's termination, a resumed scoring), before it returns.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::Duration;
+
+use evalflow_activities::artifacts::FsArtifacts;
+use evalflow_activities::leaderboard::Leaderboard;
+use evalflow_activities::local::sandbox::{Isolation, SandboxError};
+use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
+use evalflow_activities::{ArtifactStore, JobRunner, PublishedResult};
+use evalflow_workflow::cost::{Billing, cost_report};
+use evalflow_workflow::engine::InputError;
+use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
+use evalflow_workflow::{
+    Disposition, Dispatch, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
+    RunState, SledStore, Stage, StateTag, StoreError, WorkflowStore, replay,
+};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::activity::Activities;
+use crate::config::{Config, ConfigError};
+use crate::engine_thread::{self, EngineHandle, EngineStopped};
+use crate::lock::DataDirLock;
+use crate::views::{ActionView, CostView, Divergence, EventView, ReplayView, RunView, StatusView};
+use crate::{local_worker, watcher};
+
+/// Activities carried out at once by an engine node.
+const ACTIVITY_CONCURRENCY: usize = 16;
+/// How often the watcher looks at running jobs.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Runs per group when an operator acts on many.
+const BULK_GROUP: usize = 1000;
+/// Rounds of follow-up commands a direct node carries out for one request.
+const SETTLE_ROUNDS_MAX: usize = 16;
+
+/// What the node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Runs the competition.
+    Engine,
+    /// Acts for one CLI command while no engine runs.
+    Direct,
+}
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// How jobs are isolated.
+    pub isolation: Isolation,
+    /// The supervisor program and its leading arguments (`evalflow supervise`).
+    pub supervisor: Vec<OsString>,
+    /// What the node does.
+    pub mode: Mode,
+}
+
+/// Why a node could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The engine thread panicked.
+    #[error("the engine thread panicked")]
+    Panicked,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such run.
+    #[error("no run {0}: list runs with `evalflow runs`")]
+    UnknownRun(RunId),
+    /// The engine stopped.
+    #[error(transparent)]
+    Stopped(#[from] EngineStopped),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+struct Direct {
+    dispatches: Mutex<mpsc::UnboundedReceiver<Dispatch>>,
+    activities: Arc<Activities>,
+}
+
+/// A running node.
+pub struct Node {
+    config: Arc<Config>,
+    store: SledStore,
+    engine: EngineHandle,
+    engine_thread: std::thread::JoinHandle<Result<(), EngineError>>,
+    shutdown: CancellationToken,
+    loops: Vec<JoinHandle<()>>,
+    direct: Option<Direct>,
+    _lock: DataDirLock,
+}
+
+impl Node {
+    /// Opens the store under the data directory's lock and starts the node.
+    pub async fn start(config: Config, lock: DataDirLock, options: NodeOptions) -> Result<Node, NodeError> {
+        let config = Arc::new(config);
+        let store = SledStore::open(&config.store_dir(), SledOptions::default())?;
+        let max_active = match options.mode {
+            Mode::Engine => config.local.max_concurrent_jobs,
+            Mode::Direct => 0,
+        };
+        let (engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        let runner = Arc::new(LocalRunner::new(LocalRunnerConfig {
+            jobs_dir: config.jobs_dir(),
+            supervisor: options.supervisor.clone(),
+            test_sets: config.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
+            isolation: options.isolation,
+            limits: config.local.limits(),
+        }));
+        if options.mode == Mode::Engine {
+            runner.check_host()?;
+        }
+        let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(FsArtifacts::new(&config.data_dir, labels));
+        let runner_dyn: Arc<dyn JobRunner> = runner.clone();
+        let activities =
+            Arc::new(Activities { runner: runner_dyn.clone(), artifacts, policy: config.policy.clone() });
+        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let (recovered, direct, worker_rx) = match options.mode {
+            Mode::Engine => (recovered, None, Some(dispatch_rx)),
+            // What was owed before stays owed: it is the next engine's work.
+            Mode::Direct => {
+                let direct = Direct { dispatches: Mutex::new(dispatch_rx), activities: activities.clone() };
+                (Vec::new(), Some(direct), None)
+            }
+        };
+        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx);
+        let mut loops = Vec::new();
+        if let Some(dispatches) = worker_rx {
+            let worker = local_worker::run(activities, dispatches, engine.clone(), ACTIVITY_CONCURRENCY, shutdown.clone());
+            loops.push(tokio::spawn(worker));
+            loops.push(tokio::spawn(watcher::run(runner_dyn, engine.clone(), WATCH_INTERVAL, shutdown.clone())));
+        }
+        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, _lock: lock })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Stops the loops (letting running activities finish), then the engine
+    /// thread once it has applied what they sent. Jobs keep running.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let Node { engine, engine_thread, shutdown, loops, direct, .. } = self;
+        shutdown.cancel();
+        for task in loops {
+            let _ = task.await;
+        }
+        drop((engine, direct));
+        let joined = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+        match joined {
+            Ok(Ok(result)) => Ok(result?),
+            _ => Err(NodeError::Panicked),
+        }
+    }
+
+    /// Whether the engine thread has stopped (a store failure).
+    pub fn stopped(&self) -> bool {
+        self.engine_thread.is_finished()
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&SledStore) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| ControlError::BadRequest(format!("reader thread: {e}")))?
+    }
+
+    /// Runs per state.
+    pub async fn status(&self) -> Result<StatusView, ControlError> {
+        let counts = self.store.counts()?;
+        Ok(StatusView {
+            competition: self.config.competition.name.clone(),
+            data_dir: self.config.data_dir.display().to_string(),
+            counts: counts.iter().collect(),
+            total: counts.total(),
+            active: counts[StateTag::Launching] + counts[StateTag::Running],
+            engine: None,
+        })
+    }
+
+    /// The runs, all or those in one state, in id order.
+    pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
+        let policy = self.config.policy.clone();
+        self.read(move |store| {
+            let filter = match state {
+                None => RunFilter::All,
+                Some(tag) if tag.is_terminal() => RunFilter::Terminal(tag),
+                Some(_) => RunFilter::Live,
+            };
+            let mut views = Vec::new();
+            for id in all_runs(store, filter)? {
+                let Some(stored) = store.load(&id)? else { continue };
+                if state.is_none_or(|tag| stored.run.status.state.tag() == tag) {
+                    views.push(RunView::new(&stored.run, &policy, Billing::ScaledBySpeed));
+                }
+            }
+            Ok(views)
+        })
+        .await
+    }
+
+    /// One run.
+    pub async fn run(&self, run: &RunId) -> Result<RunView, ControlError> {
+        let (policy, id) = (self.config.policy.clone(), run.clone());
+        self.read(move |store| {
+            let stored = store.load(&id)?.ok_or_else(|| ControlError::UnknownRun(id.clone()))?;
+            Ok(RunView::new(&stored.run, &policy, Billing::ScaledBySpeed))
+        })
+        .await
+    }
+
+    /// Whether the run still owes the termination of a job.
+    pub async fn stopping(&self, run: &RunId) -> Result<bool, ControlError> {
+        let id = run.clone();
+        self.read(move |store| {
+            let stored = store.load(&id)?.ok_or_else(|| ControlError::UnknownRun(id.clone()))?;
+            Ok(!stored.run.status.terminations.is_empty())
+        })
+        .await
+    }
+
+    /// A run's history.
+    pub async fn history(&self, run: &RunId) -> Result<Vec<EventView>, ControlError> {
+        let id = run.clone();
+        self.read(move |store| {
+            let history = store.history(&id)?;
+            if history.is_empty() {
+                return Err(ControlError::UnknownRun(id));
+            }
+            Ok(history.iter().map(EventView::new).collect())
+        })
+        .await
+    }
+
+    /// Replays one run's history, or every run's, against the stored status.
+    pub async fn replay(&self, run: Option<RunId>) -> Result<ReplayView, ControlError> {
+        let policy = self.config.policy.clone();
+        self.read(move |store| {
+            let runs = match run {
+                Some(run) if store.load(&run)?.is_none() => return Err(ControlError::UnknownRun(run)),
+                Some(run) => vec![run],
+                None => all_runs(store, RunFilter::All)?,
+            };
+            let mut diverged = Vec::new();
+            for run in &runs {
+                if let Err(e) = replay::check(&policy, store, run) {
+                    diverged.push(Divergence { run: run.clone(), error: e.to_string() });
+                }
+            }
+            Ok(ReplayView { checked: runs.len(), diverged })
+        })
+        .await
+    }
+
+    /// Submits runs; the same submission again is a no-op.
+    pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>, ControlError> {
+        let mut views = Vec::with_capacity(specs.len());
+        for chunk in specs.chunks(BULK_GROUP) {
+            let outcomes = self.engine.apply(chunk.iter().cloned().map(Input::Submit).collect()).await?;
+            views.extend(outcomes.into_iter().map(|o| action(o, "submitted")));
+        }
+        Ok(views)
+    }
+
+    /// Cancels runs, terminating their jobs.
+    pub async fn cancel(&self, runs: Vec<RunId>) -> Result<Vec<ActionView>, ControlError> {
+        self.request(runs, Event::CancelRequested, "cancelled").await
+    }
+
+    /// Retries failed or cancelled runs.
+    pub async fn retry(&self, runs: Vec<RunId>) -> Result<Vec<ActionView>, ControlError> {
+        self.request(runs, Event::RetryRequested, "requeued").await
+    }
+
+    /// Every run in a terminal state, for a bulk retry or cancel.
+    pub async fn runs_in(&self, state: StateTag) -> Result<Vec<RunId>, ControlError> {
+        if !state.is_terminal() {
+            return Ok(self.runs(Some(state)).await?.into_iter().map(|r| r.id).collect());
+        }
+        self.read(move |store| Ok(all_runs(store, RunFilter::Terminal(state))?)).await
+    }
+
+    async fn request(&self, runs: Vec<RunId>, event: Event, done: &str) -> Result<Vec<ActionView>, ControlError> {
+        let mut views = Vec::with_capacity(runs.len());
+        for chunk in runs.chunks(BULK_GROUP) {
+            let inputs = chunk
+                .iter()
+                .map(|run| Input::Event { run: run.clone(), envelope: Envelope::unfenced(event.clone()) })
+                .collect();
+            let outcomes = self.engine.apply(inputs).await?;
+            views.extend(outcomes.into_iter().map(|o| action(o, done)));
+        }
+        self.settle().await?;
+        Ok(views)
+    }
+
+    /// In direct mode, carries out the commands this node's requests caused,
+    /// and what those cause in turn (bounded), before returning.
+    async fn settle(&self) -> Result<(), ControlError> {
+        let Some(direct) = &self.direct else { return Ok(()) };
+        let mut dispatches = direct.dispatches.lock().await;
+        for _ in 0..SETTLE_ROUNDS_MAX {
+            let mut answers = Vec::new();
+            while let Ok(dispatch) = dispatches.try_recv() {
+                answers.extend(direct.activities.execute_with_retries(&dispatch).await);
+            }
+            if answers.is_empty() {
+                return Ok(());
+            }
+            self.engine.apply(answers).await?;
+        }
+        Ok(())
+    }
+
+    /// The leaderboard of a stage, from its published runs.
+    pub async fn leaderboard(&self, stage: Stage) -> Result<Leaderboard, ControlError> {
+        self.read(move |store| {
+            let mut results = Vec::new();
+            for id in all_runs(store, RunFilter::Terminal(StateTag::Published))? {
+                let Some(stored) = store.load(&id)? else { continue };
+                let Run { spec, status } = stored.run;
+                if let (RunState::Published { attempt, score }, true) = (status.state, spec.stage == stage) {
+                    results.push(PublishedResult {
+                        run: spec.run,
+                        submission: spec.submission,
+                        team: spec.team,
+                        stage,
+                        attempt,
+                        score: score.value(),
+                        submitted_at: spec.submitted_at,
+                    });
+                }
+            }
+            Ok(Leaderboard::build(stage, results))
+        })
+        .await
+    }
+
+    /// What every attempt cost, per profile.
+    pub async fn cost(&self) -> Result<CostView, ControlError> {
+        let policy = self.config.policy.clone();
+        self.read(move |store| {
+            let mut statuses = Vec::new();
+            for id in all_runs(store, RunFilter::All)? {
+                if let Some(stored) = store.load(&id)? {
+                    statuses.push(stored.run.status);
+                }
+            }
+            let report = cost_report(&statuses, &policy, Billing::ScaledBySpeed);
+            Ok(CostView { billing: Billing::ScaledBySpeed, report })
+        })
+        .await
+    }
+}
+
+/// An outcome as the operator reads it.
+fn action(outcome: Outcome, done: &str) -> ActionView {
+    match outcome {
+        Outcome::Recorded { run, state, disposition, .. } => {
+            let message = match disposition {
+                Disposition::Applied | Disposition::Acknowledged => format!("{done}: now {state}"),
+                Disposition::Ignored(IgnoreReason::Duplicate) => format!("already {done}: {state}"),
+                Disposition::Ignored(why) => format!("ignored ({why}): {state}"),
+            };
+            ActionView { run, accepted: true, state: Some(state), message }
+        }
+        Outcome::Rejected { run, error } => {
+            let message = match error {
+                InputError::UnknownRun(_) => format!("no run {run}: list runs with `evalflow runs`"),
+                InputError::Transition(e) => e.to_string(),
+            };
+            ActionView { run, accepted: false, state: None, message }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Turning what an organizer submits into run specs: one submission, or a
+//! manifest of many (JSON lines). A submitted directory is checked, then
+//! kept in the data directory, so the run does not depend on the original.
+
+use std::path::{Path, PathBuf};
+
+use evalflow_activities::fsutil::{copy_dir, dir_digest};
+use evalflow_activities::submission::Manifest;
+use evalflow_workflow::{RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// One submission to evaluate, as the organizer names it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmissionRequest {
+    /// Its id.
+    pub id: SubmissionId,
+    /// Its team.
+    pub team: TeamId,
+    /// The stage to evaluate it on.
+    pub stage: Stage,
+    /// Its directory.
+    pub path: PathBuf,
+}
+
+/// A submission that cannot be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The manifest cannot be read.
+    #[error("cannot read manifest {path}: {source}")]
+    ManifestUnreadable {
+        /// The manifest.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A manifest line is not a submission.
+    #[error(
+        "manifest {path}, line {line}: {problem} (each line is a JSON object: \
+         {{\"id\": \"sub1\", \"team\": \"team1\", \"stage\": \"public\", \"path\": \"subs/sub1\"}})"
+    )]
+    ManifestLine {
+        /// The manifest.
+        path: String,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The directory is not a runnable submission.
+    #[error("submission {id}: {problem}")]
+    Invalid {
+        /// The submission.
+        id: SubmissionId,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The id was submitted before with other contents.
+    #[error(
+        "submission {id} was already submitted with other contents (kept in {kept}): \
+         give the new version its own id"
+    )]
+    Conflict {
+        /// The submission.
+        id: SubmissionId,
+        /// Where the earlier one is kept.
+        kept: String,
+    },
+    /// No test set for the stage.
+    #[error("submission {id}: evalflow.toml has no [stages.{stage}]: add its test_set and labels")]
+    NoStage {
+        /// The submission.
+        id: SubmissionId,
+        /// The stage.
+        stage: Stage,
+    },
+}
+
+/// Reads a manifest: one JSON object per line; blank lines are skipped.
+/// Relative paths are relative to the manifest's directory. Every line is
+/// checked before anything is submitted.
+pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| SubmitError::ManifestUnreadable { path: shown.clone(), source })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut requests = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut request: SubmissionRequest = serde_json::from_str(line).map_err(|e| SubmitError::ManifestLine {
+            path: shown.clone(),
+            line: index + 1,
+            problem: e.to_string(),
+        })?;
+        request.path = base.join(&request.path);
+        requests.push(request);
+    }
+    Ok(requests)
+}
+
+/// Checks a submission's directory, keeps a copy in the data directory and
+/// returns its run spec. The same id with the same contents is accepted
+/// again; with other contents it is a conflict.
+pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> Result<RunSpec, SubmitError> {
+    let id = &request.id;
+    let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
+    if !config.stages.contains_key(&request.stage) {
+        return Err(SubmitError::NoStage { id: id.clone(), stage: request.stage });
+    }
+    let manifest = Manifest::read(&request.path).map_err(|e| invalid(e.to_string()))?;
+    let digest = dir_digest(&request.path).map_err(|e| invalid(format!("{}: {e}", request.path.display())))?;
+    let kept = config.submissions_dir().join(id.as_str());
+    if kept.exists() {
+        let kept_digest = dir_digest(&kept).map_err(|e| invalid(format!("{}: {e}", kept.display())))?;
+        if kept_digest != digest {
+            return Err(SubmitError::Conflict { id: id.clone(), kept: kept.display().to_string() });
+        }
+    } else {
+        let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        copy_dir(&request.path, &staging).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
+        std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
+    }
+    let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };
+    Ok(RunSpec::new(id.clone(), request.team.clone(), request.stage, manifest.cpu_only, source, now))
+}
