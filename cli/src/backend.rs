@@ -34,9 +34,8 @@ pub struct Client {
 
 impl Client {
     async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
-        let unreachable = |e: reqwest::Error| {
-            anyhow!("the engine (pid {}) does not answer at {}: {e}", self.info.pid, self.info.api)
-        };
+        let unreachable =
+            |e: reqwest::Error| anyhow!("the engine (pid {}) does not answer at {}: {e}", self.info.pid, self.info.api);
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
@@ -44,7 +43,8 @@ impl Client {
             let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
             bail!("{}", body.map_or_else(|| format!("the engine answered {status}"), |b| b.error));
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from the engine at {}", self.info.api))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from the engine at {}", self.info.api))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {

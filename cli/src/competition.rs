@@ -215,7 +215,14 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
         )
     };
     vec![
-        Example { id: "good", team: "alpha", cpu_only: false, final_pick: true, about: "a real, if simple, detector", program: format!("{READ_CLIPS}\n{}", predict(20.0, 0.45)) },
+        Example {
+            id: "good",
+            team: "alpha",
+            cpu_only: false,
+            final_pick: true,
+            about: "a real, if simple, detector",
+            program: format!("{READ_CLIPS}\n{}", predict(20.0, 0.45)),
+        },
         Example {
             id: "baseline",
             team: "baseline",
@@ -224,8 +231,22 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             about: "0.5 everywhere, on the CPU ladder",
             program: format!("{READ_CLIPS}\nwrite({{n: 0.5 for n in files}})\n"),
         },
-        Example { id: "oom-g4", team: "beta", cpu_only: false, final_pick: false, about: "needs 220 MiB: more than g4 has, fits p3", program: hog(220) },
-        Example { id: "oom-all", team: "gamma", cpu_only: false, final_pick: false, about: "needs 1.5 GiB: fits nowhere", program: hog(1536) },
+        Example {
+            id: "oom-g4",
+            team: "beta",
+            cpu_only: false,
+            final_pick: false,
+            about: "needs 220 MiB: more than g4 has, fits p3",
+            program: hog(220),
+        },
+        Example {
+            id: "oom-all",
+            team: "gamma",
+            cpu_only: false,
+            final_pick: false,
+            about: "needs 1.5 GiB: fits nowhere",
+            program: hog(1536),
+        },
         Example {
             id: "slow",
             team: "delta",
@@ -293,9 +314,10 @@ else:
 /// Writes the demo's sample competition in `dir`, unless it is there already.
 /// Returns the example submissions' directories.
 pub fn write_demo(dir: &Path) -> Result<Vec<(Example, PathBuf)>> {
+    // evalflow.toml is written last: a demo killed while writing its
+    // competition writes all of it again next time.
     let fresh = !dir.join(CONFIG_FILE).exists();
     if fresh {
-        init(dir, &DEMO)?;
         write_test_set(dir, "public", 300, 7)?;
         write_test_set(dir, "private", 200, 8)?;
     }
@@ -313,6 +335,9 @@ pub fn write_demo(dir: &Path) -> Result<Vec<(Example, PathBuf)>> {
             fs::write(path.join("predict.py"), &example.program)?;
         }
         written.push((example, path));
+    }
+    if fresh {
+        init(dir, &DEMO)?;
     }
     Ok(written)
 }

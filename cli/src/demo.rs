@@ -57,7 +57,10 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
     println!("evalflow demo: {} runs of {} example submissions in {}", runs.len(), examples.len(), data_dir.display());
     let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine };
     let node = Node::start(config, lock, options).await?;
-    for refused in node.submit(specs).await?.into_iter().filter(|a| !a.accepted) {
+    // Runs submitted by an earlier demo are not submitted again.
+    let known: Vec<RunId> = node.runs(None).await?.into_iter().map(|r| r.id).collect();
+    specs.retain(|spec| !known.contains(&spec.run));
+    if let Some(refused) = node.submit(specs).await?.into_iter().find(|a| !a.accepted) {
         bail!("{}: {}", refused.run, refused.message);
     }
     let started = Instant::now();
@@ -76,14 +79,20 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
     println!("{} runs ended in {:.1} s\n", runs.len(), started.elapsed().as_secs_f64());
     report(&node, &runs).await?;
     node.shutdown().await?;
-    println!("\ndata, jobs and logs are in {}: try `evalflow --data-dir {} history oom-g4-public`", data_dir.display(), data_dir.display());
+    println!(
+        "\ndata, jobs and logs are in {}: try `evalflow --data-dir {} history oom-g4-public`",
+        data_dir.display(),
+        data_dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Shows counts per state and an ETA until every run in `runs` has ended.
 async fn progress(node: &Node, runs: &[RunId]) -> Result<()> {
     let bar = ProgressBar::new(runs.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} ended  {msg}  ETA {eta}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} ended  {msg}  ETA {eta}",
+    )?);
     loop {
         let views = node.runs(None).await?;
         let mine: Vec<&RunView> = views.iter().filter(|v| runs.contains(&v.id)).collect();

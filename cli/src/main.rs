@@ -266,17 +266,29 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         }),
         Command::Runs { state, json } => {
             let runs = backend.runs(state).await?;
-            if json { output::json(&runs)? } else { output::runs(&runs) }
+            if json {
+                output::json(&runs)?
+            } else {
+                output::runs(&runs)
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::History { run, json } => {
             let events = backend.history(&run).await?;
-            if json { output::json(&events)? } else { output::history(&events) }
+            if json {
+                output::json(&events)?
+            } else {
+                output::history(&events)
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { run, json, .. } => {
             let view = backend.replay(run).await?;
-            if json { output::json(&view)? } else { output::replay(&view) }
+            if json {
+                output::json(&view)?
+            } else {
+                output::replay(&view)
+            }
             Ok(if view.diverged.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Retry { runs, state, json } => report_actions(&backend.retry(selection(runs, state)?).await?, json),
@@ -287,12 +299,20 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         }
         Command::Leaderboard { stage, json } => {
             let board = backend.leaderboard(stage).await?;
-            if json { output::json(&board)? } else { output::leaderboard(&board) }
+            if json {
+                output::json(&board)?
+            } else {
+                output::leaderboard(&board)
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Cost { json } => {
             let cost = backend.cost().await?;
-            if json { output::json(&cost)? } else { output::cost(&cost) }
+            if json {
+                output::json(&cost)?
+            } else {
+                output::cost(&cost)
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Init { .. } | Command::Demo { .. } | Command::Serve { .. } | Command::Logs { .. } => {
@@ -311,7 +331,11 @@ fn selection(runs: Vec<RunId>, state: Option<StateTag>) -> Result<Selection> {
 }
 
 fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool) -> Result<ExitCode> {
-    if json { output::json(&views)? } else { output::actions(views) }
+    if json {
+        output::json(&views)?
+    } else {
+        output::actions(views)
+    }
     Ok(if views.iter().all(|v| v.accepted) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -74,7 +74,13 @@ pub fn history(events: &[EventView]) {
             "applied" => event.detail.clone(),
             other => format!("{} [{other}]", event.detail).trim_start().to_owned(),
         };
-        table.add_row(vec![right(event.seq), Cell::new(time(event.at_ms)), Cell::new(&event.event), Cell::new(state), Cell::new(detail)]);
+        table.add_row(vec![
+            right(event.seq),
+            Cell::new(time(event.at_ms)),
+            Cell::new(&event.event),
+            Cell::new(state),
+            Cell::new(detail),
+        ]);
     }
     println!("{table}");
 }

@@ -1,5 +1,7 @@
 //! Helpers shared by evalflow's integration tests.
 
+pub mod cli;
+
 use std::collections::BTreeSet;
 
 use evalflow_workflow::store::{RunFilter, all_runs};

@@ -27,12 +27,17 @@ impl Activities {
     /// Carries out the command once and returns the events that answer it.
     pub async fn execute(&self, dispatch: &Dispatch) -> Result<Vec<Input>, ActivityError> {
         let spec = &dispatch.spec;
-        let answer = |event| Input::Event { run: spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) };
+        let answer =
+            |event| Input::Event { run: spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) };
         let event = match &dispatch.command {
             Command::LaunchJob { attempt, profile, .. } => {
                 let Some(profile) = self.policy.profile(profile) else {
                     let error = Detail::new(format!("profile {profile} is no longer in evalflow.toml"));
-                    return Ok(vec![answer(Event::ActivityFailed { attempt: *attempt, activity: Activity::Launch, error })]);
+                    return Ok(vec![answer(Event::ActivityFailed {
+                        attempt: *attempt,
+                        activity: Activity::Launch,
+                        error,
+                    })]);
                 };
                 let request = LaunchRequest {
                     spec: spec.clone(),

@@ -42,12 +42,12 @@ pub enum ConfigError {
         dir: String,
     },
     /// It cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Unreadable {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// It is not valid TOML or has unknown fields.
     #[error("{path}: {problem}")]
@@ -58,12 +58,12 @@ pub enum ConfigError {
         problem: String,
     },
     /// The policy is not usable.
-    #[error("{path}: [policy]: {source}")]
+    #[error("{path}: [policy]: {error}")]
     Policy {
         /// The file.
         path: String,
         /// What is wrong.
-        source: PolicyError,
+        error: PolicyError,
     },
     /// A stage's test set or labels cannot be read.
     #[error("{path}: [stages.{stage}] {what} {target} cannot be read: {problem}")]
@@ -162,7 +162,7 @@ impl Config {
     /// Loads and checks `data_dir/evalflow.toml`.
     pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
         let data_dir = std::path::absolute(data_dir)
-            .map_err(|source| ConfigError::Unreadable { path: data_dir.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Unreadable { path: data_dir.display().to_string(), error })?;
         let path = data_dir.join(CONFIG_FILE);
         let shown = path.display().to_string();
         let text = match std::fs::read_to_string(&path) {
@@ -170,11 +170,11 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ConfigError::Missing { dir: data_dir.display().to_string() });
             }
-            Err(source) => return Err(ConfigError::Unreadable { path: shown, source }),
+            Err(error) => return Err(ConfigError::Unreadable { path: shown, error }),
         };
-        let file: ConfigFile =
-            toml::from_str(&text).map_err(|e| ConfigError::Malformed { path: shown.clone(), problem: e.to_string() })?;
-        let policy = Policy::new(file.policy).map_err(|source| ConfigError::Policy { path: shown.clone(), source })?;
+        let file: ConfigFile = toml::from_str(&text)
+            .map_err(|e| ConfigError::Malformed { path: shown.clone(), problem: e.to_string() })?;
+        let policy = Policy::new(file.policy).map_err(|error| ConfigError::Policy { path: shown.clone(), error })?;
         let mut stages = BTreeMap::new();
         for (stage, files) in file.stages {
             let resolved = StageConfig { test_set: data_dir.join(files.test_set), labels: data_dir.join(files.labels) };

@@ -30,7 +30,8 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let (activities, engine, slots, shutdown) = (activities.clone(), engine.clone(), slots.clone(), shutdown.clone());
+        let (activities, engine, slots, shutdown) =
+            (activities.clone(), engine.clone(), slots.clone(), shutdown.clone());
         tasks.spawn(async move {
             if let Command::LaunchJob { not_before: Some(at), .. } = dispatch.command {
                 let wait = at.since(Timestamp::now());

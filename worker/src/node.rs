@@ -21,7 +21,7 @@ use evalflow_workflow::cost::{Billing, cost_report};
 use evalflow_workflow::engine::InputError;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
-    Disposition, Dispatch, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
+    Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
     RunState, SledStore, Stage, StateTag, StoreError, WorkflowStore, replay,
 };
 use tokio::sync::{Mutex, mpsc};
@@ -141,8 +141,7 @@ impl Node {
         let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();
         let artifacts: Arc<dyn ArtifactStore> = Arc::new(FsArtifacts::new(&config.data_dir, labels));
         let runner_dyn: Arc<dyn JobRunner> = runner.clone();
-        let activities =
-            Arc::new(Activities { runner: runner_dyn.clone(), artifacts, policy: config.policy.clone() });
+        let activities = Arc::new(Activities { runner: runner_dyn.clone(), artifacts, policy: config.policy.clone() });
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let (recovered, direct, worker_rx) = match options.mode {
@@ -156,7 +155,8 @@ impl Node {
         let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
-            let worker = local_worker::run(activities, dispatches, engine.clone(), ACTIVITY_CONCURRENCY, shutdown.clone());
+            let worker =
+                local_worker::run(activities, dispatches, engine.clone(), ACTIVITY_CONCURRENCY, shutdown.clone());
             loops.push(tokio::spawn(worker));
             loops.push(tokio::spawn(watcher::run(runner_dyn, engine.clone(), WATCH_INTERVAL, shutdown.clone())));
         }

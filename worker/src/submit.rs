@@ -29,12 +29,12 @@ pub struct SubmissionRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// The manifest cannot be read.
-    #[error("cannot read manifest {path}: {source}")]
+    #[error("cannot read manifest {path}: {error}")]
     ManifestUnreadable {
         /// The manifest.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A manifest line is not a submission.
     #[error(
@@ -78,13 +78,26 @@ pub enum SubmitError {
     },
 }
 
+/// Removes copies of `id` left half-made by a process that died while copying.
+fn clear_staging(dir: &Path, id: &SubmissionId) {
+    let prefix = format!(".new-{id}-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(&prefix).unwrap_or_default();
+        if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Reads a manifest: one JSON object per line; blank lines are skipped.
 /// Relative paths are relative to the manifest's directory. Every line is
 /// checked before anything is submitted.
 pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path)
-        .map_err(|source| SubmitError::ManifestUnreadable { path: shown.clone(), source })?;
+        .map_err(|error| SubmitError::ManifestUnreadable { path: shown.clone(), error })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut requests = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -120,8 +133,8 @@ pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> 
             return Err(SubmitError::Conflict { id: id.clone(), kept: kept.display().to_string() });
         }
     } else {
+        clear_staging(&config.submissions_dir(), id);
         let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
         copy_dir(&request.path, &staging).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
         std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
     }

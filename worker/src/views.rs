@@ -149,7 +149,7 @@ pub fn outcome_words(outcome: &JobOutcome) -> String {
         JobOutcome::Crashed { exit_code: Some(code) } => format!("crashed with exit code {code}"),
         JobOutcome::Crashed { exit_code: None } => "killed by a signal".into(),
         JobOutcome::CannotStart { detail } => format!("could not start: {detail}"),
-        JobOutcome::LimitExceeded { limit } => format!("exceeded the {} limit", limit.as_str()),
+        JobOutcome::LimitExceeded { limit } => format!("exceeded the sandbox's limit on {}", limit.words()),
     }
 }
 

@@ -95,7 +95,11 @@ mod tests {
             profile: ProfileName::new(profile).unwrap(),
             launched_at: Timestamp(0),
             job: None,
-            usage: Some(JobUsage { started_at: Some(Timestamp(0)), ended_at: Timestamp(secs * 1000), peak_memory_mib: None }),
+            usage: Some(JobUsage {
+                started_at: Some(Timestamp(0)),
+                ended_at: Timestamp(secs * 1000),
+                peak_memory_mib: None,
+            }),
             end: None,
         }
     }

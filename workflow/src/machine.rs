@@ -260,6 +260,14 @@ impl Limit {
             Limit::Disk => "disk",
         }
     }
+
+    /// What the limit bounds, in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            Limit::Processes => "processes",
+            Limit::Disk => "disk space",
+        }
+    }
 }
 
 /// An activity: the side effect a command asks for.
@@ -373,7 +381,7 @@ impl std::fmt::Display for FailureReason {
             FailureReason::Crashed { exit_code: Some(code) } => write!(f, "exited with code {code}"),
             FailureReason::Crashed { exit_code: None } => f.write_str("killed by a signal"),
             FailureReason::CannotStart { detail } => write!(f, "could not start: {detail}"),
-            FailureReason::LimitExceeded { limit } => write!(f, "exceeded the sandbox's {} limit", limit.as_str()),
+            FailureReason::LimitExceeded { limit } => write!(f, "exceeded the sandbox's limit on {}", limit.words()),
             FailureReason::Interrupted { interruptions } => write!(f, "interrupted {interruptions} times in a row"),
             FailureReason::InvalidPredictions { reason } => write!(f, "invalid predictions: {reason}"),
             FailureReason::NoEligibleProfile { cpu_only: true } => f.write_str("no cpu_only profile is configured"),

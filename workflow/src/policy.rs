@@ -166,20 +166,20 @@ pub enum PolicyError {
     #[error("the placement ladder is empty: add at least one [[policy.profile]]")]
     EmptyLadder,
     /// Two profiles share a name.
-    #[error("profile name {name:?} is used twice: give each [[policy.profile]] its own name")]
+    #[error("profile name \"{name}\" is used twice: give each [[policy.profile]] its own name")]
     DuplicateName {
         /// The repeated name.
         name: ProfileName,
     },
     /// A profile has no host memory.
-    #[error("profile {profile:?} has host_memory_mib = 0: give it the memory a job may use, in MiB")]
+    #[error("profile \"{profile}\" has host_memory_mib = 0: give it the memory a job may use, in MiB")]
     ZeroHostMemory {
         /// The profile.
         profile: ProfileName,
     },
     /// A GPU profile has no GPU memory.
     #[error(
-        "profile {profile:?} has gpu_memory_mib = 0 but is not cpu_only: give it the GPU's memory in MiB, \
+        "profile \"{profile}\" has gpu_memory_mib = 0 but is not cpu_only: give it the GPU's memory in MiB, \
          or set cpu_only = true"
     )]
     ZeroGpuMemory {
@@ -187,13 +187,13 @@ pub enum PolicyError {
         profile: ProfileName,
     },
     /// A profile has no vCPU.
-    #[error("profile {profile:?} has vcpus = 0: give it at least 1")]
+    #[error("profile \"{profile}\" has vcpus = 0: give it at least 1")]
     ZeroVcpus {
         /// The profile.
         profile: ProfileName,
     },
     /// A price that is negative or not a number.
-    #[error("profile {profile:?} has price_per_hour_usd = {price}: use a finite price of 0 or more")]
+    #[error("profile \"{profile}\" has price_per_hour_usd = {price}: use a finite price of 0 or more")]
     BadPrice {
         /// The profile.
         profile: ProfileName,
@@ -201,7 +201,7 @@ pub enum PolicyError {
         price: f64,
     },
     /// A speed that is not positive.
-    #[error("profile {profile:?} has relative_speed = {speed}: use a finite number above 0 (1.0 = reference)")]
+    #[error("profile \"{profile}\" has relative_speed = {speed}: use a finite number above 0 (1.0 = reference)")]
     BadSpeed {
         /// The profile.
         profile: ProfileName,

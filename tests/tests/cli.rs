@@ -1,0 +1,155 @@
+//! Bad input gets an error that names the problem and the fix, and loses
+//! nothing: the CLI acting on the store while no engine runs.
+
+use std::fs;
+use std::path::Path;
+
+use evalflow_tests::cli::Cli;
+use evalflow_worker::lock::EngineInfo;
+use evalflow_worker::views::{ActionView, RunView};
+use evalflow_workflow::StateTag;
+
+fn competition(dir: &Path) -> Cli {
+    let cli = Cli::new(dir);
+    cli.ok(&["init", dir.to_str().unwrap()]);
+    fs::write(dir.join("data/public/test/a.txt"), "1\n").unwrap();
+    fs::write(dir.join("data/public/labels.csv"), "filename,label\na.txt,1\n").unwrap();
+    cli
+}
+
+fn submission(dir: &Path, manifest: &str) -> String {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("submission.toml"), manifest).unwrap();
+    dir.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn submissions_are_checked_and_kept_and_resubmitting_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let good = submission(&dir.path().join("good"), "command = [\"python3\", \"main.py\"]\n");
+    let views: Vec<ActionView> = cli.json(&["submit", "--id", "s1", "--team", "t", &good, "--json"]);
+    assert_eq!((views[0].accepted, views[0].state), (true, Some(StateTag::Queued)));
+    assert!(cli.data_dir.join("submissions/s1/submission.toml").exists(), "kept in the data directory");
+    let again = cli.ok(&["submit", "--id", "s1", "--team", "t", &good]);
+    assert!(again.contains("already submitted: queued"), "{again}");
+
+    fs::write(Path::new(&good).join("main.py"), "changed").unwrap();
+    let conflict = cli.fails(&["submit", "--id", "s1", "--team", "t", &good]);
+    assert!(conflict.contains("submission s1 was already submitted with other contents"), "{conflict}");
+    assert!(conflict.contains("give the new version its own id"), "{conflict}");
+
+    let missing = cli.fails(&["submit", "--id", "s2", "--team", "t", dir.path().to_str().unwrap()]);
+    assert!(missing.contains("has no submission.toml: add one with command"), "{missing}");
+    let broken = submission(&dir.path().join("broken"), "command = python3\n");
+    assert!(cli.fails(&["submit", "--id", "s3", "--team", "t", &broken]).contains("submission.toml is not valid"));
+    let empty = submission(&dir.path().join("empty"), "command = []\n");
+    assert!(cli.fails(&["submit", "--id", "s4", "--team", "t", &empty]).contains("command must be a non-empty list"));
+    let unsafe_id = cli.fails(&["submit", "--id", "../x", "--team", "t", &good]);
+    assert!(unsafe_id.contains("submission id \"../x\" has '.' at position 1"), "{unsafe_id}");
+    let config = cli.data_dir.join("evalflow.toml");
+    let private = "[stages.private]\ntest_set = \"data/private/test\"\nlabels = \"data/private/labels.csv\"\n";
+    let text = fs::read_to_string(&config).unwrap();
+    assert!(text.contains(private));
+    fs::write(&config, text.replace(private, "")).unwrap();
+    let no_stage = cli.fails(&["submit", "--id", "s5", "--team", "t", "--stage", "private", &good]);
+    assert!(no_stage.contains("evalflow.toml has no [stages.private]: add its test_set and labels"), "{no_stage}");
+
+    let runs: Vec<RunView> = cli.json(&["runs", "--json"]);
+    assert_eq!(runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s1-public"], "nothing else got in");
+}
+
+#[test]
+fn a_manifest_is_checked_line_by_line_before_anything_is_submitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    submission(&dir.path().join("subs/a"), "command = [\"true\"]\n");
+    submission(&dir.path().join("subs/b"), "command = [\"true\"]\ncpu_only = true\n");
+    let manifest = dir.path().join("manifest.jsonl");
+    let line = |id: &str, path: &str| {
+        format!("{{\"id\": \"{id}\", \"team\": \"t\", \"stage\": \"public\", \"path\": \"{path}\"}}\n")
+    };
+    fs::write(
+        &manifest,
+        format!("{}\n{}{{\"id\": \"c\", \"team\": \"t\"}}\n", line("a", "subs/a"), line("b", "subs/b")),
+    )
+    .unwrap();
+    let err = cli.fails(&["submit", "--manifest", manifest.to_str().unwrap()]);
+    assert!(err.contains("manifest.jsonl, line 4: missing field `stage`"), "{err}");
+    let runs: Vec<RunView> = cli.json(&["runs", "--json"]);
+    assert!(runs.is_empty(), "a bad line submits nothing");
+
+    fs::write(&manifest, format!("{}{}", line("a", "subs/a"), line("b", "subs/b"))).unwrap();
+    let views: Vec<ActionView> = cli.json(&["submit", "--manifest", manifest.to_str().unwrap(), "--json"]);
+    assert!(views.iter().all(|v| v.accepted), "{views:?}");
+    let runs: Vec<RunView> = cli.json(&["runs", "--state", "queued", "--json"]);
+    assert_eq!(runs.len(), 2);
+}
+
+#[test]
+fn operator_requests_that_make_no_sense_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let good = submission(&dir.path().join("good"), "command = [\"true\"]\n");
+    cli.ok(&["submit", "--id", "s1", "--team", "t", &good]);
+
+    let unknown = cli.fails(&["history", "nope-public"]);
+    assert!(unknown.contains("no run nope-public: list runs with `evalflow runs`"), "{unknown}");
+    let retry = cli.run(&["retry", "s1-public"]);
+    let retry = String::from_utf8_lossy(&retry.stdout).into_owned();
+    assert!(retry.contains("run s1-public is queued: only failed or cancelled runs can be retried"), "{retry}");
+    let cancelled = cli.ok(&["cancel", "s1-public"]);
+    assert!(cancelled.contains("cancelled: now cancelled"), "{cancelled}");
+    let twice = cli.ok(&["cancel", "s1-public"]);
+    assert!(twice.contains("already cancelled"), "{twice}");
+    assert!(cli.ok(&["retry", "--state", "cancelled"]).contains("requeued: now queued"));
+    let bad_state = cli.fails(&["runs", "--state", "done"]);
+    assert!(bad_state.contains("is not one of: queued, launching, running"), "{bad_state}");
+    let history = cli.ok(&["history", "s1-public"]);
+    assert!(history.contains("cancel_requested") && history.contains("retry_requested"), "{history}");
+}
+
+#[test]
+fn broken_configurations_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let config = cli.data_dir.join("evalflow.toml");
+    let original = fs::read_to_string(&config).unwrap();
+
+    fs::write(&config, original.replace("time_limit_secs", "time_limt_secs")).unwrap();
+    let typo = cli.fails(&["status"]);
+    assert!(typo.contains("unknown field `time_limt_secs`"), "{typo}");
+
+    fs::write(&config, original.replace("data/public/test", "data/public/gone")).unwrap();
+    let test_set = cli.fails(&["status"]);
+    assert!(test_set.contains("[stages.public] test_set") && test_set.contains("gone"), "{test_set}");
+
+    fs::write(&config, original.replace("host_memory_mib = 4096", "host_memory_mib = 0")).unwrap();
+    let zero = cli.fails(&["status"]);
+    assert!(
+        zero.contains("[policy]: profile \"g4\" has host_memory_mib = 0: give it the memory a job may use"),
+        "{zero}"
+    );
+    assert_eq!(zero.matches("host_memory_mib = 0").count(), 1, "said once: {zero}");
+
+    let nowhere = Cli::new(dir.path().join("nowhere")).fails(&["status"]);
+    assert!(nowhere.contains("no evalflow.toml in") && nowhere.contains("evalflow init"), "{nowhere}");
+}
+
+#[test]
+fn a_data_directory_held_by_a_silent_engine_is_named_with_its_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let state = cli.data_dir.join("state");
+    fs::create_dir_all(&state).unwrap();
+    let lock = fs::File::create(state.join("engine.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let info = EngineInfo { pid: 4242, api: "http://127.0.0.1:9".into() };
+    fs::write(state.join("engine.json"), serde_json::to_vec(&info).unwrap()).unwrap();
+    let err = cli.fails(&["status"]);
+    assert!(
+        err.contains("is locked by an evalflow engine (pid 4242) that does not answer at http://127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(err.contains("stop it (kill 4242)"), "{err}");
+}
