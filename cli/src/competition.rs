@@ -52,6 +52,9 @@ impl Template {
 
 [competition]
 name = "{name}"
+# Binary log loss of the probability that a file is FAKE, probabilities
+# clipped to [1e-15, 1 - 1e-15]: lower is better.
+metric = "binary_log_loss"
 
 # Each stage's test set (the files submissions predict, mounted read-only at
 # $EVALFLOW_INPUT_DIR) and its private labels (filename,label with 1 = FAKE),

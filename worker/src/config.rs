@@ -4,6 +4,7 @@
 //! ```toml
 //! [competition]
 //! name = "deepfake-detection"
+//! metric = "binary_log_loss"          # the only metric: lower is better
 //!
 //! [stages.public]
 //! test_set = "data/public/test"      # the files the submissions predict
@@ -98,6 +99,19 @@ struct ConfigFile {
 pub struct Competition {
     /// Its name, shown in reports.
     pub name: String,
+    /// How predictions are scored.
+    #[serde(default)]
+    pub metric: Metric,
+}
+
+/// A scoring metric.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Binary log loss of the probability of FAKE, natural log, probabilities
+    /// clipped to [1e-15, 1 - 1e-15]; lower is better.
+    #[default]
+    BinaryLogLoss,
 }
 
 #[derive(Debug, Deserialize)]

@@ -309,3 +309,60 @@ fn classify(
     };
     (outcome, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::job::Limits;
+    use evalflow_workflow::{Attempt, ProfileName, RunId};
+
+    fn request() -> JobRequest {
+        JobRequest {
+            run: RunId::parse("s-public").unwrap(),
+            attempt: Attempt(1),
+            profile: ProfileName::new("g4").unwrap(),
+            submission_dir: "/s".into(),
+            input_dir: "/i".into(),
+            memory_limit_mib: 160,
+            gpu_memory_mib: 15360,
+            vcpus: 4,
+            time_limit_secs: 12,
+            limits: Limits { pids_max: 128, disk_max_mib: 256, kill_grace_secs: 2 },
+            isolation: Isolation::Sandbox,
+        }
+    }
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn outcome(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> JobOutcome {
+        classify(exit, stop, oom_killed, &request()).0
+    }
+
+    #[test]
+    fn exits_are_told_apart() {
+        assert_eq!(outcome(exited(0), None, false), JobOutcome::Succeeded);
+        assert_eq!(outcome(exited(3), None, false), JobOutcome::Crashed { exit_code: Some(3) });
+        assert_eq!(
+            outcome(exited(GPU_OOM_EXIT_CODE), None, false),
+            JobOutcome::OutOfMemory { resource: Resource::GpuMemory },
+            "the documented exit code of a CUDA out-of-memory"
+        );
+        // bubblewrap reports death by signal n as 128 + n.
+        assert_eq!(outcome(exited(137), None, true), JobOutcome::OutOfMemory { resource: Resource::HostMemory });
+        assert_eq!(outcome(exited(137), None, false), JobOutcome::Crashed { exit_code: None });
+        assert_eq!(outcome(exited(128 + libc::SIGXFSZ), None, false), JobOutcome::LimitExceeded { limit: Limit::Disk });
+        assert_eq!(outcome(ExitStatus::from_raw(libc::SIGSEGV), None, false), JobOutcome::Crashed { exit_code: None });
+    }
+
+    #[test]
+    fn what_the_supervisor_stopped_is_reported_as_the_limit_it_broke() {
+        let killed = ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(outcome(killed, Some(Stop::TimedOut), true), JobOutcome::TimedOut, "time first, even with an OOM");
+        let (outcome, note) = classify(killed, Some(Stop::Limit(Limit::Processes)), false, &request());
+        assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Processes });
+        assert_eq!(note.as_deref(), Some("stopped: it tried to run more than 128 processes"));
+        assert!(matches!(self::outcome(killed, Some(Stop::Terminated), false), JobOutcome::Interrupted { .. }));
+    }
+}
