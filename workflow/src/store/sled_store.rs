@@ -15,6 +15,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::codec::{self, SCHEMA_VERSION};
 use super::{
@@ -22,6 +23,9 @@ use super::{
 };
 use crate::ids::RunId;
 use crate::run::{HistoryEntry, Run, RunSpec, StateTag};
+
+/// How long opening waits for sled's file lock to clear.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 const META_KEY: &[u8] = b"m";
 const SPEC: u8 = b's';
@@ -55,17 +59,24 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`. sled releases its file lock a
+    /// moment after its last handle drops (its I/O worker finishes first), so
+    /// a lock is waited for, up to [`LOCK_WAIT`], before it counts as held.
     pub fn open(dir: &Path, options: SledOptions) -> Result<SledStore, StoreError> {
-        let config = sled::Config::new().path(dir);
-        Self::open_with(config, options).map_err(|e| match e {
-            // sled reports a held file lock as an I/O error of kind `Other`
-            // whose message names the lock.
-            StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                StoreError::Locked { path: dir.display().to_string() }
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match Self::open_with(sled::Config::new().path(dir), options) {
+                // sled reports a held file lock as an I/O error of kind
+                // `Other` whose message names the lock.
+                Err(StoreError::Sled(sled::Error::Io(io))) if io.to_string().contains("could not acquire lock") => {
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::Locked { path: dir.display().to_string() });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => return result,
             }
-            other => other,
-        })
+        }
     }
 
     /// A store that lives until dropped, for tests.
