@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod artifacts;
+pub mod aws;
 pub mod fsutil;
 pub mod leaderboard;
 pub mod local;
@@ -21,7 +22,7 @@ pub mod scoring;
 pub mod submission;
 
 use async_trait::async_trait;
-use evalflow_workflow::{Attempt, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage};
+use evalflow_workflow::{Attempt, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage, Timestamp};
 
 pub use artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
 
@@ -80,6 +81,8 @@ pub struct RunningJob {
     pub attempt: Attempt,
     /// The job.
     pub job: JobId,
+    /// When the run started waiting for it (its last state change).
+    pub since: Timestamp,
 }
 
 /// A job found ended.

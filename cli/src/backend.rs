@@ -89,7 +89,8 @@ pub async fn connect(data_dir: &Path) -> Result<Backend> {
         ),
     };
     let config = Config::load(data_dir)?;
-    let options = NodeOptions { isolation: Isolation::Sandbox, supervisor: supervisor()?, mode: Mode::Direct };
+    let options =
+        NodeOptions { isolation: Isolation::Sandbox, supervisor: supervisor()?, mode: Mode::Direct, runner: None };
     Ok(Backend::Direct(Box::new(Node::start(config, lock, options).await?)))
 }
 

@@ -48,14 +48,16 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
                 id: SubmissionId::new(example.id)?,
                 team: TeamId::new(example.team)?,
                 stage: *stage,
-                path: path.clone(),
+                path: Some(path.clone()),
+                image: None,
+                cpu_only: false,
             };
             specs.push(prepare(&config, &request, now)?);
         }
     }
     let runs: Vec<RunId> = specs.iter().map(|s| s.run.clone()).collect();
     println!("evalflow demo: {} runs of {} example submissions in {}", runs.len(), examples.len(), data_dir.display());
-    let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine };
+    let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine, runner: None };
     let node = Node::start(config, lock, options).await?;
     // Runs submitted by an earlier demo are not submitted again.
     let known: Vec<RunId> = node.runs(None).await?.into_iter().map(|r| r.id).collect();

@@ -9,6 +9,7 @@
 mod backend;
 mod competition;
 mod demo;
+mod fleet;
 mod logs;
 mod output;
 mod serve;
@@ -71,12 +72,18 @@ enum Command {
         /// The stage to evaluate it on.
         #[arg(long, default_value = "public")]
         stage: Stage,
-        /// A JSON-lines manifest: {"id", "team", "stage", "path"} per line.
-        #[arg(long, conflicts_with_all = ["id", "team", "path"])]
+        /// A JSON-lines manifest: {"id", "team", "stage", "path" or "image"} per line.
+        #[arg(long, conflicts_with_all = ["id", "team", "path", "image"])]
         manifest: Option<PathBuf>,
-        /// The submission's directory (with submission.toml).
-        #[arg(required_unless_present = "manifest")]
+        /// The submission's directory (with submission.toml), on this machine.
+        #[arg(required_unless_present_any = ["manifest", "image"])]
         path: Option<PathBuf>,
+        /// The submission's container image, on AWS.
+        #[arg(long, conflicts_with = "path")]
+        image: Option<String>,
+        /// The image runs on the CPU ladder.
+        #[arg(long, requires = "image")]
+        cpu_only: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -155,6 +162,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// On AWS: carry out the engine's commands from the tasks queue until stopped.
+    Worker,
+    /// AWS resources.
+    Aws {
+        #[command(subcommand)]
+        command: AwsCommand,
+    },
     /// A run's job: how it ended, and the end of its output.
     Logs {
         /// The run.
@@ -169,6 +183,13 @@ enum Command {
         /// The job's directory.
         job_dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AwsCommand {
+    /// Create the queues, buckets, compute environments, job queues and job
+    /// definition evalflow.toml describes, if missing.
+    Bootstrap,
 }
 
 fn main() -> ExitCode {
@@ -230,6 +251,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             demo::run(&dir, isolation(no_sandbox)).await
         }
         Command::Serve { listen, no_sandbox } => serve::run(&dir(), listen, isolation(no_sandbox)).await,
+        Command::Worker => fleet::worker(&Config::load(&dir())?).await,
+        Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         Command::Logs { run, attempt } => {
             logs::print(&Config::load(&dir())?, &run, attempt)?;
@@ -247,11 +270,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// The commands that act through a backend.
 async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode> {
     match command {
-        Command::Submit { id, team, stage, manifest, path, json } => {
-            let requests = match (manifest, id, team, path) {
+        Command::Submit { id, team, stage, manifest, path, image, cpu_only, json } => {
+            let requests = match (manifest, id, team) {
                 (Some(manifest), ..) => read_manifest(&manifest)?,
-                (None, Some(id), Some(team), Some(path)) => vec![SubmissionRequest { id, team, stage, path }],
-                _ => bail!("give --id, --team and a directory, or --manifest"),
+                (None, Some(id), Some(team)) => vec![SubmissionRequest { id, team, stage, path, image, cpu_only }],
+                _ => bail!("give --id, --team and a directory (or --image), or --manifest"),
             };
             let config = Config::load(dir)?;
             let now = Timestamp::now();
@@ -315,9 +338,12 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { .. } | Command::Demo { .. } | Command::Serve { .. } | Command::Logs { .. } => {
-            unreachable!("handled without a backend")
-        }
+        Command::Init { .. }
+        | Command::Demo { .. }
+        | Command::Serve { .. }
+        | Command::Logs { .. }
+        | Command::Worker
+        | Command::Aws { .. } => unreachable!("handled without a backend"),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -43,7 +43,7 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     })?;
     let info = EngineInfo { pid: std::process::id(), api: format!("http://{}", listener.local_addr()?) };
     lock.announce(&info)?;
-    let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine };
+    let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine, runner: None };
     let node = Arc::new(Node::start(config, lock, options).await?);
     println!("evalflow engine (pid {}) serving {} at {}", info.pid, data_dir.display(), info.api);
     let shutdown = CancellationToken::new();

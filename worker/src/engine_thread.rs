@@ -142,8 +142,9 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let mut jobs = Vec::with_capacity(runs.len());
             for run in runs {
                 let Some(stored) = engine.store().load(&run)? else { continue };
+                let since = stored.run.status.updated_at;
                 if let RunState::Running { attempt, job, .. } = stored.run.status.state {
-                    jobs.push(RunningJob { run, stage: stored.run.spec.stage, attempt, job });
+                    jobs.push(RunningJob { run, stage: stored.run.spec.stage, attempt, job, since });
                 }
             }
             let _ = reply.send(jobs);

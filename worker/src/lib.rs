@@ -6,11 +6,14 @@
 
 pub mod activity;
 pub mod api;
+pub mod aws;
+pub mod bootstrap;
 pub mod config;
 pub mod engine_thread;
 pub mod local_worker;
 pub mod lock;
 pub mod node;
+pub mod sqs;
 pub mod submit;
 pub mod views;
 pub mod watcher;

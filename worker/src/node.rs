@@ -29,14 +29,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::Activities;
-use crate::config::{Config, ConfigError};
+use crate::config::{AwsConfig, Config, ConfigError};
 use crate::engine_thread::{self, EngineHandle, EngineStopped};
+use crate::local_worker;
 use crate::lock::DataDirLock;
-use crate::views::{ActionView, CostView, Divergence, EventView, ReplayView, RunView, StatusView};
-use crate::{local_worker, watcher};
+use crate::sqs::Queues;
+use crate::views::{ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StatusView};
+use crate::watcher::{self, Watch};
 
 /// Activities carried out at once by an engine node.
 const ACTIVITY_CONCURRENCY: usize = 16;
+/// Loops reading the events queue, on AWS.
+const EVENT_CONSUMERS: usize = 2;
 /// How often the watcher looks at running jobs.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Runs per group when an operator acts on many.
@@ -54,7 +58,7 @@ pub enum Mode {
 }
 
 /// How to start a node.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// How jobs are isolated.
     pub isolation: Isolation,
@@ -62,6 +66,8 @@ pub struct NodeOptions {
     pub supervisor: Vec<OsString>,
     /// What the node does.
     pub mode: Mode,
+    /// On AWS, a job runner to use instead of AWS Batch (tests script job outcomes with one).
+    pub runner: Option<Arc<dyn JobRunner>>,
 }
 
 /// Why a node could not start or stopped badly.
@@ -79,6 +85,9 @@ pub enum NodeError {
     /// The sandbox.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The AWS deployment cannot be reached.
+    #[error(transparent)]
+    Aws(#[from] crate::aws::ConnectError),
     /// The engine thread panicked.
     #[error("the engine thread panicked")]
     Panicked,
@@ -115,33 +124,82 @@ pub struct Node {
     shutdown: CancellationToken,
     loops: Vec<JoinHandle<()>>,
     direct: Option<Direct>,
+    /// The SQS queues, on AWS.
+    queues: Option<Arc<Queues>>,
+    billing: Billing,
     _lock: DataDirLock,
 }
 
-impl Node {
-    /// Opens the store under the data directory's lock and starts the node.
-    pub async fn start(config: Config, lock: DataDirLock, options: NodeOptions) -> Result<Node, NodeError> {
-        let config = Arc::new(config);
-        let store = SledStore::open(&config.store_dir(), SledOptions::default())?;
-        let max_active = match options.mode {
-            Mode::Engine => config.local.max_concurrent_jobs,
-            Mode::Direct => 0,
-        };
-        let (engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
-        let runner = Arc::new(LocalRunner::new(LocalRunnerConfig {
+/// What a deployment acts with.
+struct Setup {
+    runner: Arc<dyn JobRunner>,
+    artifacts: Arc<dyn ArtifactStore>,
+    /// The SQS queues, on AWS.
+    queues: Option<Arc<Queues>>,
+    watch: Watch,
+    max_active: usize,
+    billing: Billing,
+}
+
+impl Setup {
+    fn local(config: &Config, options: &NodeOptions) -> Result<Setup, NodeError> {
+        let runner = LocalRunner::new(LocalRunnerConfig {
             jobs_dir: config.jobs_dir(),
             supervisor: options.supervisor.clone(),
             test_sets: config.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
             isolation: options.isolation,
             limits: config.local.limits(),
-        }));
+        });
         if options.mode == Mode::Engine {
             runner.check_host()?;
         }
         let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();
-        let artifacts: Arc<dyn ArtifactStore> = Arc::new(FsArtifacts::new(&config.data_dir, labels));
-        let runner_dyn: Arc<dyn JobRunner> = runner.clone();
-        let activities = Arc::new(Activities { runner: runner_dyn.clone(), artifacts, policy: config.policy.clone() });
+        Ok(Setup {
+            runner: Arc::new(runner),
+            artifacts: Arc::new(FsArtifacts::new(&config.data_dir, labels)),
+            queues: None,
+            watch: Watch { interval: WATCH_INTERVAL, quiet_for: Duration::ZERO },
+            max_active: config.local.max_concurrent_jobs,
+            billing: Billing::ScaledBySpeed,
+        })
+    }
+
+    async fn aws(config: &Config, aws: &AwsConfig, options: &NodeOptions) -> Result<Setup, NodeError> {
+        let parts = crate::aws::connect(config, options.runner.clone()).await?;
+        Ok(Setup {
+            runner: parts.runner,
+            artifacts: parts.artifacts,
+            queues: Some(parts.queues),
+            watch: Watch {
+                interval: Duration::from_secs(aws.reconcile_interval_secs),
+                quiet_for: Duration::from_secs(aws.reconcile_after_secs),
+            },
+            max_active: aws.max_active_jobs,
+            billing: Billing::Actual,
+        })
+    }
+}
+
+impl Node {
+    /// Opens the store under the data directory's lock and starts the node:
+    /// on this machine, or on AWS when the configuration has an `[aws]` table.
+    pub async fn start(config: Config, lock: DataDirLock, options: NodeOptions) -> Result<Node, NodeError> {
+        let config = Arc::new(config);
+        let setup = match &config.aws {
+            None => Setup::local(&config, &options)?,
+            Some(aws) => Setup::aws(&config, aws, &options).await?,
+        };
+        let store = SledStore::open(&config.store_dir(), SledOptions::default())?;
+        let max_active = match options.mode {
+            Mode::Engine => setup.max_active,
+            Mode::Direct => 0,
+        };
+        let (engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        let activities = Arc::new(Activities {
+            runner: setup.runner.clone(),
+            artifacts: setup.artifacts.clone(),
+            policy: config.policy.clone(),
+        });
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let (recovered, direct, worker_rx) = match options.mode {
@@ -155,12 +213,29 @@ impl Node {
         let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
-            let worker =
-                local_worker::run(activities, dispatches, engine.clone(), ACTIVITY_CONCURRENCY, shutdown.clone());
-            loops.push(tokio::spawn(worker));
-            loops.push(tokio::spawn(watcher::run(runner_dyn, engine.clone(), WATCH_INTERVAL, shutdown.clone())));
+            match &setup.queues {
+                None => {
+                    let worker = local_worker::run(
+                        activities,
+                        dispatches,
+                        engine.clone(),
+                        ACTIVITY_CONCURRENCY,
+                        shutdown.clone(),
+                    );
+                    loops.push(tokio::spawn(worker));
+                }
+                Some(queues) => {
+                    loops.push(tokio::spawn(crate::aws::publish_tasks(queues.clone(), dispatches, shutdown.clone())));
+                    for _ in 0..EVENT_CONSUMERS {
+                        let consumer = crate::aws::consume_events(queues.clone(), engine.clone(), shutdown.clone());
+                        loops.push(tokio::spawn(consumer));
+                    }
+                }
+            }
+            loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
         }
-        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, _lock: lock })
+        let (queues, billing) = (setup.queues, setup.billing);
+        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, queues, billing, _lock: lock })
     }
 
     /// The configuration.
@@ -209,12 +284,20 @@ impl Node {
             total: counts.total(),
             active: counts[StateTag::Launching] + counts[StateTag::Running],
             engine: None,
+            dead_letters: match &self.queues {
+                Some(queues) => {
+                    let (tasks, events) =
+                        queues.dead_letters().await.map_err(|e| ControlError::BadRequest(e.to_string()))?;
+                    Some(DeadLetters { tasks, events })
+                }
+                None => None,
+            },
         })
     }
 
     /// The runs, all or those in one state, in id order.
     pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
-        let policy = self.config.policy.clone();
+        let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let filter = match state {
                 None => RunFilter::All,
@@ -225,7 +308,7 @@ impl Node {
             for id in all_runs(store, filter)? {
                 let Some(stored) = store.load(&id)? else { continue };
                 if state.is_none_or(|tag| stored.run.status.state.tag() == tag) {
-                    views.push(RunView::new(&stored.run, &policy, Billing::ScaledBySpeed));
+                    views.push(RunView::new(&stored.run, &policy, billing));
                 }
             }
             Ok(views)
@@ -235,10 +318,10 @@ impl Node {
 
     /// One run.
     pub async fn run(&self, run: &RunId) -> Result<RunView, ControlError> {
-        let (policy, id) = (self.config.policy.clone(), run.clone());
+        let (policy, id, billing) = (self.config.policy.clone(), run.clone(), self.billing);
         self.read(move |store| {
             let stored = store.load(&id)?.ok_or_else(|| ControlError::UnknownRun(id.clone()))?;
-            Ok(RunView::new(&stored.run, &policy, Billing::ScaledBySpeed))
+            Ok(RunView::new(&stored.run, &policy, billing))
         })
         .await
     }
@@ -372,7 +455,7 @@ impl Node {
 
     /// What every attempt cost, per profile.
     pub async fn cost(&self) -> Result<CostView, ControlError> {
-        let policy = self.config.policy.clone();
+        let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let mut statuses = Vec::new();
             for id in all_runs(store, RunFilter::All)? {
@@ -380,8 +463,8 @@ impl Node {
                     statuses.push(stored.run.status);
                 }
             }
-            let report = cost_report(&statuses, &policy, Billing::ScaledBySpeed);
-            Ok(CostView { billing: Billing::ScaledBySpeed, report })
+            let report = cost_report(&statuses, &policy, billing);
+            Ok(CostView { billing, report })
         })
         .await
     }

@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 use crate::config::Config;
 
-/// One submission to evaluate, as the organizer names it.
+/// One submission to evaluate, as the organizer names it: a directory (on
+/// this machine) or a container image (on AWS).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmissionRequest {
@@ -21,9 +22,19 @@ pub struct SubmissionRequest {
     pub team: TeamId,
     /// The stage to evaluate it on.
     pub stage: Stage,
-    /// Its directory.
-    pub path: PathBuf,
+    /// Its directory, for a competition on this machine.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Its container image, for a competition on AWS.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Whether an image runs on the CPU ladder (a directory says so in its submission.toml).
+    #[serde(default)]
+    pub cpu_only: bool,
 }
+
+/// The longest image reference accepted.
+const IMAGE_MAX_LEN: usize = 512;
 
 /// A submission that cannot be accepted.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +79,14 @@ pub enum SubmitError {
         /// Where the earlier one is kept.
         kept: String,
     },
+    /// A directory for a competition on AWS, or an image for one on this machine.
+    #[error("submission {id}: {problem}")]
+    WrongKind {
+        /// The submission.
+        id: SubmissionId,
+        /// What this competition takes.
+        problem: &'static str,
+    },
     /// No test set for the stage.
     #[error("submission {id}: evalflow.toml has no [stages.{stage}]: add its test_set and labels")]
     NoStage {
@@ -91,7 +110,8 @@ fn clear_staging(dir: &Path, id: &SubmissionId) {
     }
 }
 
-/// Reads a manifest: one JSON object per line; blank lines are skipped.
+/// Reads a manifest: one JSON object per line, `{"id", "team", "stage",
+/// "path"}` or `{"id", "team", "stage", "image", "cpu_only"?}`; blank lines are skipped.
 /// Relative paths are relative to the manifest's directory. Every line is
 /// checked before anything is submitted.
 pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError> {
@@ -109,7 +129,7 @@ pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError>
             line: index + 1,
             problem: e.to_string(),
         })?;
-        request.path = base.join(&request.path);
+        request.path = request.path.map(|p| base.join(p));
         requests.push(request);
     }
     Ok(requests)
@@ -120,12 +140,52 @@ pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError>
 /// again; with other contents it is a conflict.
 pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> Result<RunSpec, SubmitError> {
     let id = &request.id;
-    let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
-    if !config.stages.contains_key(&request.stage) {
+    let wrong = |problem| SubmitError::WrongKind { id: id.clone(), problem };
+    let on_aws = config.aws.is_some();
+    let has_stage = match &config.aws {
+        Some(aws) => aws.stages.contains_key(&request.stage),
+        None => config.stages.contains_key(&request.stage),
+    };
+    if !has_stage {
         return Err(SubmitError::NoStage { id: id.clone(), stage: request.stage });
     }
-    let manifest = Manifest::read(&request.path).map_err(|e| invalid(e.to_string()))?;
-    let digest = dir_digest(&request.path).map_err(|e| invalid(format!("{}: {e}", request.path.display())))?;
+    match (&request.path, &request.image, on_aws) {
+        (Some(path), None, false) => prepare_directory(config, request, path, now),
+        (None, Some(image), true) => prepare_image(request, image, now),
+        (Some(_), None, true) => {
+            Err(wrong("this competition runs on AWS Batch: submit a container image (--image URI)"))
+        }
+        (None, Some(_), false) => {
+            Err(wrong("this competition runs on this machine: submit a directory with a submission.toml"))
+        }
+        _ => Err(wrong("give either a directory or a container image (--image), not both or neither")),
+    }
+}
+
+fn prepare_image(request: &SubmissionRequest, image: &str, now: Timestamp) -> Result<RunSpec, SubmitError> {
+    let clean = !image.is_empty()
+        && image.len() <= IMAGE_MAX_LEN
+        && !image.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !clean {
+        return Err(SubmitError::Invalid {
+            id: request.id.clone(),
+            problem: format!("image {image:?} is not an image reference (1 to {IMAGE_MAX_LEN} characters, no spaces)"),
+        });
+    }
+    let source = SubmissionSource::Image { uri: image.to_owned() };
+    Ok(RunSpec::new(request.id.clone(), request.team.clone(), request.stage, request.cpu_only, source, now))
+}
+
+fn prepare_directory(
+    config: &Config,
+    request: &SubmissionRequest,
+    path: &Path,
+    now: Timestamp,
+) -> Result<RunSpec, SubmitError> {
+    let id = &request.id;
+    let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
+    let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
+    let digest = dir_digest(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let kept = config.submissions_dir().join(id.as_str());
     if kept.exists() {
         let kept_digest = dir_digest(&kept).map_err(|e| invalid(format!("{}: {e}", kept.display())))?;
@@ -135,7 +195,7 @@ pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> 
     } else {
         clear_staging(&config.submissions_dir(), id);
         let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
-        copy_dir(&request.path, &staging).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
+        copy_dir(path, &staging).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
         std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
     }
     let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };

@@ -168,6 +168,17 @@ pub struct StatusView {
     pub active: u64,
     /// The engine serving it, if one runs: `pid N at URL`.
     pub engine: Option<String>,
+    /// Messages in the dead-letter queues, on AWS.
+    pub dead_letters: Option<DeadLetters>,
+}
+
+/// Messages that kept failing, in the dead-letter queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetters {
+    /// Commands no worker could carry out.
+    pub tasks: u64,
+    /// Events the engine could not read.
+    pub events: u64,
 }
 
 /// The result of an operator's request for one run.

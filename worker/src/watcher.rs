@@ -1,33 +1,80 @@
-//! The job watcher: asks the runner how the running jobs are, and tells the
-//! engine about those that ended. Level-triggered: it looks at every run in
+//! The job watcher: asks the runner how running jobs are, and tells the
+//! engine about those that ended. Level-triggered: it starts from the runs in
 //! the `running` state each time, so a job that ended while no engine ran is
 //! seen at the first look after a restart.
+//!
+//! Locally it looks at every job every 250 ms. On AWS, where job ends arrive
+//! as EventBridge events, it is the reconciler: it looks only at jobs not
+//! heard of for a while (events can be lost), each at most once per that
+//! while, with the runner's batched checks (DescribeJobs, 100 ids a call).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use evalflow_activities::{EndedJob, JobRunner};
-use evalflow_workflow::{Attempt, Envelope, Event, Input, RunId};
+use evalflow_activities::{EndedJob, JobRunner, RunningJob};
+use evalflow_workflow::{Attempt, Envelope, Event, Input, RunId, Timestamp};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine_thread::EngineHandle;
 
-/// Looks at running jobs every `interval` until `shutdown`.
-pub async fn run(runner: Arc<dyn JobRunner>, engine: EngineHandle, interval: Duration, shutdown: CancellationToken) {
-    // Ends already reported and not yet applied are not reported again.
-    let mut reported: HashSet<(RunId, Attempt)> = HashSet::new();
+/// How often to look, and at which jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// Time between two looks.
+    pub interval: Duration,
+    /// Only jobs whose run has not changed for this long are looked at, and
+    /// each at most once per this long (zero: every job, every time).
+    pub quiet_for: Duration,
+}
+
+/// What the watcher remembers of each running job.
+#[derive(Default)]
+struct Seen {
+    /// When each job was last looked at.
+    looked: HashMap<(RunId, Attempt), Instant>,
+    /// Jobs whose end was reported and is not applied yet.
+    reported: HashSet<(RunId, Attempt)>,
+}
+
+impl Seen {
+    fn forget_all_but(&mut self, running: &[RunningJob]) {
+        let live: HashSet<(RunId, Attempt)> = running.iter().map(key).collect();
+        self.looked.retain(|k, _| live.contains(k));
+        self.reported.retain(|k| live.contains(k));
+    }
+
+    fn due(&self, job: &RunningJob, quiet_for: Duration) -> bool {
+        let key = key(job);
+        if self.reported.contains(&key) {
+            return false;
+        }
+        quiet_for.is_zero()
+            || (Timestamp::now().since(job.since) >= quiet_for
+                && self.looked.get(&key).is_none_or(|at| at.elapsed() >= quiet_for))
+    }
+}
+
+fn key(job: &RunningJob) -> (RunId, Attempt) {
+    (job.run.clone(), job.attempt)
+}
+
+/// Looks at running jobs as `watch` says until `shutdown`.
+pub async fn run(runner: Arc<dyn JobRunner>, engine: EngineHandle, watch: Watch, shutdown: CancellationToken) {
+    let mut seen = Seen::default();
     loop {
-        tokio::select! { _ = tokio::time::sleep(interval) => {}, _ = shutdown.cancelled() => return }
+        tokio::select! { _ = tokio::time::sleep(watch.interval) => {}, _ = shutdown.cancelled() => return }
         let Ok(running) = engine.running().await else { return };
-        reported.retain(|(run, attempt)| running.iter().any(|j| j.run == *run && j.attempt == *attempt));
-        let fresh: Vec<_> = running.into_iter().filter(|j| !reported.contains(&(j.run.clone(), j.attempt))).collect();
-        if fresh.is_empty() {
+        seen.forget_all_but(&running);
+        let due: Vec<RunningJob> = running.into_iter().filter(|job| seen.due(job, watch.quiet_for)).collect();
+        if due.is_empty() {
             continue;
         }
-        match runner.check(&fresh).await {
+        let now = Instant::now();
+        seen.looked.extend(due.iter().map(|j| (key(j), now)));
+        match runner.check(&due).await {
             Ok(ended) => {
-                reported.extend(ended.iter().map(|e| (e.job.run.clone(), e.job.attempt)));
+                seen.reported.extend(ended.iter().map(|e| key(&e.job)));
                 if engine.send(ended.into_iter().map(job_ended).collect()).await.is_err() {
                     return;
                 }

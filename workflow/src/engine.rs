@@ -24,7 +24,8 @@ use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, Wo
 use crate::time::Timestamp;
 
 /// Something to apply: a submission or an event for a run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Input {
     /// A new submission; the same one again is a no-op.
     Submit(RunSpec),
@@ -84,7 +85,7 @@ pub enum Outcome {
 }
 
 /// A command to carry out, with the run it is for and the version it was issued at.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Dispatch {
     /// The run's spec: everything a worker needs to know about the submission.
     pub spec: RunSpec,

@@ -326,6 +326,15 @@ pub fn job_name(run: &RunId, attempt: Attempt) -> String {
     format!("ef-{run}-a{attempt}")
 }
 
+/// The run and attempt a job name was made from, if it is one of evalflow's.
+pub fn parse_job_name(name: &str) -> Option<(RunId, Attempt)> {
+    let (run, attempt) = name.strip_prefix("ef-")?.rsplit_once("-a")?;
+    if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +372,17 @@ mod tests {
         assert!(RunId::parse("good").is_err());
         assert!(RunId::parse("good-staging").is_err());
         assert!(RunId::parse("-public").is_err());
+    }
+
+    #[test]
+    fn job_names_parse_back_to_their_run_and_attempt() {
+        for submission in ["good", "x-ab", "a-public", "a1-a2"] {
+            let run = RunId::new(&SubmissionId::new(submission).unwrap(), Stage::Private);
+            assert_eq!(parse_job_name(&job_name(&run, Attempt(12))), Some((run, Attempt(12))));
+        }
+        for other in ["good-public-a1", "ef-good-public", "ef-good-public-a", "ef-good-public-ax", "ef-good-a1"] {
+            assert_eq!(parse_job_name(other), None, "{other}");
+        }
     }
 
     #[test]

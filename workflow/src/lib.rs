@@ -29,7 +29,7 @@ pub mod store;
 pub mod time;
 
 pub use engine::{Dispatch, Engine, EngineError, Input, Outcome};
-pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name};
+pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name, parse_job_name};
 pub use machine::{
     Activity, Command, Event, FailureReason, JobOutcome, Limit, Resume, RunState, Score, Transition, TransitionError,
     step,

@@ -1,0 +1,304 @@
+//! The AWS Batch job runner.
+//!
+//! - A job is named `ef-<run>-a<attempt>`. SubmitJob has no idempotency
+//!   token, so a launch first looks the name up (ListJobs, filter JOB_NAME)
+//!   on the profile's job queue and adopts the job it finds.
+//! - Batch cannot override a job's image at submission, so each submission
+//!   gets its own job definition, `ef-<submission>`: the bootstrap's template
+//!   with the submission's image, registered once.
+//! - Jobs are submitted with the profile's vCPUs, memory and GPU, the
+//!   competition's time limit as the attempt timeout, tags (run, attempt,
+//!   profile) and no Batch retry strategy: evalflow owns retries.
+//! - Termination uses TerminateJob; checking uses DescribeJobs, at most
+//!   [`DESCRIBE_JOBS_MAX`] ids a call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_batch::types::{
+    ContainerOverrides, JobDefinitionType, JobTimeout, KeyValuePair, KeyValuesPair, ResourceRequirement, ResourceType,
+};
+use evalflow_workflow::{
+    Attempt, Detail, JobId, JobOutcome, JobUsage, Profile, RunId, Stage, SubmissionId, SubmissionSource,
+};
+use evalflow_workflow::{Timestamp, job_name};
+
+use super::activity_error;
+use super::classify::{BatchJob, classify};
+use crate::submission::GPU_OOM_EXIT_CODE;
+use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+
+/// The most job ids one DescribeJobs call takes.
+pub const DESCRIBE_JOBS_MAX: usize = 100;
+/// The shortest attempt timeout Batch accepts, in seconds.
+pub const TIMEOUT_MIN_SECS: u64 = 60;
+/// Pages of a listing read at most.
+const PAGES_MAX: usize = 20;
+/// The reason given to TerminateJob.
+pub const TERMINATE_REASON: &str = "evalflow: cancelled";
+
+/// Where the Batch runner puts things.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSettings {
+    /// The job definition whose revisions are copied for each submission.
+    pub job_definition_template: String,
+    /// Each stage's test set, as an S3 URI the job reads.
+    pub inputs: BTreeMap<Stage, String>,
+    /// The bucket jobs write their predictions to.
+    pub output_bucket: String,
+    /// The job queues of the ladder, to find a job by name when its queue is unknown.
+    pub queues: Vec<String>,
+}
+
+/// The S3 key prefix an attempt's job writes `submission.csv` under.
+pub fn output_prefix(run: &RunId, attempt: Attempt) -> String {
+    format!("outputs/{run}/a{attempt}/")
+}
+
+/// Runs jobs on AWS Batch.
+#[derive(Debug, Clone)]
+pub struct BatchRunner {
+    client: aws_sdk_batch::Client,
+    settings: Arc<BatchSettings>,
+}
+
+impl BatchRunner {
+    /// A runner with `client`.
+    pub fn new(client: aws_sdk_batch::Client, settings: BatchSettings) -> BatchRunner {
+        BatchRunner { client, settings: Arc::new(settings) }
+    }
+
+    /// A runner with a client for `sdk`.
+    pub fn from_sdk(sdk: &aws_config::SdkConfig, settings: BatchSettings) -> BatchRunner {
+        BatchRunner::new(super::batch_client(sdk), settings)
+    }
+
+    /// The id of the newest job named `name` on `queue`, if any.
+    pub async fn find(&self, queue: &str, name: &str) -> Result<Option<String>, ActivityError> {
+        let mut token = None;
+        for _ in 0..PAGES_MAX {
+            let page = self
+                .client
+                .list_jobs()
+                .job_queue(queue)
+                .filters(KeyValuesPair::builder().name("JOB_NAME").values(name).build())
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| activity_error(&format!("ListJobs {name} on {queue}"), e))?;
+            // The filter is case-insensitive and `*` matches prefixes: keep exact names.
+            if let Some(job) = page.job_summary_list().iter().find(|j| j.job_name() == Some(name)) {
+                return Ok(job.job_id().map(str::to_owned));
+            }
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The ARN of the job definition of `submission` with `image`,
+    /// registered from the template if it does not exist yet.
+    async fn definition(&self, submission: &SubmissionId, image: &str) -> Result<String, ActivityError> {
+        let name = format!("ef-{submission}");
+        let mine = self
+            .client
+            .describe_job_definitions()
+            .job_definition_name(&name)
+            .status("ACTIVE")
+            .send()
+            .await
+            .map_err(|e| activity_error(&format!("DescribeJobDefinitions {name}"), e))?;
+        let same_image =
+            mine.job_definitions().iter().find(|d| d.container_properties().and_then(|c| c.image()) == Some(image));
+        if let Some(arn) = same_image.and_then(|d| d.job_definition_arn()) {
+            return Ok(arn.to_owned());
+        }
+        let template_name = &self.settings.job_definition_template;
+        let templates = self
+            .client
+            .describe_job_definitions()
+            .job_definition_name(template_name)
+            .status("ACTIVE")
+            .send()
+            .await
+            .map_err(|e| activity_error(&format!("DescribeJobDefinitions {template_name}"), e))?;
+        let template = templates.job_definitions().iter().max_by_key(|d| d.revision()).ok_or_else(|| {
+            ActivityError::Permanent(format!(
+                "job definition {template_name} does not exist: create it with `evalflow aws bootstrap`"
+            ))
+        })?;
+        let mut properties = template
+            .container_properties()
+            .cloned()
+            .unwrap_or_else(|| aws_sdk_batch::types::ContainerProperties::builder().build());
+        properties.image = Some(image.to_owned());
+        let registered = self
+            .client
+            .register_job_definition()
+            .job_definition_name(&name)
+            .r#type(JobDefinitionType::Container)
+            .container_properties(properties)
+            .set_platform_capabilities(Some(template.platform_capabilities().to_vec()))
+            .tags("evalflow-submission", submission.as_str())
+            .send()
+            .await
+            .map_err(|e| activity_error(&format!("RegisterJobDefinition {name}"), e))?;
+        registered
+            .job_definition_arn()
+            .map(str::to_owned)
+            .ok_or_else(|| ActivityError::Transient(format!("RegisterJobDefinition {name} returned no ARN")))
+    }
+
+    fn overrides(&self, request: &LaunchRequest, output_bucket: &str) -> Result<ContainerOverrides, ActivityError> {
+        let spec = &request.spec;
+        let input = self.settings.inputs.get(&spec.stage).ok_or_else(|| {
+            ActivityError::Permanent(format!("no [aws.stages.{}] test_set is configured in evalflow.toml", spec.stage))
+        })?;
+        let output = format!("s3://{output_bucket}/{}", output_prefix(&spec.run, request.attempt));
+        let profile = &request.profile;
+        let env = [
+            ("EVALFLOW_INPUT_URI", input.clone()),
+            ("EVALFLOW_OUTPUT_URI", output),
+            ("EVALFLOW_RUN", spec.run.to_string()),
+            ("EVALFLOW_ATTEMPT", request.attempt.to_string()),
+            ("EVALFLOW_PROFILE", profile.name.to_string()),
+            ("EVALFLOW_GPU_OOM_EXIT_CODE", GPU_OOM_EXIT_CODE.to_string()),
+        ];
+        let requirement = |kind, value: String| ResourceRequirement::builder().r#type(kind).value(value).build();
+        let mut requirements = vec![
+            requirement(ResourceType::Vcpu, profile.vcpus.to_string()),
+            requirement(ResourceType::Memory, profile.host_memory_mib.to_string()),
+        ];
+        if !profile.cpu_only {
+            requirements.push(requirement(ResourceType::Gpu, "1".into()));
+        }
+        Ok(ContainerOverrides::builder()
+            .set_environment(Some(
+                env.into_iter().map(|(k, v)| KeyValuePair::builder().name(k).value(v).build()).collect(),
+            ))
+            .set_resource_requirements(Some(requirements))
+            .build())
+    }
+
+    async fn submit(&self, request: &LaunchRequest, queue: &str, name: &str) -> Result<String, ActivityError> {
+        let spec = &request.spec;
+        let SubmissionSource::Image { uri } = &spec.source else {
+            return Err(ActivityError::InvalidSubmission(format!(
+                "run {}: AWS Batch runs container images; submit it with --image",
+                spec.run
+            )));
+        };
+        let definition = self.definition(&spec.submission, uri).await?;
+        let overrides = self.overrides(request, &self.settings.output_bucket)?;
+        let timeout = i32::try_from(request.time_limit_secs.max(TIMEOUT_MIN_SECS)).unwrap_or(i32::MAX);
+        let tags = HashMap::from([
+            ("run".to_owned(), spec.run.to_string()),
+            ("attempt".to_owned(), request.attempt.to_string()),
+            ("profile".to_owned(), request.profile.name.to_string()),
+        ]);
+        let submitted = self
+            .client
+            .submit_job()
+            .job_name(name)
+            .job_queue(queue)
+            .job_definition(definition)
+            .container_overrides(overrides)
+            .timeout(JobTimeout::builder().attempt_duration_seconds(timeout).build())
+            .set_tags(Some(tags))
+            .propagate_tags(true)
+            .send()
+            .await
+            .map_err(|e| activity_error(&format!("SubmitJob {name}"), e))?;
+        submitted
+            .job_id()
+            .map(str::to_owned)
+            .ok_or_else(|| ActivityError::Transient(format!("SubmitJob {name} returned no job id")))
+    }
+}
+
+fn queue_of(profile: &Profile) -> Result<&str, ActivityError> {
+    profile.batch_job_queue.as_deref().ok_or_else(|| {
+        ActivityError::Permanent(format!(
+            "profile {} has no batch_job_queue in evalflow.toml: AWS Batch needs one per profile",
+            profile.name
+        ))
+    })
+}
+
+fn job_id(id: String) -> Result<JobId, ActivityError> {
+    JobId::new(id).map_err(|e| ActivityError::Permanent(e.to_string()))
+}
+
+#[async_trait]
+impl JobRunner for BatchRunner {
+    async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
+        let queue = queue_of(&request.profile)?;
+        let name = job_name(&request.spec.run, request.attempt);
+        if let Some(existing) = self.find(queue, &name).await? {
+            return job_id(existing); // launched before: adopt it
+        }
+        job_id(self.submit(request, queue, &name).await?)
+    }
+
+    async fn terminate(&self, run: &RunId, attempt: Attempt, job: Option<&JobId>) -> Result<(), ActivityError> {
+        let ids = match job {
+            Some(job) => vec![job.to_string()],
+            None => {
+                let name = job_name(run, attempt);
+                let mut found = Vec::new();
+                for queue in &self.settings.queues {
+                    found.extend(self.find(queue, &name).await?);
+                }
+                found
+            }
+        };
+        for id in ids {
+            self.client
+                .terminate_job()
+                .job_id(&id)
+                .reason(TERMINATE_REASON)
+                .send()
+                .await
+                .map_err(|e| activity_error(&format!("TerminateJob {id}"), e))?;
+        }
+        Ok(())
+    }
+
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
+        let mut ended = Vec::new();
+        for chunk in jobs.chunks(DESCRIBE_JOBS_MAX) {
+            let ids: Vec<String> = chunk.iter().map(|j| j.job.to_string()).collect();
+            let described = self
+                .client
+                .describe_jobs()
+                .set_jobs(Some(ids))
+                .send()
+                .await
+                .map_err(|e| activity_error("DescribeJobs", e))?;
+            let details: HashMap<&str, BatchJob> =
+                described.jobs().iter().filter_map(|d| Some((d.job_id()?, BatchJob::from(d)))).collect();
+            for job in chunk {
+                let end = match details.get(job.job.as_str()) {
+                    Some(detail) => classify(detail),
+                    // Batch forgets jobs some days after they end; one it never knew is lost.
+                    None => Some(lost(job)),
+                };
+                if let Some((outcome, usage)) = end {
+                    ended.push(EndedJob { job: job.clone(), outcome, usage });
+                }
+            }
+        }
+        Ok(ended)
+    }
+}
+
+fn lost(job: &RunningJob) -> (JobOutcome, JobUsage) {
+    let detail = Detail::new(format!("AWS Batch does not know job {} any more", job.job));
+    (
+        JobOutcome::Interrupted { detail },
+        JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None },
+    )
+}

@@ -1,0 +1,256 @@
+//! Artifacts in S3.
+//!
+//! | key | what |
+//! |---|---|
+//! | `outputs/<run>/a<attempt>/submission.csv` | a job's predictions (written by the job) |
+//! | `results/<stage>/<run>.a<attempt>.<team>.<submitted ms>.<score bits>.json` | a published result |
+//! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
+//!
+//! A result is created once (`If-None-Match: *`), so publishing again is a
+//! no-op. Its key carries everything the leaderboard needs, so rebuilding
+//! the leaderboard is one paginated listing, not a read per result. The
+//! leaderboard is rebuilt from the listing and written with compare-and-swap
+//! (`If-Match` on the ETag read *before* listing): a publisher that lost a
+//! race rebuilds from a listing that includes the winner's result.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
+
+use super::batch::output_prefix;
+use super::{activity_error, error_code, error_status};
+use crate::ActivityError;
+use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
+use crate::leaderboard::Leaderboard;
+
+/// Rebuilds of a leaderboard a publisher tries before giving up (for now).
+const PUBLISH_TRIES_MAX: usize = 8;
+/// Pages of a listing read at most (1,000 keys each).
+const PAGES_MAX: usize = 1000;
+
+/// An object's place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    /// The bucket.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+}
+
+impl S3Location {
+    /// Parses `s3://bucket/key`.
+    pub fn parse(uri: &str) -> Option<S3Location> {
+        let (bucket, key) = uri.strip_prefix("s3://")?.split_once('/')?;
+        (!bucket.is_empty() && !key.is_empty()).then(|| S3Location { bucket: bucket.to_owned(), key: key.to_owned() })
+    }
+}
+
+/// Artifacts in S3.
+#[derive(Debug, Clone)]
+pub struct S3Artifacts {
+    client: aws_sdk_s3::Client,
+    inner: Arc<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    bucket: String,
+    labels: BTreeMap<Stage, S3Location>,
+}
+
+impl S3Artifacts {
+    /// Artifacts in `bucket`; each stage's labels where `labels` says.
+    pub fn new(client: aws_sdk_s3::Client, bucket: String, labels: BTreeMap<Stage, S3Location>) -> S3Artifacts {
+        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels }) }
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, ActivityError> {
+        match self.client.get_object().bucket(bucket).key(key).send().await {
+            Ok(object) => {
+                let etag = object.e_tag().map(str::to_owned);
+                let bytes = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| ActivityError::Transient(format!("s3://{bucket}/{key}: {e}")))?;
+                Ok(Some((bytes.to_vec(), etag)))
+            }
+            Err(e) if error_code(&e) == Some("NoSuchKey") || error_status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(activity_error(&format!("GetObject s3://{bucket}/{key}"), e)),
+        }
+    }
+
+    /// Every published result of `stage`, the latest attempt of each run.
+    async fn results(&self, stage: Stage) -> Result<Vec<PublishedResult>, ActivityError> {
+        let prefix = format!("results/{stage}/");
+        let mut latest: BTreeMap<RunId, PublishedResult> = BTreeMap::new();
+        let mut token = None;
+        for _ in 0..PAGES_MAX {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.inner.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| activity_error(&format!("ListObjectsV2 {prefix}"), e))?;
+            for object in page.contents() {
+                let Some(result) = object.key().and_then(|k| parse_result_key(stage, k)) else { continue };
+                match latest.get(&result.run) {
+                    Some(known) if known.attempt >= result.attempt => {}
+                    _ => _ = latest.insert(result.run.clone(), result),
+                }
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(latest.into_values().collect())
+    }
+
+    /// Writes `bytes` at `key` if the object's ETag is still `etag` (or, for
+    /// `None`, if there is no object). `Ok(false)` when another writer won.
+    async fn put_if(&self, key: &str, bytes: Vec<u8>, etag: Option<&str>) -> Result<bool, ActivityError> {
+        let put = self.client.put_object().bucket(&self.inner.bucket).key(key).body(ByteStream::from(bytes));
+        let put = match etag {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(error_status(&e), Some(412 | 409)) => Ok(false),
+            Err(e) => Err(activity_error(&format!("PutObject {key}"), e)),
+        }
+    }
+}
+
+/// The key of a published result: everything the leaderboard needs.
+pub fn result_key(result: &PublishedResult) -> String {
+    format!(
+        "results/{}/{}.a{}.{}.{}.{:016x}.json",
+        result.stage,
+        result.run,
+        result.attempt,
+        result.team,
+        result.submitted_at.as_millis(),
+        result.score.to_bits()
+    )
+}
+
+/// Reads a result back from its key.
+pub fn parse_result_key(stage: Stage, key: &str) -> Option<PublishedResult> {
+    let name = key.strip_prefix(&format!("results/{stage}/"))?.strip_suffix(".json")?;
+    let [run, attempt, team, submitted, score] = name.split('.').collect::<Vec<_>>()[..] else { return None };
+    let run = RunId::parse(run).ok()?;
+    let (submission, run_stage) = run.parts();
+    (run_stage == stage).then_some(())?;
+    Some(PublishedResult {
+        submission,
+        team: TeamId::new(team).ok()?,
+        stage,
+        attempt: Attempt(attempt.strip_prefix('a')?.parse().ok()?),
+        score: f64::from_bits(u64::from_str_radix(score, 16).ok()?),
+        submitted_at: Timestamp(submitted.parse().ok()?),
+        run,
+    })
+}
+
+#[async_trait]
+impl ArtifactStore for S3Artifacts {
+    async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
+        let key = format!("{}submission.csv", output_prefix(run, attempt));
+        let bucket = &self.inner.bucket;
+        let head = match self.client.head_object().bucket(bucket).key(&key).send().await {
+            Ok(head) => head,
+            Err(e) if error_status(&e) == Some(404) => return Ok(Predictions::Missing),
+            Err(e) => return Err(activity_error(&format!("HeadObject s3://{bucket}/{key}"), e)),
+        };
+        let size = u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0);
+        if size > max_bytes {
+            return Ok(Predictions::TooLarge { bytes: size });
+        }
+        Ok(match self.get(bucket, &key).await? {
+            Some((bytes, _)) => Predictions::Found(bytes),
+            None => Predictions::Missing,
+        })
+    }
+
+    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError> {
+        let place = self.inner.labels.get(&stage).ok_or_else(|| {
+            ActivityError::Permanent(format!("no [aws.stages.{stage}] labels are configured in evalflow.toml"))
+        })?;
+        let uri = format!("s3://{}/{}", place.bucket, place.key);
+        let (bytes, _) = self
+            .get(&place.bucket, &place.key)
+            .await?
+            .ok_or_else(|| ActivityError::Permanent(format!("the labels of stage {stage} are missing at {uri}")))?;
+        Labels::parse(&bytes, &uri)
+    }
+
+    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
+        let body = serde_json::to_vec_pretty(result).map_err(|e| ActivityError::Permanent(e.to_string()))?;
+        // Created once; an existing one (a repeated publish) is left alone.
+        self.put_if(&result_key(result), body, None).await?;
+        let json_key = format!("leaderboard/{}.json", result.stage);
+        for _ in 0..PUBLISH_TRIES_MAX {
+            let current = self.get(&self.inner.bucket, &json_key).await?;
+            let board = Leaderboard::build(result.stage, self.results(result.stage).await?);
+            let json = board.to_json();
+            let etag = match &current {
+                Some((bytes, _)) if bytes.as_slice() == json.as_bytes() => return Ok(board),
+                Some((_, etag)) => Some(etag.clone().unwrap_or_default()),
+                None => None,
+            };
+            if self.put_if(&json_key, json.into_bytes(), etag.as_deref()).await? {
+                let csv_key = format!("leaderboard/{}.csv", result.stage);
+                self.client
+                    .put_object()
+                    .bucket(&self.inner.bucket)
+                    .key(&csv_key)
+                    .body(ByteStream::from(board.to_csv().into_bytes()))
+                    .send()
+                    .await
+                    .map_err(|e| activity_error(&format!("PutObject {csv_key}"), e))?;
+                return Ok(board);
+            }
+        }
+        Err(ActivityError::Transient(format!("{json_key}: other publishers kept winning; will try again")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evalflow_workflow::SubmissionId;
+
+    #[test]
+    fn result_keys_round_trip() {
+        let submission = SubmissionId::new("a-b-public").unwrap();
+        let result = PublishedResult {
+            run: RunId::new(&submission, Stage::Private),
+            submission,
+            team: TeamId::new("team_9").unwrap(),
+            stage: Stage::Private,
+            attempt: Attempt(3),
+            score: 0.123_456_789_012_345_67,
+            submitted_at: Timestamp(1_795_000_000_123),
+        };
+        let key = result_key(&result);
+        assert_eq!(parse_result_key(Stage::Private, &key), Some(result));
+        assert_eq!(parse_result_key(Stage::Public, &key), None);
+        assert_eq!(parse_result_key(Stage::Private, "results/private/junk.json"), None);
+    }
+
+    #[test]
+    fn s3_uris_parse() {
+        let place = S3Location::parse("s3://labels/public/labels.csv").unwrap();
+        assert_eq!((place.bucket.as_str(), place.key.as_str()), ("labels", "public/labels.csv"));
+        assert_eq!(S3Location::parse("s3://bucket"), None);
+        assert_eq!(S3Location::parse("/tmp/x"), None);
+    }
+}
