@@ -71,7 +71,7 @@ pub async fn connect(data_dir: &Path) -> Result<Backend> {
         LockState::HeldBy(Some(info)) => {
             let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
             let client = Client { http, info };
-            client.get::<StatusView>("/v1/status").await.with_context(|| {
+            client.get::<String>("/v1/ping").await.with_context(|| {
                 format!(
                     "{} is locked by an evalflow engine (pid {}) that does not answer at {}: \
                      wait for it, or stop it (kill {}) and try again",

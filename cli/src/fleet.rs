@@ -20,6 +20,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 pub async fn worker(config: &Config) -> Result<ExitCode> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let parts = connect(config, None).await?;
+    let requests = parts.requests.clone();
     let activities =
         Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
     let settings = WorkerSettings {
@@ -37,6 +38,7 @@ pub async fn worker(config: &Config) -> Result<ExitCode> {
     });
     println!("evalflow worker (pid {}) working on {}", std::process::id(), aws.tasks_queue);
     work(activities, parts.queues, settings, shutdown).await;
+    eprintln!("{}", requests.summary());
     Ok(ExitCode::SUCCESS)
 }
 

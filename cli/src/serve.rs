@@ -51,6 +51,9 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     api::serve(node.clone(), info, listener, shutdown).await?;
     watchdog.abort();
     let failed = node.stopped();
+    if let Some(requests) = node.requests() {
+        eprintln!("{}", requests.summary());
+    }
     match Arc::try_unwrap(node) {
         Ok(node) => node.shutdown().await?,
         Err(_) => bail!("the API kept the engine busy at shutdown"),

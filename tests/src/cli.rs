@@ -81,6 +81,18 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// Starts it in the background, its standard error written to `log`.
+    pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Child {
+        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start evalflow {args:?}: {e}"))
+    }
+}
+
 /// Polls `check` every 100 ms until it holds, failing the test after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

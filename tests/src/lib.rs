@@ -1,6 +1,8 @@
 //! Helpers shared by evalflow's integration tests.
 
+pub mod aws;
 pub mod cli;
+pub mod moto;
 
 use std::collections::BTreeSet;
 

@@ -3,6 +3,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
+//! | GET | `/v1/ping` | `"pong"`: the engine answers |
 //! | GET | `/v1/status` | [`StatusView`] |
 //! | GET | `/v1/runs?state=S` | [`RunView`]s |
 //! | GET | `/v1/runs/{run}` | [`RunView`] |
@@ -104,6 +105,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route("/v1/ping", get(|| async { Json("pong") }))
         .route("/v1/status", get(status))
         .route("/v1/runs", get(runs))
         .route("/v1/runs/{run}", get(run))

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
 use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
+use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::{Endpoint, s3_client, sdk_config};
 use evalflow_activities::{ArtifactStore, JobRunner};
 
@@ -38,6 +39,8 @@ pub struct AwsParts {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// SQS.
     pub queues: Arc<Queues>,
+    /// The AWS requests made so far.
+    pub requests: RequestCounter,
 }
 
 /// Connects to the AWS deployment `config` describes. `runner` replaces
@@ -45,6 +48,7 @@ pub struct AwsParts {
 pub async fn connect(config: &Config, runner: Option<Arc<dyn JobRunner>>) -> Result<AwsParts, ConnectError> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
+    let requests = RequestCounter::default();
     let runner = match runner {
         Some(runner) => runner,
         None => {
@@ -57,14 +61,15 @@ pub async fn connect(config: &Config, runner: Option<Arc<dyn JobRunner>>) -> Res
                 output_bucket: aws.bucket.clone(),
                 queues,
             };
-            Arc::new(BatchRunner::from_sdk(&sdk, settings))
+            Arc::new(BatchRunner::from_sdk(&sdk, &requests, settings))
         }
     };
     let labels =
         aws.stages.iter().filter_map(|(stage, files)| Some((*stage, S3Location::parse(&files.labels)?))).collect();
-    let artifacts = Arc::new(S3Artifacts::new(s3_client(&sdk), aws.bucket.clone(), labels));
-    let queues = Arc::new(Queues::open(aws_sdk_sqs::Client::new(&sdk), aws).await?);
-    Ok(AwsParts { runner, artifacts, queues })
+    let artifacts = Arc::new(S3Artifacts::new(s3_client(&sdk, &requests), aws.bucket.clone(), labels));
+    let sqs = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(requests.clone()).build();
+    let queues = Arc::new(Queues::open(aws_sdk_sqs::Client::from_conf(sqs), aws).await?);
+    Ok(AwsParts { runner, artifacts, queues, requests })
 }
 
 /// Why the AWS deployment cannot be reached.

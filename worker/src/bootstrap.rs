@@ -9,6 +9,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use evalflow_activities::ActivityError;
 use evalflow_activities::aws::bootstrap::{BatchSpec, QueueSpec, Step, ensure_batch, ensure_bucket};
 use evalflow_activities::aws::s3::S3Location;
+use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
 
 use crate::config::Config;
@@ -45,6 +46,7 @@ pub async fn bootstrap(config: &Config) -> Result<Vec<Step>, BootstrapError> {
         ));
     }
     let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
+    let requests = RequestCounter::default();
     let mut steps = Vec::new();
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     for queue in [&aws.tasks_queue, &aws.events_queue] {
@@ -56,7 +58,7 @@ pub async fn bootstrap(config: &Config) -> Result<Vec<Step>, BootstrapError> {
             [&files.test_set, &files.labels].into_iter().filter_map(|uri| S3Location::parse(uri)).map(|l| l.bucket),
         );
     }
-    let s3 = s3_client(&sdk);
+    let s3 = s3_client(&sdk, &requests);
     for bucket in &buckets {
         steps.push(ensure_bucket(&s3, &aws.region, bucket).await?);
     }
@@ -83,7 +85,7 @@ pub async fn bootstrap(config: &Config) -> Result<Vec<Step>, BootstrapError> {
         template_image: batch.template_image.clone(),
         queues,
     };
-    steps.extend(ensure_batch(&batch_client(&sdk), &spec).await?);
+    steps.extend(ensure_batch(&batch_client(&sdk, &requests), &spec).await?);
     Ok(steps)
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use evalflow_activities::artifacts::FsArtifacts;
+use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_activities::local::sandbox::{Isolation, SandboxError};
 use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
@@ -126,6 +127,8 @@ pub struct Node {
     direct: Option<Direct>,
     /// The SQS queues, on AWS.
     queues: Option<Arc<Queues>>,
+    /// The AWS requests made, on AWS.
+    requests: Option<RequestCounter>,
     billing: Billing,
     _lock: DataDirLock,
 }
@@ -136,6 +139,8 @@ struct Setup {
     artifacts: Arc<dyn ArtifactStore>,
     /// The SQS queues, on AWS.
     queues: Option<Arc<Queues>>,
+    /// The AWS requests made, on AWS.
+    requests: Option<RequestCounter>,
     watch: Watch,
     max_active: usize,
     billing: Billing,
@@ -158,6 +163,7 @@ impl Setup {
             runner: Arc::new(runner),
             artifacts: Arc::new(FsArtifacts::new(&config.data_dir, labels)),
             queues: None,
+            requests: None,
             watch: Watch { interval: WATCH_INTERVAL, quiet_for: Duration::ZERO },
             max_active: config.local.max_concurrent_jobs,
             billing: Billing::ScaledBySpeed,
@@ -170,6 +176,7 @@ impl Setup {
             runner: parts.runner,
             artifacts: parts.artifacts,
             queues: Some(parts.queues),
+            requests: Some(parts.requests),
             watch: Watch {
                 interval: Duration::from_secs(aws.reconcile_interval_secs),
                 quiet_for: Duration::from_secs(aws.reconcile_after_secs),
@@ -234,8 +241,8 @@ impl Node {
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
         }
-        let (queues, billing) = (setup.queues, setup.billing);
-        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, queues, billing, _lock: lock })
+        let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
+        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, queues, requests, billing, _lock: lock })
     }
 
     /// The configuration.
@@ -257,6 +264,11 @@ impl Node {
             Ok(Ok(result)) => Ok(result?),
             _ => Err(NodeError::Panicked),
         }
+    }
+
+    /// The AWS requests this node made, on AWS.
+    pub fn requests(&self) -> Option<&RequestCounter> {
+        self.requests.as_ref()
     }
 
     /// Whether the engine thread has stopped (a store failure).

@@ -69,9 +69,9 @@ impl BatchRunner {
         BatchRunner { client, settings: Arc::new(settings) }
     }
 
-    /// A runner with a client for `sdk`.
-    pub fn from_sdk(sdk: &aws_config::SdkConfig, settings: BatchSettings) -> BatchRunner {
-        BatchRunner::new(super::batch_client(sdk), settings)
+    /// A runner with a client for `sdk`, counting its requests in `requests`.
+    pub fn from_sdk(sdk: &aws_config::SdkConfig, requests: &super::requests::RequestCounter, settings: BatchSettings) -> BatchRunner {
+        BatchRunner::new(super::batch_client(sdk, requests), settings)
     }
 
     /// The id of the newest job named `name` on `queue`, if any.

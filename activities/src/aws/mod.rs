@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod bootstrap;
 pub mod classify;
+pub mod requests;
 pub mod s3;
 
 use std::time::Duration;
@@ -18,6 +19,8 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_types::error::display::DisplayErrorContext;
+
+use self::requests::RequestCounter;
 
 use crate::ActivityError;
 
@@ -48,14 +51,15 @@ pub async fn sdk_config(endpoint: &Endpoint) -> SdkConfig {
     loader.load().await
 }
 
-/// An AWS Batch client.
-pub fn batch_client(sdk: &SdkConfig) -> aws_sdk_batch::Client {
-    aws_sdk_batch::Client::new(sdk)
+/// An AWS Batch client, counting its requests in `requests`.
+pub fn batch_client(sdk: &SdkConfig, requests: &RequestCounter) -> aws_sdk_batch::Client {
+    let config = aws_sdk_batch::config::Builder::from(sdk).interceptor(requests.clone()).build();
+    aws_sdk_batch::Client::from_conf(config)
 }
 
-/// An S3 client: path-style addressing, which works with any endpoint.
-pub fn s3_client(sdk: &SdkConfig) -> aws_sdk_s3::Client {
-    let config = aws_sdk_s3::config::Builder::from(sdk).force_path_style(true).build();
+/// An S3 client, counting its requests: path-style addressing, which works with any endpoint.
+pub fn s3_client(sdk: &SdkConfig, requests: &RequestCounter) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::config::Builder::from(sdk).force_path_style(true).interceptor(requests.clone()).build();
     aws_sdk_s3::Client::from_conf(config)
 }
 
