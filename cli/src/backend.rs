@@ -17,6 +17,9 @@ use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// How long an engine waits for a CLI command holding the data directory.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// How long the CLI waits for an engine's answer.
 const API_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -65,33 +68,46 @@ pub enum Backend {
 }
 
 /// Connects to the engine of `data_dir`, or opens its store when none runs.
+/// A lock held by a process that has not said how to reach it (an engine
+/// starting, another command) is waited for, up to [`LOCK_WAIT`].
 pub async fn connect(data_dir: &Path) -> Result<Backend> {
-    let lock = match try_lock(data_dir).with_context(|| format!("cannot lock {}", data_dir.display()))? {
-        LockState::Acquired(lock) => lock,
-        LockState::HeldBy(Some(info)) => {
-            let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
-            let client = Client { http, info };
-            client.get::<String>("/v1/ping").await.with_context(|| {
-                format!(
-                    "{} is locked by an evalflow engine (pid {}) that does not answer at {}: \
-                     wait for it, or stop it (kill {}) and try again",
-                    data_dir.display(),
-                    client.info.pid,
-                    client.info.api,
-                    client.info.pid
-                )
-            })?;
-            return Ok(Backend::Engine(client));
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let lock = loop {
+        match try_lock(data_dir).with_context(|| format!("cannot lock {}", data_dir.display()))? {
+            LockState::Acquired(lock) => break lock,
+            LockState::HeldBy(Some(info)) => return Ok(Backend::Engine(reach(data_dir, info).await?)),
+            LockState::HeldBy(None) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            LockState::HeldBy(None) => bail!(
+                "{} is locked by another evalflow process that has not said how to reach it for {} s: \
+                 wait for it to finish, or stop it",
+                data_dir.display(),
+                LOCK_WAIT.as_secs()
+            ),
         }
-        LockState::HeldBy(None) => bail!(
-            "{} is locked by another evalflow process that is starting or stopping: try again in a moment",
-            data_dir.display()
-        ),
     };
     let config = Config::load(data_dir)?;
     let options =
         NodeOptions { isolation: Isolation::Sandbox, supervisor: supervisor()?, mode: Mode::Direct, runner: None };
     Ok(Backend::Direct(Box::new(Node::start(config, lock, options).await?)))
+}
+
+/// The engine `info` announces, once it answers.
+async fn reach(data_dir: &Path, info: EngineInfo) -> Result<Client> {
+    let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
+    let client = Client { http, info };
+    client.get::<String>("/v1/ping").await.with_context(|| {
+        format!(
+            "{} is locked by an evalflow engine (pid {}) that does not answer at {}: \
+             wait for it, or stop it (kill {}) and try again",
+            data_dir.display(),
+            client.info.pid,
+            client.info.api,
+            client.info.pid
+        )
+    })?;
+    Ok(client)
 }
 
 impl Backend {

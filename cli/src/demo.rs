@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::{LockState, try_lock};
+use evalflow_worker::lock::{LockState, lock_for_engine};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
 use evalflow_worker::submit::{SubmissionRequest, prepare};
 use evalflow_worker::views::RunView;
 use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::supervisor;
+use crate::backend::{LOCK_WAIT, supervisor};
 use crate::{competition, output, signals};
 
 /// How often progress is redrawn.
@@ -27,7 +27,7 @@ const PROGRESS_POLL: Duration = Duration::from_millis(250);
 /// Runs the demo in `data_dir`.
 pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
     let examples = competition::write_demo(data_dir)?;
-    let lock = match try_lock(data_dir)? {
+    let lock = match lock_for_engine(data_dir, LOCK_WAIT)? {
         LockState::Acquired(lock) => lock,
         LockState::HeldBy(Some(info)) => bail!(
             "{} is served by an engine (pid {}) at {}: stop it first, or watch it with `evalflow --data-dir {} status`",
@@ -36,7 +36,11 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
             info.api,
             data_dir.display()
         ),
-        LockState::HeldBy(None) => bail!("{} is in use by another evalflow process", data_dir.display()),
+        LockState::HeldBy(None) => bail!(
+            "{} is in use by another evalflow command that did not finish in {} s",
+            data_dir.display(),
+            LOCK_WAIT.as_secs()
+        ),
     };
     let config = Config::load(data_dir)?;
     let now = Timestamp::now();

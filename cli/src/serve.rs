@@ -11,11 +11,11 @@ use anyhow::{Context, Result, bail};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api;
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::{EngineInfo, LockState, try_lock};
+use evalflow_worker::lock::{EngineInfo, LockState, lock_for_engine};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::supervisor;
+use crate::backend::{LOCK_WAIT, supervisor};
 use crate::signals;
 
 /// Serves `data_dir` on `listen`.
@@ -23,16 +23,21 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     if !listen.ip().is_loopback() {
         bail!("--listen {listen}: the API has no authentication, so it listens on loopback only (127.0.0.1 or ::1)");
     }
-    let lock = match try_lock(data_dir).with_context(|| format!("cannot lock {}", data_dir.display()))? {
-        LockState::Acquired(lock) => lock,
-        LockState::HeldBy(Some(info)) => bail!(
-            "{} is already served by an engine (pid {}) at {}: use that one, or stop it first",
-            data_dir.display(),
-            info.pid,
-            info.api
-        ),
-        LockState::HeldBy(None) => bail!("{} is in use by another evalflow process", data_dir.display()),
-    };
+    let lock =
+        match lock_for_engine(data_dir, LOCK_WAIT).with_context(|| format!("cannot lock {}", data_dir.display()))? {
+            LockState::Acquired(lock) => lock,
+            LockState::HeldBy(Some(info)) => bail!(
+                "{} is already served by an engine (pid {}) at {}: use that one, or stop it first",
+                data_dir.display(),
+                info.pid,
+                info.api
+            ),
+            LockState::HeldBy(None) => bail!(
+                "{} is in use by another evalflow command that did not finish in {} s",
+                data_dir.display(),
+                LOCK_WAIT.as_secs()
+            ),
+        };
     let config = Config::load(data_dir)?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => anyhow::anyhow!(

@@ -152,7 +152,9 @@ instance_types = {{ g4 = ["g4dn.xlarge"], p3 = ["g4dn.2xlarge"] }}
                     .await
                     .unwrap_or_else(|e| panic!("{e:?}"));
                 jobs.extend(
-                    listed.job_summary_list().iter().map(|j| (j.job_name().unwrap_or_default().to_owned(), j.job_id().unwrap_or_default().to_owned())),
+                    listed.job_summary_list().iter().map(|j| {
+                        (j.job_name().unwrap_or_default().to_owned(), j.job_id().unwrap_or_default().to_owned())
+                    }),
                 );
             }
         }

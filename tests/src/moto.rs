@@ -22,7 +22,9 @@ pub fn unique_prefix(test: &str) -> String {
 
 /// A signature moto accepts (it does not check them).
 fn authorization(service: &str) -> String {
-    format!("AWS4-HMAC-SHA256 Credential=test/20261124/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0")
+    format!(
+        "AWS4-HMAC-SHA256 Credential=test/20261124/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0"
+    )
 }
 
 impl Moto {
@@ -54,11 +56,7 @@ impl Moto {
 
     /// The SDK configuration for moto.
     pub async fn sdk(&self) -> SdkConfig {
-        aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .endpoint_url(&self.url)
-            .load()
-            .await
+        aws_config::defaults(BehaviorVersion::latest()).region(Region::new(REGION)).endpoint_url(&self.url).load().await
     }
 
     /// An S3 client.
@@ -93,12 +91,21 @@ impl Moto {
     pub async fn roles(&self, prefix: &str) -> (String, String) {
         let role = format!("{prefix}-batch");
         let policy = r#"{"Version":"2012-10-17","Statement":[]}"#;
-        let form = [("Action", "CreateRole"), ("Version", "2010-05-08"), ("RoleName", role.as_str()), ("AssumeRolePolicyDocument", policy)];
+        let form = [
+            ("Action", "CreateRole"),
+            ("Version", "2010-05-08"),
+            ("RoleName", role.as_str()),
+            ("AssumeRolePolicyDocument", policy),
+        ];
         self.query("iam", &form).await;
         let profile = format!("{prefix}-ecs");
-        let form = [("Action", "CreateInstanceProfile"), ("Version", "2010-05-08"), ("InstanceProfileName", profile.as_str())];
+        let form =
+            [("Action", "CreateInstanceProfile"), ("Version", "2010-05-08"), ("InstanceProfileName", profile.as_str())];
         self.query("iam", &form).await;
-        (format!("arn:aws:iam::123456789012:role/{role}"), format!("arn:aws:iam::123456789012:instance-profile/{profile}"))
+        (
+            format!("arn:aws:iam::123456789012:role/{role}"),
+            format!("arn:aws:iam::123456789012:instance-profile/{profile}"),
+        )
     }
 
     /// A subnet and a security group of moto's default VPC.

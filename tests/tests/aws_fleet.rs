@@ -35,7 +35,8 @@ async fn eventbridge_event(competition: &AwsCompetition, job_id: &str) -> String
         .attempts()
         .iter()
         .map(|a| {
-            let container = a.container().map(|c| serde_json::json!({ "exitCode": c.exit_code(), "reason": c.reason() }));
+            let container =
+                a.container().map(|c| serde_json::json!({ "exitCode": c.exit_code(), "reason": c.reason() }));
             serde_json::json!({ "container": container, "startedAt": a.started_at(), "stoppedAt": a.stopped_at() })
         })
         .collect();
@@ -72,7 +73,10 @@ fn a_fleet_on_aws_evaluates_submissions_end_to_end() {
     let first = cli.ok(&["aws", "bootstrap"]);
     assert!(first.contains("created  job queue"), "{first}");
     let again = cli.ok(&["aws", "bootstrap"]);
-    assert!(again.trim_end().ends_with("0 created, 11 already there"), "bootstrap changes nothing the second time:\n{again}");
+    assert!(
+        again.trim_end().ends_with("0 created, 11 already there"),
+        "bootstrap changes nothing the second time:\n{again}"
+    );
     block_on(competition.upload_labels());
 
     // Six teams, of growing skill; their jobs' predictions are what moto's
@@ -92,7 +96,9 @@ fn a_fleet_on_aws_evaluates_submissions_end_to_end() {
 
     let mut serve = cli.spawn_logged(&["serve"], &dir.path().join("serve.log"));
     let mut workers = [1, 2].map(|n| cli.spawn_logged(&["worker"], &dir.path().join(format!("worker{n}.log"))));
-    wait_until("every job is launched", Duration::from_secs(120), || runs(cli).values().all(|r| r.state == StateTag::Running));
+    wait_until("every job is launched", Duration::from_secs(120), || {
+        runs(cli).values().all(|r| r.state == StateTag::Running)
+    });
 
     // EventBridge delivers each job's end: twice, and in reverse order.
     let jobs = block_on(competition.jobs());
@@ -106,12 +112,20 @@ fn a_fleet_on_aws_evaluates_submissions_end_to_end() {
             sqs.send_message().queue_url(url).message_body(event).send().await.unwrap();
         }
     });
-    wait_until("every run is published", Duration::from_secs(120), || runs(cli).values().all(|r| r.state == StateTag::Published));
+    wait_until("every run is published", Duration::from_secs(120), || {
+        runs(cli).values().all(|r| r.state == StateTag::Published)
+    });
 
     // The leaderboard in S3: every team, best first, with the right scores.
     let board: Leaderboard = block_on(async {
         let s3 = competition.moto.s3().await;
-        let object = s3.get_object().bucket(format!("{}-artifacts", competition.prefix)).key("leaderboard/public.json").send().await.unwrap();
+        let object = s3
+            .get_object()
+            .bucket(format!("{}-artifacts", competition.prefix))
+            .key("leaderboard/public.json")
+            .send()
+            .await
+            .unwrap();
         serde_json::from_slice(&object.body.collect().await.unwrap().to_vec()).unwrap()
     });
     let mut ranked: Vec<(String, f64)> = expected.clone().into_iter().collect();

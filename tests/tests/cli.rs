@@ -144,12 +144,12 @@ fn a_data_directory_held_by_a_silent_engine_is_named_with_its_process() {
     fs::create_dir_all(&state).unwrap();
     let lock = fs::File::create(state.join("engine.lock")).unwrap();
     lock.try_lock().unwrap();
-    let info = EngineInfo { pid: 4242, api: "http://127.0.0.1:9".into() };
+    // This test process plays an engine that does not answer.
+    let pid = std::process::id();
+    let info = EngineInfo { pid, api: "http://127.0.0.1:9".into() };
     fs::write(state.join("engine.json"), serde_json::to_vec(&info).unwrap()).unwrap();
     let err = cli.fails(&["status"]);
-    assert!(
-        err.contains("is locked by an evalflow engine (pid 4242) that does not answer at http://127.0.0.1:9"),
-        "{err}"
-    );
-    assert!(err.contains("stop it (kill 4242)"), "{err}");
+    let expected = format!("is locked by an evalflow engine (pid {pid}) that does not answer at http://127.0.0.1:9");
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains(&format!("stop it (kill {pid})")), "{err}");
 }

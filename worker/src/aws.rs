@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
-use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
 use evalflow_activities::aws::requests::RequestCounter;
+use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
 use evalflow_activities::aws::{Endpoint, s3_client, sdk_config};
 use evalflow_activities::{ArtifactStore, JobRunner};
 

@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use aws_sdk_sqs::types::QueueAttributeName;
 use evalflow_activities::ActivityError;
 use evalflow_activities::aws::bootstrap::{BatchSpec, QueueSpec, Step, ensure_batch, ensure_bucket};
-use evalflow_activities::aws::s3::S3Location;
 use evalflow_activities::aws::requests::RequestCounter;
+use evalflow_activities::aws::s3::S3Location;
 use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
 
 use crate::config::Config;

@@ -48,10 +48,34 @@ pub fn try_lock(data_dir: &Path) -> io::Result<LockState> {
             Ok(LockState::Acquired(DataDirLock { _file: file, info_path }))
         }
         Err(fs::TryLockError::WouldBlock) => {
-            let info = fs::read(&info_path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            // A killed engine leaves its announcement behind until the next
+            // one replaces it: one from a process that is gone does not count.
+            let info = fs::read(&info_path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<EngineInfo>(&bytes).ok())
+                .filter(|info| alive(info.pid));
             Ok(LockState::HeldBy(info))
         }
         Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Takes the lock for an engine: a CLI command holding it (it has not said
+/// how to reach it) is waited for, up to `wait`; another engine is not.
+pub fn lock_for_engine(data_dir: &Path, wait: std::time::Duration) -> io::Result<LockState> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match try_lock(data_dir)? {
+            LockState::HeldBy(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            state => return Ok(state),
+        }
     }
 }
 
@@ -65,5 +89,25 @@ impl DataDirLock {
 impl Drop for DataDirLock {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.info_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announcement_from_a_dead_process_does_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let LockState::Acquired(held) = try_lock(dir.path()).unwrap() else { panic!("the lock is free") };
+        let live = EngineInfo { pid: std::process::id(), api: "http://127.0.0.1:1".into() };
+        held.announce(&live).unwrap();
+        assert!(matches!(try_lock(dir.path()).unwrap(), LockState::HeldBy(Some(info)) if info == live));
+        // A pid above the kernel's maximum is no process.
+        held.announce(&EngineInfo { pid: u32::MAX, api: live.api.clone() }).unwrap();
+        assert!(matches!(try_lock(dir.path()).unwrap(), LockState::HeldBy(None)));
+        drop(held);
+        assert!(matches!(try_lock(dir.path()).unwrap(), LockState::Acquired(_)), "released with its holder");
+        assert!(!dir.path().join("state/engine.json").exists(), "and the announcement withdrawn");
     }
 }

@@ -242,7 +242,19 @@ impl Node {
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
-        Ok(Node { config, store, engine, engine_thread, shutdown, loops, direct, queues, requests, billing, _lock: lock })
+        Ok(Node {
+            config,
+            store,
+            engine,
+            engine_thread,
+            shutdown,
+            loops,
+            direct,
+            queues,
+            requests,
+            billing,
+            _lock: lock,
+        })
     }
 
     /// The configuration.

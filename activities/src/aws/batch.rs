@@ -70,7 +70,11 @@ impl BatchRunner {
     }
 
     /// A runner with a client for `sdk`, counting its requests in `requests`.
-    pub fn from_sdk(sdk: &aws_config::SdkConfig, requests: &super::requests::RequestCounter, settings: BatchSettings) -> BatchRunner {
+    pub fn from_sdk(
+        sdk: &aws_config::SdkConfig,
+        requests: &super::requests::RequestCounter,
+        settings: BatchSettings,
+    ) -> BatchRunner {
         BatchRunner::new(super::batch_client(sdk, requests), settings)
     }
 
