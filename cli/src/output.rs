@@ -41,6 +41,12 @@ pub fn status(view: &StatusView) {
     }
     table.add_row(vec![Cell::new("total"), right(view.total)]);
     println!("{table}");
+    if let Some(dead) = view.dead_letters {
+        println!(
+            "dead letters: {} tasks, {} events (messages that kept failing: see the worker and engine logs)",
+            dead.tasks, dead.events
+        );
+    }
 }
 
 /// `evalflow runs`.
