@@ -11,7 +11,8 @@ use evalflow_workflow::{RunId, SledStore, StateTag, WorkflowStore};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-const RUNS: usize = 300;
+/// Runs added whenever the writer finishes before enough kills have landed.
+const RUNS_STEP: usize = 300;
 const KILLS: usize = 100;
 
 /// What the child acknowledged: per run, entry seq -> (version, state).
@@ -24,31 +25,36 @@ fn no_acknowledged_event_is_lost_and_no_half_transition_is_seen_after_sigkill() 
     eprintln!("seed {seed} (set EVALFLOW_CRASH_SEED to repeat)");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut acks = Acks::new();
-    let mut kills = 0;
-    let mut finished = false;
-    for round in 0..KILLS * 4 {
-        let kill_after = (kills < KILLS).then(|| rng.random_range(0..300));
-        finished = run_writer(dir.path(), round as u64 ^ seed, kill_after, &mut acks);
-        kills += usize::from(kill_after.is_some() && !finished);
-        verify(dir.path(), &acks);
-        if finished {
+    let (mut runs, mut kills) = (RUNS_STEP, 0);
+    // Every round is killed, unless the writer runs out of work first: then
+    // it gets more runs, so that every kill lands in the middle of real work.
+    for round in 0..KILLS * 10 {
+        if kills == KILLS {
             break;
         }
+        let finished = run_writer(dir.path(), runs, round as u64 ^ seed, Some(rng.random_range(0..60)), &mut acks);
+        if finished {
+            runs += RUNS_STEP;
+        } else {
+            kills += 1;
+        }
+        verify(dir.path(), &acks);
     }
-    assert!(kills >= 80, "only {kills} kills landed before the writer finished");
-    assert!(finished, "the writer never finished");
+    assert_eq!(kills, KILLS);
+    assert!(run_writer(dir.path(), runs, seed, None, &mut acks), "the writer finishes");
+    verify(dir.path(), &acks);
     let store = SledStore::open(dir.path(), Default::default()).unwrap();
     let counts = store.counts().unwrap();
-    assert_eq!(counts.total(), RUNS as u64);
+    assert_eq!(counts.total(), runs as u64);
     let ended: u64 = StateTag::ALL.iter().filter(|t| t.is_terminal()).map(|&t| counts[t]).sum();
-    assert_eq!(ended, RUNS as u64, "every run ends in a terminal state: {counts:?}");
+    assert_eq!(ended, runs as u64, "every run ends in a terminal state: {counts:?}");
 }
 
 /// Runs the writer until it finishes (true) or, with `kill_after`, SIGKILLs
 /// it after that many acknowledgements (false). Records what it acknowledged.
-fn run_writer(dir: &std::path::Path, seed: u64, kill_after: Option<usize>, acks: &mut Acks) -> bool {
+fn run_writer(dir: &std::path::Path, runs: usize, seed: u64, kill_after: Option<usize>, acks: &mut Acks) -> bool {
     let mut child = Command::new(env!("CARGO_BIN_EXE_store-crash-writer"))
-        .args([dir.to_str().unwrap(), &RUNS.to_string(), &seed.to_string()])
+        .args([dir.to_str().unwrap(), &runs.to_string(), &seed.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

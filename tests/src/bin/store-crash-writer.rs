@@ -32,7 +32,13 @@ fn main() {
         3 => JobOutcome::Crashed { exit_code: Some(1) },
         _ => JobOutcome::Succeeded,
     });
-    let mut pending: Vec<Input> = (0..runs).map(|i| Input::Submit(spec(i))).collect();
+    // Runs submitted before a kill are not submitted again: every
+    // acknowledgement is then a step of real work, where a kill may land.
+    let mut pending: Vec<Input> = (0..runs)
+        .map(spec)
+        .filter(|spec| engine.store().load(&spec.run).expect("load").is_none())
+        .map(Input::Submit)
+        .collect();
     let now = Timestamp::now();
     pending.extend(recovered.iter().flat_map(|d| world.answer(d, now)));
     // Running jobs owe no command: a watcher observes their end, as here.
