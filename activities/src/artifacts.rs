@@ -18,9 +18,9 @@ use async_trait::async_trait;
 use evalflow_workflow::{Attempt, RunId, Stage, SubmissionId, TeamId, Timestamp, job_name};
 use serde::{Deserialize, Serialize};
 
-use crate::ActivityError;
 use crate::fsutil::write_atomic;
 use crate::leaderboard::Leaderboard;
+use crate::{ActivityError, blocking};
 
 /// A job's predictions, as found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,12 +157,6 @@ impl FsArtifacts {
             }),
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
-) -> Result<T, ActivityError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ActivityError::Transient(format!("worker thread: {e}")))?
 }
 
 #[async_trait]

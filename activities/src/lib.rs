@@ -57,6 +57,13 @@ impl From<std::io::Error> for ActivityError {
     }
 }
 
+/// Runs blocking file-system work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
+) -> Result<T, ActivityError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ActivityError::Transient(format!("worker thread: {e}")))?
+}
+
 /// Everything a runner needs to launch one attempt of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchRequest {

@@ -28,6 +28,8 @@ pub struct Tuning {
     pub visibility_timeout_secs: u32,
     /// `reconcile_after_secs` (large: the test delivers job ends itself).
     pub reconcile_after_secs: u64,
+    /// `resend_after_secs`.
+    pub resend_after_secs: u64,
 }
 
 impl AwsCompetition {
@@ -66,13 +68,16 @@ batch_job_queue = "{prefix}-p3"
 region = "us-east-1"
 endpoint_url = "{url}"
 bucket = "{prefix}-artifacts"
-tasks_queue = "{prefix}-tasks"
+tasks_queue = "{prefix}-tasks.fifo"
 events_queue = "{prefix}-events"
 job_definition = "{prefix}-submission"
 visibility_timeout_secs = {visibility}
 max_receive_count = 5
+# moto's FIFO long poll does not see a message group unlock until it ends.
+long_poll_secs = 1
 reconcile_after_secs = {reconcile}
 reconcile_interval_secs = 1
+resend_after_secs = {resend}
 worker_concurrency = 4
 
 [aws.stages.public]
@@ -89,6 +94,7 @@ instance_types = {{ g4 = ["g4dn.xlarge"], p3 = ["g4dn.2xlarge"] }}
             url = moto.url,
             visibility = tuning.visibility_timeout_secs,
             reconcile = tuning.reconcile_after_secs,
+            resend = tuning.resend_after_secs,
         );
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(dir.join("evalflow.toml"), config).unwrap_or_else(|e| panic!("{e}"));

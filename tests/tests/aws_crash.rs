@@ -69,7 +69,7 @@ impl<'a> Fleet<'a> {
 fn an_aws_fleet_killed_at_random_points_completes_every_run_with_one_job_each() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let tuning = Tuning { visibility_timeout_secs: 4, reconcile_after_secs: 1 };
+    let tuning = Tuning { visibility_timeout_secs: 4, reconcile_after_secs: 1, resend_after_secs: 30 };
     let competition = block_on(AwsCompetition::create(&dir.join("c"), "crash", tuning));
     let cli = &competition.cli;
     cli.ok(&["aws", "bootstrap"]);

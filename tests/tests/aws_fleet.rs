@@ -67,7 +67,7 @@ async fn eventbridge_event(competition: &AwsCompetition, job_id: &str) -> String
 #[test]
 fn a_fleet_on_aws_evaluates_submissions_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let tuning = Tuning { visibility_timeout_secs: 30, reconcile_after_secs: 3600 };
+    let tuning = Tuning { visibility_timeout_secs: 30, reconcile_after_secs: 3600, resend_after_secs: 900 };
     let competition = block_on(AwsCompetition::create(&dir.path().join("c"), "fleet", tuning));
     let cli = &competition.cli;
     let first = cli.ok(&["aws", "bootstrap"]);

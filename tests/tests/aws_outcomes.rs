@@ -23,10 +23,12 @@ use evalflow_workflow::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// AWS Batch, scripted: each submission's jobs end as its script says.
+/// AWS Batch, scripted: each submission's jobs end as its script says;
+/// `cancelme`'s job runs until terminated, and the first termination fails.
 #[derive(Debug, Default)]
 struct ScriptedBatch {
     launches: Mutex<BTreeMap<(RunId, Attempt), (String, u32)>>,
+    terminations: Mutex<u32>,
 }
 
 fn script(submission: &str, attempt: Attempt) -> JobOutcome {
@@ -53,13 +55,19 @@ impl JobRunner for ScriptedBatch {
     }
 
     async fn terminate(&self, _run: &RunId, _attempt: Attempt, _job: Option<&JobId>) -> Result<(), ActivityError> {
-        Ok(())
+        let mut count = self.terminations.lock().unwrap();
+        *count += 1;
+        match *count {
+            1 => Err(ActivityError::Permanent("AccessDeniedException: not authorized to TerminateJob".into())),
+            _ => Ok(()),
+        }
     }
 
     async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
         let now = Timestamp::now();
         Ok(jobs
             .iter()
+            .filter(|job| job.run.parts().0.as_str() != "cancelme")
             .map(|job| EndedJob {
                 job: job.clone(),
                 outcome: script(job.run.parts().0.as_str(), job.attempt),
@@ -91,7 +99,7 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3() {
     let dir = tempfile::tempdir().unwrap();
-    let tuning = Tuning { visibility_timeout_secs: 10, reconcile_after_secs: 1 };
+    let tuning = Tuning { visibility_timeout_secs: 10, reconcile_after_secs: 1, resend_after_secs: 2 };
     let competition = AwsCompetition::create(&dir.path().join("c"), "outcomes", tuning).await;
     let cli = competition.cli.clone();
     let bootstrap = tokio::task::spawn_blocking(move || cli.ok(&["aws", "bootstrap"])).await.unwrap();
@@ -125,10 +133,16 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
     let stop = CancellationToken::new();
     let worker = tokio::spawn(work(activities, queues.clone(), settings, stop.clone()));
 
-    let submissions = ["good", "oom", "gpu", "spot", "slow", "pull"];
+    let submissions = ["good", "oom", "gpu", "spot", "slow", "pull", "cancelme"];
     let accepted = node.submit(submissions.iter().map(|s| spec(s)).collect()).await.unwrap();
     assert!(accepted.iter().all(|a| a.accepted), "{accepted:?}");
+    let cancelme = RunId::parse("cancelme-public").unwrap();
+    wait_for("cancelme runs", async || node.run(&cancelme).await.unwrap().state == StateTag::Running).await;
+    node.cancel(vec![cancelme.clone()]).await.unwrap();
     wait_for("every run ends", async || node.runs(None).await.unwrap().iter().all(|r| r.state.is_terminal())).await;
+    // The first termination was given up on; the engine sent it again.
+    wait_for("cancelme's job is stopped", async || !node.stopping(&cancelme).await.unwrap()).await;
+    assert_eq!(*batch.terminations.lock().unwrap(), 2, "given up once, then sent again by the engine");
 
     let runs: BTreeMap<String, RunView> =
         node.runs(None).await.unwrap().into_iter().map(|r| (r.id.to_string(), r)).collect();

@@ -11,7 +11,7 @@ use evalflow_workflow::{Attempt, JobId, RunId, Stage, Timestamp, job_name};
 #[tokio::test]
 async fn checking_running_jobs_takes_one_describe_jobs_per_hundred() {
     let dir = tempfile::tempdir().unwrap();
-    let tuning = Tuning { visibility_timeout_secs: 30, reconcile_after_secs: 600 };
+    let tuning = Tuning { visibility_timeout_secs: 30, reconcile_after_secs: 600, resend_after_secs: 900 };
     let competition = AwsCompetition::create(&dir.path().join("c"), "requests", tuning).await;
     let cli = competition.cli.clone();
     tokio::task::spawn_blocking(move || cli.ok(&["aws", "bootstrap"])).await.unwrap();

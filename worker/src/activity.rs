@@ -55,7 +55,7 @@ impl Activities {
             }
             Command::TerminateJob { attempt, job } => {
                 self.runner.terminate(&spec.run, *attempt, job.as_ref()).await?;
-                let event = Event::JobTerminated { attempt: *attempt };
+                let event = Event::JobTerminated { attempt: *attempt, job: job.clone() };
                 return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
             }
             Command::ScorePredictions { attempt, .. } => {

@@ -83,6 +83,8 @@ pub enum ConnectError {
     Queue(#[from] QueueError),
 }
 
+/// A backoff this short is waited out by the worker holding the task.
+const SHORT_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait between two tries of a failing queue call.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -103,6 +105,7 @@ pub async fn publish_tasks(
             let Ok(next) = dispatches.try_recv() else { break };
             batch.push(next);
         }
+        tracing::debug!(commands = batch.len(), "sending to the tasks queue");
         let mut backoff = Duration::from_millis(250);
         while let Err(e) = queues.send_tasks(&batch).await {
             tracing::warn!("cannot send {} commands to the tasks queue, trying again: {e}", batch.len());
@@ -146,6 +149,7 @@ pub async fn consume_events(queues: Arc<Queues>, engine: EngineHandle, shutdown:
                 }
             }
         }
+        tracing::debug!(messages = done.len(), inputs = inputs.len(), "applying the events queue's messages");
         if engine.apply(inputs).await.is_err() {
             let _ = queues.release(&queues.events, &done).await;
             return;
@@ -170,12 +174,14 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
 }
 
-/// Messages being worked on, by receipt, to release at shutdown.
-type InFlight = Arc<Mutex<HashMap<u64, String>>>;
+/// Messages being worked on: their receipt, and whether they launch a job.
+type InFlight = Arc<Mutex<HashMap<u64, (String, bool)>>>;
 
 /// Carries out the tasks queue's commands until `shutdown`; then gives
 /// running activities `shutdown_grace` to finish and releases the messages of
-/// those that did not (visibility 0), for another worker.
+/// those that did not (visibility 0), for another worker. A launch cut short
+/// is not released: its job may have reached Batch, and is found by name
+/// when the task comes back after its visibility timeout.
 pub async fn work(
     activities: Arc<Activities>,
     queues: Arc<Queues>,
@@ -197,20 +203,33 @@ pub async fn work(
             _ = shutdown.cancelled() => break,
         };
         let messages = match received {
-            Ok(messages) => messages,
+            Ok(messages) => {
+                tracing::debug!(tasks = messages.len(), free, "received from the tasks queue");
+                messages
+            }
             Err(e) => {
                 tracing::warn!("cannot read the tasks queue: {e}");
                 tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => continue, _ = shutdown.cancelled() => break }
             }
         };
         for message in messages {
+            let dispatch: Dispatch = match serde_json::from_str(&message.body) {
+                Ok(dispatch) => dispatch,
+                Err(e) => {
+                    tracing::warn!(
+                        "tasks queue: a message that is not a command ({e}): left for the dead-letter queue"
+                    );
+                    continue;
+                }
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else { break };
             next_id += 1;
             let id = next_id;
-            lock(&in_flight).insert(id, message.receipt.clone());
+            let launch = matches!(dispatch.command, Command::LaunchJob { .. });
+            lock(&in_flight).insert(id, (message.receipt.clone(), launch));
             let (activities, queues, in_flight) = (activities.clone(), queues.clone(), in_flight.clone());
             tasks.spawn(async move {
-                handle(&activities, &queues, settings, message).await;
+                handle(&activities, &queues, settings, dispatch, message).await;
                 lock(&in_flight).remove(&id);
                 drop(slot);
             });
@@ -218,7 +237,8 @@ pub async fn work(
     }
     let _ = tokio::time::timeout(settings.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
-    let unfinished: Vec<String> = lock(&in_flight).drain().map(|(_, receipt)| receipt).collect();
+    let unfinished: Vec<String> =
+        lock(&in_flight).drain().filter(|(_, (_, launch))| !launch).map(|(_, (receipt, _))| receipt).collect();
     if !unfinished.is_empty() {
         tracing::info!("releasing {} unfinished tasks for other workers", unfinished.len());
         if let Err(e) = queues.release(&queues.tasks, &unfinished).await {
@@ -227,25 +247,27 @@ pub async fn work(
     }
 }
 
-fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<u64, (String, bool)>> {
     in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Carries out one task.
-async fn handle(activities: &Activities, queues: &Queues, settings: WorkerSettings, message: Received) {
-    let dispatch: Dispatch = match serde_json::from_str(&message.body) {
-        Ok(dispatch) => dispatch,
-        Err(e) => {
-            tracing::warn!("tasks queue: a message that is not a command ({e}): left for the dead-letter queue");
-            return;
-        }
-    };
+async fn handle(
+    activities: &Activities,
+    queues: &Queues,
+    settings: WorkerSettings,
+    dispatch: Dispatch,
+    message: Received,
+) {
     if let Command::LaunchJob { not_before: Some(at), .. } = &dispatch.command {
+        // A FIFO queue takes no delay per message: the worker holds the task
+        // until its backoff is over, waiting a short one out, hiding a long one.
         let wait = at.since(Timestamp::now());
-        if !wait.is_zero() {
-            let _ = queues.hide(&queues.tasks, &message.receipt, wait.as_secs().max(1)).await;
+        if wait > SHORT_WAIT {
+            let _ = queues.hide(&queues.tasks, &message.receipt, wait.as_secs() + 1).await;
             return;
         }
+        tokio::time::sleep(wait).await;
     }
     let visibility = settings.visibility_timeout_secs;
     let heartbeat = async {
@@ -279,6 +301,7 @@ async fn handle(activities: &Activities, queues: &Queues, settings: WorkerSettin
         }
     };
     let Some(inputs) = answer else { return };
+    tracing::debug!(%run, command = kind, "done");
     if let Err(e) = queues.send_events(inputs).await {
         tracing::warn!(%run, command = kind, "cannot send the answer, the task will come again: {e}");
         return;

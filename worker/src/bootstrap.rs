@@ -147,6 +147,11 @@ async fn ensure_queue(
             .map_err(|e| sqs_error(&format!("SetQueueAttributes {name}"), e))?;
         return Ok((url.to_owned(), false));
     }
+    let mut attributes = attributes;
+    if name.ends_with(".fifo") {
+        // Only at creation: a queue cannot become FIFO later.
+        attributes.insert(QueueAttributeName::FifoQueue, "true".into());
+    }
     let created = client
         .create_queue()
         .queue_name(name)

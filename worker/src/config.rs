@@ -114,7 +114,8 @@ pub struct AwsConfig {
     pub endpoint_url: Option<String>,
     /// The bucket of outputs, results and leaderboards.
     pub bucket: String,
-    /// The queue of commands for the workers.
+    /// The queue of commands for the workers: a FIFO queue (`.fifo`), grouped
+    /// by run, so that two tasks of one run are never carried out at once.
     #[serde(default = "default_tasks_queue")]
     pub tasks_queue: String,
     /// The queue of events for the engine: workers' results and Batch's EventBridge events.
@@ -126,6 +127,9 @@ pub struct AwsConfig {
     /// How long a received message stays hidden; workers extend it while they work.
     #[serde(default = "default_visibility_timeout_secs")]
     pub visibility_timeout_secs: u32,
+    /// How long a receive waits for messages (SQS long polling, 1 to 20 seconds).
+    #[serde(default = "default_long_poll_secs")]
+    pub long_poll_secs: u32,
     /// Receives of a message before it moves to the dead-letter queue (2 or more).
     #[serde(default = "default_max_receive_count")]
     pub max_receive_count: u32,
@@ -135,6 +139,9 @@ pub struct AwsConfig {
     /// How often the reconciler looks.
     #[serde(default = "default_reconcile_interval_secs")]
     pub reconcile_interval_secs: u64,
+    /// A command owed this long (a task lost, given up or dead-lettered) is sent again.
+    #[serde(default = "default_resend_after_secs")]
+    pub resend_after_secs: u64,
     /// Activities one `evalflow worker` carries out at once.
     #[serde(default = "default_worker_concurrency")]
     pub worker_concurrency: usize,
@@ -149,7 +156,7 @@ pub struct AwsConfig {
 }
 
 fn default_tasks_queue() -> String {
-    "evalflow-tasks".into()
+    "evalflow-tasks.fifo".into()
 }
 fn default_events_queue() -> String {
     "evalflow-events".into()
@@ -160,6 +167,9 @@ fn default_job_definition() -> String {
 fn default_visibility_timeout_secs() -> u32 {
     300
 }
+fn default_long_poll_secs() -> u32 {
+    20
+}
 fn default_max_receive_count() -> u32 {
     5
 }
@@ -168,6 +178,9 @@ fn default_reconcile_after_secs() -> u64 {
 }
 fn default_reconcile_interval_secs() -> u64 {
     60
+}
+fn default_resend_after_secs() -> u64 {
+    900
 }
 fn default_worker_concurrency() -> usize {
     4
@@ -357,8 +370,25 @@ fn check_aws(aws: &AwsConfig, policy: &Policy) -> Result<(), String> {
                 .into(),
         );
     }
+    if !(1..=20).contains(&aws.long_poll_secs) {
+        return Err("long_poll_secs must be between 1 and 20".into());
+    }
     if !(1..=43_200).contains(&aws.visibility_timeout_secs) {
         return Err("visibility_timeout_secs must be between 1 and 43200 (12 hours)".into());
+    }
+    if aws.job_definition.len() > 60 {
+        return Err(format!(
+            "job_definition = {:?} is longer than 60 characters: each submission's job definition adds \
+             its id (up to 64) to it, and Batch allows 128",
+            aws.job_definition
+        ));
+    }
+    if !aws.tasks_queue.ends_with(".fifo") {
+        return Err(format!(
+            "tasks_queue = {:?} must be a FIFO queue (a name ending in .fifo): one task of a run at a time is \
+             what keeps two workers from launching the same job",
+            aws.tasks_queue
+        ));
     }
     if aws.worker_concurrency == 0 || aws.reconcile_interval_secs == 0 {
         return Err("worker_concurrency and reconcile_interval_secs must be at least 1".into());

@@ -5,11 +5,16 @@
 //! only then sends the group's commands out. While it flushes, new requests
 //! queue up and form the next group: group commit without a timer.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use evalflow_activities::RunningJob;
-use evalflow_workflow::engine::Applied;
-use evalflow_workflow::{Dispatch, Engine, EngineError, Input, Outcome, RunState, SledStore, StateTag, Timestamp};
-use evalflow_workflow::{RunId, WorkflowStore};
+use evalflow_workflow::{
+    Attempt, Command, Dispatch, Engine, EngineError, Input, Outcome, Run, RunId, RunState, SledStore, StateTag,
+    Timestamp, WorkflowStore,
+};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// The most requests one group takes.
 pub const GROUP_MAX: usize = 1024;
@@ -20,6 +25,20 @@ enum Request {
     Apply { inputs: Vec<Input>, reply: Option<oneshot::Sender<Vec<Outcome>>> },
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
     Live { reply: oneshot::Sender<LiveCounts> },
+    Resend { older_than: Duration },
+}
+
+/// A command owed, as the engine thread tells them apart.
+type CommandKey = (RunId, &'static str, Attempt);
+
+fn key(dispatch: &Dispatch) -> CommandKey {
+    let attempt = match &dispatch.command {
+        Command::LaunchJob { attempt, .. }
+        | Command::TerminateJob { attempt, .. }
+        | Command::ScorePredictions { attempt, .. }
+        | Command::Publish { attempt, .. } => *attempt,
+    };
+    (dispatch.spec.run.clone(), dispatch.command.kind(), attempt)
 }
 
 /// Runs the engine knows to be live, and how many of them hold a job slot.
@@ -71,6 +90,23 @@ impl EngineHandle {
         self.tx.send(Request::Live { reply }).await.map_err(|_| EngineStopped)?;
         answer.await.map_err(|_| EngineStopped)
     }
+
+    /// Sends again every command owed for longer than `older_than`: one whose
+    /// activity was given up on, or whose message was lost, is not left
+    /// waiting for a restart. Duplicates are harmless by design.
+    pub async fn resend(&self, older_than: Duration) -> Result<(), EngineStopped> {
+        self.tx.send(Request::Resend { older_than }).await.map_err(|_| EngineStopped)
+    }
+}
+
+/// Asks the engine thread to resend stale commands every `every` until `shutdown`.
+pub async fn resend_stale(engine: EngineHandle, every: Duration, older_than: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! { _ = tokio::time::sleep(every) => {}, _ = shutdown.cancelled() => return }
+        if engine.resend(older_than).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Starts the engine thread. `recovered` are the commands the live runs were
@@ -90,16 +126,52 @@ pub fn spawn(
     (EngineHandle { tx }, thread)
 }
 
+/// Sends commands out, remembering when each was sent.
+struct Outbox {
+    channel: mpsc::UnboundedSender<Dispatch>,
+    sent: HashMap<CommandKey, Instant>,
+}
+
+impl Outbox {
+    fn send(&mut self, dispatch: Dispatch) {
+        self.sent.insert(key(&dispatch), Instant::now());
+        let _ = self.channel.send(dispatch);
+    }
+
+    /// Sends again what live runs have owed for longer than `older_than`.
+    fn resend(&mut self, engine: &Engine<SledStore>, older_than: Duration) -> Result<(), EngineError> {
+        let mut owed = HashMap::new();
+        let runs: Vec<RunId> = engine.live_run_ids().cloned().collect();
+        for run in runs {
+            let Some(stored) = engine.store().load(&run)? else { continue };
+            let Run { spec, status } = stored.run;
+            for command in status.outbox() {
+                let dispatch = Dispatch { spec: spec.clone(), version: status.version, command };
+                let sent = self.sent.get(&key(&dispatch)).copied();
+                owed.insert(key(&dispatch), sent);
+                if sent.is_none_or(|at| at.elapsed() >= older_than) {
+                    tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
+                    self.send(dispatch);
+                }
+            }
+        }
+        // Forget what is no longer owed.
+        self.sent.retain(|k, _| owed.contains_key(k));
+        Ok(())
+    }
+}
+
 fn run(
     mut engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     mut rx: mpsc::Receiver<Request>,
-    dispatch: mpsc::UnboundedSender<Dispatch>,
+    channel: mpsc::UnboundedSender<Dispatch>,
 ) -> Result<(), EngineError> {
-    let send_all = |applied: Applied| applied.dispatches.into_iter().for_each(|d| _ = dispatch.send(d));
-    recovered.into_iter().for_each(|d| _ = dispatch.send(d));
+    let mut outbox = Outbox { channel, sent: HashMap::new() };
+    recovered.into_iter().for_each(|d| outbox.send(d));
     // Admit what waited while no engine ran.
-    send_all(engine.apply(Vec::new(), Timestamp::now())?);
+    let admitted = engine.apply(Vec::new(), Timestamp::now())?;
+    admitted.dispatches.into_iter().for_each(|d| outbox.send(d));
     while let Some(first) = rx.blocking_recv() {
         let mut requests = vec![first];
         while requests.len() < GROUP_MAX {
@@ -119,17 +191,20 @@ fn run(
                 question => questions.push(question),
             }
         }
-        let mut applied = engine.apply(inputs, Timestamp::now())?;
-        let outcomes = std::mem::take(&mut applied.outcomes);
+        let applied = engine.apply(inputs, Timestamp::now())?;
         // Commands first: when a requester hears back, what its inputs caused is already queued.
-        send_all(applied);
+        applied.dispatches.into_iter().for_each(|d| outbox.send(d));
+        let outcomes = applied.outcomes;
         for (reply, range) in replies {
             if let Some(reply) = reply {
                 let _ = reply.send(outcomes[range].to_vec());
             }
         }
         for question in questions {
-            answer(&engine, question)?;
+            match question {
+                Request::Resend { older_than } => outbox.resend(&engine, older_than)?,
+                other => answer(&engine, other)?,
+            }
         }
     }
     Ok(())
@@ -153,7 +228,7 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let (live, active) = engine.live_counts();
             let _ = reply.send(LiveCounts { live, active });
         }
-        Request::Apply { .. } => unreachable!("applied with the group"),
+        Request::Apply { .. } | Request::Resend { .. } => unreachable!("handled by the loop"),
     }
     Ok(())
 }

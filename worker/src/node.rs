@@ -40,6 +40,10 @@ use crate::watcher::{self, Watch};
 
 /// Activities carried out at once by an engine node.
 const ACTIVITY_CONCURRENCY: usize = 16;
+/// Locally, a command owed this long is sent again.
+const LOCAL_RESEND_AFTER: Duration = Duration::from_secs(300);
+/// The longest time between two looks for commands owed too long.
+const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
 /// Loops reading the events queue, on AWS.
 const EVENT_CONSUMERS: usize = 2;
 /// How often the watcher looks at running jobs.
@@ -142,6 +146,8 @@ struct Setup {
     /// The AWS requests made, on AWS.
     requests: Option<RequestCounter>,
     watch: Watch,
+    /// Commands owed this long are sent again.
+    resend_after: Duration,
     max_active: usize,
     billing: Billing,
 }
@@ -165,6 +171,7 @@ impl Setup {
             queues: None,
             requests: None,
             watch: Watch { interval: WATCH_INTERVAL, quiet_for: Duration::ZERO },
+            resend_after: LOCAL_RESEND_AFTER,
             max_active: config.local.max_concurrent_jobs,
             billing: Billing::ScaledBySpeed,
         })
@@ -181,6 +188,7 @@ impl Setup {
                 interval: Duration::from_secs(aws.reconcile_interval_secs),
                 quiet_for: Duration::from_secs(aws.reconcile_after_secs),
             },
+            resend_after: Duration::from_secs(aws.resend_after_secs),
             max_active: aws.max_active_jobs,
             billing: Billing::Actual,
         })
@@ -240,6 +248,9 @@ impl Node {
                 }
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
+            let every = (setup.resend_after / 2).min(RESEND_CHECK_MAX);
+            let resend = engine_thread::resend_stale(engine.clone(), every, setup.resend_after, shutdown.clone());
+            loops.push(tokio::spawn(resend));
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
         Ok(Node {

@@ -1,6 +1,10 @@
 //! The queues between the engine and its workers.
 //!
-//! - The **tasks** queue carries commands (`Dispatch`, JSON), engine to workers.
+//! - The **tasks** queue carries commands (`Dispatch`, JSON), engine to
+//!   workers. It is a FIFO queue whose message groups are runs: SQS hands out
+//!   one task of a run at a time, so two workers never launch (or score, or
+//!   publish) for the same run at once. A command sent twice within five
+//!   minutes is deduplicated by SQS.
 //! - The **events** queue carries what happened to the engine: workers'
 //!   results (`{"inputs": [...]}`) and AWS Batch's EventBridge "Batch Job
 //!   State Change" events.
@@ -17,17 +21,13 @@ use aws_sdk_sqs::types::{
 };
 use evalflow_activities::aws::classify::{BatchEvent, JOB_STATE_CHANGE, classify};
 use evalflow_activities::aws::describe;
-use evalflow_workflow::{Command, Dispatch, Envelope, Event, Input, JobId, Timestamp, parse_job_name};
+use evalflow_workflow::{Command, Dispatch, Envelope, Event, Input, JobId, parse_job_name};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AwsConfig;
 
 /// Entries per SQS batch call, at most.
 pub const BATCH_MAX: usize = 10;
-/// The longest long poll SQS allows, in seconds.
-pub const LONG_POLL_SECS: i32 = 20;
-/// The longest delay SQS gives a message, in seconds.
-pub const DELAY_MAX_SECS: u64 = 900;
 /// Inputs per events message, at most (well under the 256 KiB message size).
 const INPUTS_PER_MESSAGE: usize = 50;
 
@@ -78,11 +78,16 @@ pub struct Queues {
     pub tasks_dlq: String,
     /// The events queue's dead letters.
     pub events_dlq: String,
+    /// How long a receive waits for messages, in seconds.
+    long_poll_secs: i32,
 }
 
-/// The name of a queue's dead-letter queue.
+/// The name of a queue's dead-letter queue (FIFO for a FIFO queue).
 pub fn dead_letter_name(queue: &str) -> String {
-    format!("{queue}-dlq")
+    match queue.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{queue}-dlq"),
+    }
 }
 
 impl Queues {
@@ -105,26 +110,22 @@ impl Queues {
             events: url(aws.events_queue.clone()).await?,
             tasks_dlq: url(dead_letter_name(&aws.tasks_queue)).await?,
             events_dlq: url(dead_letter_name(&aws.events_queue)).await?,
+            long_poll_secs: i32::try_from(aws.long_poll_secs).unwrap_or(20),
             client,
         })
     }
 
-    /// Sends commands to the tasks queue; a launch with a backoff is delayed
-    /// (up to [`DELAY_MAX_SECS`]; the worker waits out the rest).
+    /// Sends commands to the tasks queue, each in its run's message group.
     pub async fn send_tasks(&self, dispatches: &[Dispatch]) -> Result<(), QueueError> {
-        let now = Timestamp::now();
         for chunk in dispatches.chunks(BATCH_MAX) {
             let mut entries = Vec::with_capacity(chunk.len());
             for (index, dispatch) in chunk.iter().enumerate() {
-                let delay = match &dispatch.command {
-                    Command::LaunchJob { not_before: Some(at), .. } => at.since(now).as_secs().min(DELAY_MAX_SECS),
-                    _ => 0,
-                };
                 let body = serde_json::to_string(dispatch).map_err(|e| QueueError(e.to_string()))?;
                 let entry = SendMessageBatchRequestEntry::builder()
                     .id(index.to_string())
                     .message_body(body)
-                    .delay_seconds(i32::try_from(delay).unwrap_or(0))
+                    .message_group_id(dispatch.spec.run.as_str())
+                    .message_deduplication_id(deduplication_id(dispatch))
                     .build()
                     .map_err(|e| build_error("SendMessageBatch entry", e))?;
                 entries.push(entry);
@@ -173,7 +174,7 @@ impl Queues {
             .receive_message()
             .queue_url(queue)
             .max_number_of_messages(max)
-            .wait_time_seconds(LONG_POLL_SECS)
+            .wait_time_seconds(self.long_poll_secs)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
@@ -276,6 +277,18 @@ impl Queues {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0))
     }
+}
+
+/// One command sent again (a restart, a resend) within SQS's five minutes is
+/// delivered once: `<run>.v<version>.<command>.a<attempt>`.
+fn deduplication_id(dispatch: &Dispatch) -> String {
+    let attempt = match &dispatch.command {
+        Command::LaunchJob { attempt, .. }
+        | Command::TerminateJob { attempt, .. }
+        | Command::ScorePredictions { attempt, .. }
+        | Command::Publish { attempt, .. } => *attempt,
+    };
+    format!("{}.v{}.{}.a{attempt}", dispatch.spec.run, dispatch.version, dispatch.command.kind())
 }
 
 /// Heartbeats for a message being worked on, every third of `visibility`.

@@ -131,7 +131,8 @@ fn describe(event: &Event, after: &RunState) -> String {
         Event::PredictionsScored { score, .. } => format!("log loss {:.4}", score.value()),
         Event::PredictionsRejected { reason, .. } => reason.to_string(),
         Event::ActivityFailed { activity, error, .. } => format!("{}: {error}", activity.as_str()),
-        Event::JobTerminated { attempt } => format!("attempt {attempt} stopped"),
+        Event::JobTerminated { attempt, job: Some(job) } => format!("attempt {attempt}: job {job} stopped"),
+        Event::JobTerminated { attempt, job: None } => format!("attempt {attempt}: its jobs stopped"),
         Event::Admitted | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => match after {
             RunState::Failed { reason, .. } => reason.to_string(),
             _ => String::new(),

@@ -33,7 +33,8 @@ pub fn attempt_cost(record: &AttemptRecord, policy: &Policy, billing: Billing) -
 
 /// What a run's attempts cost so far, in US dollars.
 pub fn run_cost_usd(status: &RunStatus, policy: &Policy, billing: Billing) -> f64 {
-    status.attempts.iter().filter_map(|r| attempt_cost(r, policy, billing)).map(|(_, usd)| usd).sum()
+    // A fold from 0.0, not `sum`: the sum of no f64 is -0.0.
+    status.attempts.iter().filter_map(|r| attempt_cost(r, policy, billing)).fold(0.0, |total, (_, usd)| total + usd)
 }
 
 /// One profile's line of the cost report.
@@ -77,8 +78,8 @@ pub fn cost_report<'a>(runs: impl IntoIterator<Item = &'a RunStatus>, policy: &P
         line.hours += hours;
         line.usd += usd;
     }
-    let total_hours = lines.iter().map(|l| l.hours).sum();
-    let total_usd = lines.iter().map(|l| l.usd).sum();
+    let total_hours = lines.iter().fold(0.0, |total, l| total + l.hours);
+    let total_usd = lines.iter().fold(0.0, |total, l| total + l.usd);
     CostReport { lines, total_hours, total_usd }
 }
 
@@ -113,5 +114,7 @@ mod tests {
         let (hours, usd) = attempt_cost(&record("g4", 9 * 3600), &policy, Billing::ScaledBySpeed).unwrap();
         assert!((hours - 20.0).abs() < 1e-9 && (usd - 10.52).abs() < 1e-9);
         assert!(attempt_cost(&record("gone", 60), &policy, Billing::Actual).is_none());
+        let none = RunStatus::submitted(Timestamp(0));
+        assert!(run_cost_usd(&none, &policy, Billing::Actual).is_sign_positive(), "no cost is 0, not -0");
     }
 }

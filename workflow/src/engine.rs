@@ -230,6 +230,11 @@ impl<S: WorkflowStore> Engine<S> {
         self.live.runs.iter().filter(move |(_, r)| r.tag == tag).map(|(run, _)| run)
     }
 
+    /// Every live run.
+    pub fn live_run_ids(&self) -> impl Iterator<Item = &RunId> {
+        self.live.runs.keys()
+    }
+
     /// How many runs are live, and how many of them hold a launch slot.
     pub fn live_counts(&self) -> (usize, usize) {
         (self.live.runs.len(), self.live.active)

@@ -17,11 +17,11 @@
 //! Predicted --(PredictionsScored{score})---------> Scored{score}                              [Publish]
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
-//! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable
+//! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
 //! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
-//! any       --(JobTerminated{attempt})-----------> unchanged; the owed TerminateJob is acknowledged
-//! any       --(JobLaunched for an attempt no longer awaited)--> unchanged  [TerminateJob]
+//! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
+//! any       --(JobLaunched of a job the run does not hold)--> unchanged  [TerminateJob of that job]
 //! Published | Failed | Cancelled --(any other event)--> unchanged (ignored)
 //! ```
 //!
@@ -448,6 +448,8 @@ pub enum Event {
     JobTerminated {
         /// The attempt.
         attempt: Attempt,
+        /// The job the termination named; `None`: every job of the attempt, found by name.
+        job: Option<JobId>,
     },
     /// A worker gave up on an activity after its retries.
     ActivityFailed {
@@ -608,7 +610,7 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
         Event::PredictionsScored { attempt, score } => Ok(machine.scored(*attempt, *score)),
         Event::PredictionsRejected { attempt, reason } => Ok(machine.rejected(*attempt, reason)),
         Event::Published { attempt } => Ok(machine.published(*attempt)),
-        Event::JobTerminated { attempt } => Ok(machine.terminated(*attempt)),
+        Event::JobTerminated { attempt, job } => Ok(machine.terminated(*attempt, job.as_ref())),
         Event::ActivityFailed { attempt, activity, error } => Ok(machine.activity_failed(*attempt, *activity, error)),
         Event::CancelRequested => machine.cancel(),
         Event::RetryRequested => machine.retry(),
@@ -736,12 +738,15 @@ impl Step<'_> {
             return self.ignore(reason);
         };
         let owed = self.status().terminations.iter().any(|t| t.attempt == attempt && t.job.as_ref() == Some(job));
-        if record.job.as_ref() == Some(job) || owed || self.awaiting(attempt).is_some() {
+        // Still launching: the report is late, not an orphan (its launch is owed again).
+        let launching = matches!(self.awaiting(attempt), Some((_, None)));
+        if record.job.as_ref() == Some(job) || owed || launching {
             return self.ignore(reason);
         }
+        // A second job of the attempt (a launch raced another), or one the run
+        // gave up on: it runs for nobody.
         let mut status = self.status().clone();
-        status.terminations.retain(|t| t.attempt != attempt);
-        status.terminations.push(Termination { attempt, job: Some(job.clone()) });
+        owe_termination(&mut status, Termination { attempt, job: Some(job.clone()) });
         self.finish(status, Disposition::Ignored(IgnoreReason::OrphanJob))
     }
 
@@ -826,12 +831,13 @@ impl Step<'_> {
         }
     }
 
-    fn terminated(&self, attempt: Attempt) -> Transition {
-        if !self.status().terminations.iter().any(|t| t.attempt == attempt) {
+    fn terminated(&self, attempt: Attempt, job: Option<&JobId>) -> Transition {
+        let acknowledged = |t: &Termination| t.attempt == attempt && t.job.as_ref() == job;
+        if !self.status().terminations.iter().any(acknowledged) {
             return self.ignore(IgnoreReason::NotAwaited);
         }
         let mut status = self.status().clone();
-        status.terminations.retain(|t| t.attempt != attempt);
+        status.terminations.retain(|t| !acknowledged(t));
         status.updated_at = self.now;
         self.finish(status, Disposition::Acknowledged)
     }
@@ -850,7 +856,10 @@ impl Step<'_> {
         let reason = FailureReason::ActivityFailed { activity, error: error.clone() };
         self.apply(RunState::Failed { reason, resume }, |status| {
             if activity == Activity::Launch {
+                // The launch may have reached the runner before it gave up:
+                // whatever job it made must not run for nobody.
                 end_attempt(status, attempt, AttemptEnd::LaunchFailed, None);
+                owe_termination(status, Termination { attempt, job: None });
             }
         })
     }
@@ -902,9 +911,17 @@ impl Step<'_> {
 fn cancelled(attempt: Attempt, job: Option<JobId>, usage: Option<JobUsage>) -> impl FnOnce(&mut RunStatus) {
     move |status| {
         end_attempt(status, attempt, AttemptEnd::Cancelled, usage);
-        status.terminations.retain(|t| t.attempt != attempt);
-        status.terminations.push(Termination { attempt, job });
+        owe_termination(status, Termination { attempt, job });
     }
+}
+
+/// Owes `termination`, in place of one it covers: the same job's, or a
+/// termination by name of its attempt (which it makes precise).
+fn owe_termination(status: &mut RunStatus, termination: Termination) {
+    status
+        .terminations
+        .retain(|t| !(t.attempt == termination.attempt && (t.job.is_none() || t.job == termination.job)));
+    status.terminations.push(termination);
 }
 
 /// Records the job of `attempt` (the runner may report it only at its end).
@@ -1248,7 +1265,7 @@ mod tests {
         assert!(h.run.status.is_live(), "a cancelled run owing a termination stays live");
         assert_eq!(h.run.status.attempts[0].end, Some(AttemptEnd::Cancelled));
         let version = h.run.status.version;
-        let t = h.feed(Event::JobTerminated { attempt: Attempt(1) });
+        let t = h.feed(Event::JobTerminated { attempt: Attempt(1), job: Some(job("j1")) });
         assert_eq!(t.disposition, Disposition::Acknowledged);
         assert_eq!(h.run.status.version, version, "an acknowledgement is not a state change");
         assert!(!h.run.status.is_live());
@@ -1261,7 +1278,7 @@ mod tests {
         let launch_version = h.run.status.version;
         let t = h.feed(Event::CancelRequested);
         assert_eq!(t.commands, [Command::TerminateJob { attempt: Attempt(1), job: None }]);
-        h.feed(Event::JobTerminated { attempt: Attempt(1) });
+        h.feed(Event::JobTerminated { attempt: Attempt(1), job: None });
         // The launch finishes after the terminator found nothing to stop.
         let late = Envelope::answering(Event::JobLaunched { attempt: Attempt(1), job: job("j1") }, launch_version);
         let t = h.try_step(late.clone()).unwrap();
@@ -1269,6 +1286,38 @@ mod tests {
         assert_eq!(t.commands, [Command::TerminateJob { attempt: Attempt(1), job: Some(job("j1")) }]);
         let again = h.try_step(late).unwrap();
         assert!(again.commands.is_empty(), "the termination is already owed");
+    }
+
+    #[test]
+    fn a_second_job_of_the_running_attempt_is_terminated_and_acknowledged_alone() {
+        let mut h = Harness::new(false);
+        h.feed(Event::Admitted);
+        let launch_version = h.run.status.version;
+        h.launch("j1");
+        // A raced launch reports another job for the same attempt.
+        let late = Envelope::answering(Event::JobLaunched { attempt: Attempt(1), job: job("j2") }, launch_version);
+        let t = h.try_step(late).unwrap();
+        assert_eq!(t.disposition, Disposition::Ignored(IgnoreReason::OrphanJob));
+        assert_eq!(t.commands, [Command::TerminateJob { attempt: Attempt(1), job: Some(job("j2")) }]);
+        assert!(matches!(h.state(), RunState::Running { job: j, .. } if *j == job("j1")), "the run keeps its job");
+        h.feed(Event::CancelRequested);
+        assert_eq!(h.run.status.terminations.len(), 2, "j1 (cancel) and j2 (orphan)");
+        let t = h.feed(Event::JobTerminated { attempt: Attempt(1), job: Some(job("j2")) });
+        assert_eq!(t.disposition, Disposition::Acknowledged);
+        assert_eq!(h.run.status.terminations, [Termination { attempt: Attempt(1), job: Some(job("j1")) }]);
+    }
+
+    #[test]
+    fn a_launch_given_up_owes_the_termination_of_whatever_it_made() {
+        let mut h = Harness::new(false);
+        h.feed(Event::Admitted);
+        let t = h.answer(Event::ActivityFailed {
+            attempt: Attempt(1),
+            activity: Activity::Launch,
+            error: Detail::new("timeout"),
+        });
+        assert_eq!(t.commands, [Command::TerminateJob { attempt: Attempt(1), job: None }]);
+        assert!(h.run.status.is_live(), "failed, but still owed a termination");
     }
 
     #[test]
@@ -1382,7 +1431,8 @@ mod tests {
             Event::PredictionsScored { attempt, score: Score::new(0.5).unwrap() },
             Event::PredictionsRejected { attempt, reason: Detail::new("x") },
             Event::Published { attempt },
-            Event::JobTerminated { attempt },
+            Event::JobTerminated { attempt, job: Some(j.clone()) },
+            Event::JobTerminated { attempt, job: None },
             Event::ActivityFailed { attempt, activity: Activity::Launch, error: Detail::new("x") },
             Event::ActivityFailed { attempt, activity: Activity::Score, error: Detail::new("x") },
             Event::ActivityFailed { attempt, activity: Activity::Publish, error: Detail::new("x") },

@@ -39,7 +39,9 @@ impl<F: FnMut(&Dispatch) -> JobOutcome> InstantWorld<F> {
                 vec![answer(Event::PredictionsScored { attempt: *attempt, score })]
             }
             Command::Publish { attempt, .. } => vec![answer(Event::Published { attempt: *attempt })],
-            Command::TerminateJob { attempt, .. } => vec![unfenced(Event::JobTerminated { attempt: *attempt })],
+            Command::TerminateJob { attempt, job } => {
+                vec![unfenced(Event::JobTerminated { attempt: *attempt, job: job.clone() })]
+            }
         }
     }
 }

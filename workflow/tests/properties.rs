@@ -109,7 +109,7 @@ impl Seed {
             6 => Event::PredictionsScored { attempt, score: Score::new(self.score).unwrap() },
             7 => Event::PredictionsRejected { attempt, reason: Detail::new("row 1") },
             8 => Event::Published { attempt },
-            9 => Event::JobTerminated { attempt },
+            9 => Event::JobTerminated { attempt, job: self.detail.is_multiple_of(2).then_some(job) },
             10 => Event::ActivityFailed { attempt, activity, error: Detail::new("api down") },
             11 => Event::CancelRequested,
             12 => Event::RetryRequested,

@@ -4,8 +4,8 @@
 //!   token, so a launch first looks the name up (ListJobs, filter JOB_NAME)
 //!   on the profile's job queue and adopts the job it finds.
 //! - Batch cannot override a job's image at submission, so each submission
-//!   gets its own job definition, `ef-<submission>`: the bootstrap's template
-//!   with the submission's image, registered once.
+//!   gets its own job definition, `<template>-<submission>`: the bootstrap's
+//!   template with the submission's image, registered once.
 //! - Jobs are submitted with the profile's vCPUs, memory and GPU, the
 //!   competition's time limit as the attempt timeout, tags (run, attempt,
 //!   profile) and no Batch retry strategy: evalflow owns retries.
@@ -13,7 +13,9 @@
 //!   [`DESCRIBE_JOBS_MAX`] ids a call.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_batch::types::{
@@ -24,8 +26,10 @@ use evalflow_workflow::{
 };
 use evalflow_workflow::{Timestamp, job_name};
 
-use super::activity_error;
+use aws_config::retry::RetryConfig;
+
 use super::classify::{BatchJob, classify};
+use super::{activity_error, error_code, error_status};
 use crate::submission::GPU_OOM_EXIT_CODE;
 use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
 
@@ -33,8 +37,16 @@ use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
 pub const DESCRIBE_JOBS_MAX: usize = 100;
 /// The shortest attempt timeout Batch accepts, in seconds.
 pub const TIMEOUT_MIN_SECS: u64 = 60;
+/// Jobs of one name a termination by name stops, at most.
+const JOBS_PER_NAME_MAX: usize = 10;
 /// Pages of a listing read at most.
 const PAGES_MAX: usize = 20;
+/// Tries of one SubmitJob, throttled or failing, before the activity fails (to be retried).
+const SUBMIT_TRIES_MAX: usize = 6;
+/// The first backoff after a failed SubmitJob; it doubles each time.
+const SUBMIT_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest backoff between two SubmitJobs.
+const SUBMIT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The reason given to TerminateJob.
 pub const TERMINATE_REASON: &str = "evalflow: cancelled";
 
@@ -80,6 +92,12 @@ impl BatchRunner {
 
     /// The id of the newest job named `name` on `queue`, if any.
     pub async fn find(&self, queue: &str, name: &str) -> Result<Option<String>, ActivityError> {
+        Ok(self.find_all(queue, name, 1).await?.into_iter().next())
+    }
+
+    /// The ids of the jobs named `name` on `queue`, newest first, at most `max`.
+    pub async fn find_all(&self, queue: &str, name: &str, max: usize) -> Result<Vec<String>, ActivityError> {
+        let mut found = Vec::new();
         let mut token = None;
         for _ in 0..PAGES_MAX {
             let page = self
@@ -92,21 +110,22 @@ impl BatchRunner {
                 .await
                 .map_err(|e| activity_error(&format!("ListJobs {name} on {queue}"), e))?;
             // The filter is case-insensitive and `*` matches prefixes: keep exact names.
-            if let Some(job) = page.job_summary_list().iter().find(|j| j.job_name() == Some(name)) {
-                return Ok(job.job_id().map(str::to_owned));
-            }
+            let exact = page.job_summary_list().iter().filter(|j| j.job_name() == Some(name));
+            found.extend(exact.filter_map(|j| j.job_id().map(str::to_owned)));
             token = page.next_token().map(str::to_owned);
-            if token.is_none() {
+            if token.is_none() || found.len() >= max {
                 break;
             }
         }
-        Ok(None)
+        found.truncate(max);
+        Ok(found)
     }
 
     /// The ARN of the job definition of `submission` with `image`,
-    /// registered from the template if it does not exist yet.
+    /// registered from the template if it does not exist yet. Its name starts
+    /// with the template's, so competitions sharing an account do not mix.
     async fn definition(&self, submission: &SubmissionId, image: &str) -> Result<String, ActivityError> {
-        let name = format!("ef-{submission}");
+        let name = format!("{}-{submission}", self.settings.job_definition_template);
         let mine = self
             .client
             .describe_job_definitions()
@@ -187,6 +206,10 @@ impl BatchRunner {
             .build())
     }
 
+    /// Submits the job once, or adopts it. The SDK must not retry SubmitJob
+    /// blindly: a retry after a timeout whose request went through makes a
+    /// second job. Throttling (nothing was done) is retried after a jittered
+    /// backoff; any other failure looks the name up before submitting again.
     async fn submit(&self, request: &LaunchRequest, queue: &str, name: &str) -> Result<String, ActivityError> {
         let spec = &request.spec;
         let SubmissionSource::Image { uri } = &spec.source else {
@@ -203,24 +226,54 @@ impl BatchRunner {
             ("attempt".to_owned(), request.attempt.to_string()),
             ("profile".to_owned(), request.profile.name.to_string()),
         ]);
-        let submitted = self
-            .client
-            .submit_job()
-            .job_name(name)
-            .job_queue(queue)
-            .job_definition(definition)
-            .container_overrides(overrides)
-            .timeout(JobTimeout::builder().attempt_duration_seconds(timeout).build())
-            .set_tags(Some(tags))
-            .propagate_tags(true)
-            .send()
-            .await
-            .map_err(|e| activity_error(&format!("SubmitJob {name}"), e))?;
-        submitted
-            .job_id()
-            .map(str::to_owned)
-            .ok_or_else(|| ActivityError::Transient(format!("SubmitJob {name} returned no job id")))
+        let mut backoff = SUBMIT_BACKOFF;
+        for _ in 0..SUBMIT_TRIES_MAX {
+            let submitted = self
+                .client
+                .submit_job()
+                .job_name(name)
+                .job_queue(queue)
+                .job_definition(&definition)
+                .container_overrides(overrides.clone())
+                .timeout(JobTimeout::builder().attempt_duration_seconds(timeout).build())
+                .set_tags(Some(tags.clone()))
+                .propagate_tags(true)
+                .customize()
+                .config_override(aws_sdk_batch::config::Config::builder().retry_config(RetryConfig::disabled()))
+                .send()
+                .await;
+            let error = match submitted {
+                Ok(done) => {
+                    let id = done.job_id().map(str::to_owned);
+                    return id.ok_or_else(|| ActivityError::Transient(format!("SubmitJob {name} returned no job id")));
+                }
+                Err(e) => e,
+            };
+            let throttled = matches!(error_code(&error), Some("TooManyRequestsException" | "ThrottlingException"))
+                || error_status(&error) == Some(429);
+            match activity_error(&format!("SubmitJob {name}"), error) {
+                ActivityError::Transient(why) if !throttled => {
+                    tracing::warn!("{why}: looking the job up before submitting again");
+                }
+                ActivityError::Transient(_) => {}
+                permanent => return Err(permanent),
+            }
+            tokio::time::sleep(jittered(backoff)).await;
+            backoff = (backoff * 2).min(SUBMIT_BACKOFF_MAX);
+            if !throttled && let Some(existing) = self.find(queue, name).await? {
+                return Ok(existing);
+            }
+        }
+        Err(ActivityError::Transient(format!("SubmitJob {name}: AWS Batch kept throttling or failing")))
     }
+}
+
+/// A delay between half of `base` and `base`: jitter spreads the workers that
+/// a throttle stopped at the same moment.
+fn jittered(base: Duration) -> Duration {
+    let noise = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let millis = u64::try_from(base.as_millis()).unwrap_or(u64::MAX).max(2);
+    Duration::from_millis(millis / 2 + noise % (millis / 2))
 }
 
 fn queue_of(profile: &Profile) -> Result<&str, ActivityError> {
@@ -251,10 +304,11 @@ impl JobRunner for BatchRunner {
         let ids = match job {
             Some(job) => vec![job.to_string()],
             None => {
+                // Every job of that name: a raced launch may have made two.
                 let name = job_name(run, attempt);
                 let mut found = Vec::new();
                 for queue in &self.settings.queues {
-                    found.extend(self.find(queue, &name).await?);
+                    found.extend(self.find_all(queue, &name, JOBS_PER_NAME_MAX).await?);
                 }
                 found
             }

@@ -129,6 +129,24 @@ impl S3Artifacts {
     }
 }
 
+impl S3Artifacts {
+    /// Writes the CSV of the leaderboard's latest JSON, with compare-and-swap:
+    /// publishers finishing in any order leave the CSV of the newest board.
+    async fn sync_csv(&self, stage: Stage) -> Result<(), ActivityError> {
+        let (json_key, csv_key) = (format!("leaderboard/{stage}.json"), format!("leaderboard/{stage}.csv"));
+        for _ in 0..PUBLISH_TRIES_MAX {
+            let csv_etag = self.get(&self.inner.bucket, &csv_key).await?.map(|(_, etag)| etag.unwrap_or_default());
+            let Some((json, _)) = self.get(&self.inner.bucket, &json_key).await? else { return Ok(()) };
+            let board: Leaderboard = serde_json::from_slice(&json)
+                .map_err(|e| ActivityError::Permanent(format!("{json_key} is not a leaderboard: {e}")))?;
+            if self.put_if(&csv_key, board.to_csv().into_bytes(), csv_etag.as_deref()).await? {
+                return Ok(());
+            }
+        }
+        Err(ActivityError::Transient(format!("{csv_key}: other publishers kept writing it; will try again")))
+    }
+}
+
 /// The key of a published result: everything the leaderboard needs.
 pub fn result_key(result: &PublishedResult) -> String {
     format!(
@@ -207,15 +225,7 @@ impl ArtifactStore for S3Artifacts {
                 None => None,
             };
             if self.put_if(&json_key, json.into_bytes(), etag.as_deref()).await? {
-                let csv_key = format!("leaderboard/{}.csv", result.stage);
-                self.client
-                    .put_object()
-                    .bucket(&self.inner.bucket)
-                    .key(&csv_key)
-                    .body(ByteStream::from(board.to_csv().into_bytes()))
-                    .send()
-                    .await
-                    .map_err(|e| activity_error(&format!("PutObject {csv_key}"), e))?;
+                self.sync_csv(result.stage).await?;
                 return Ok(board);
             }
         }

@@ -4,6 +4,7 @@
 //! | file | written by | when |
 //! |---|---|---|
 //! | `job.json` | the launcher | before the directory appears under its name |
+//! | `spawned` | the launcher | each time it starts a supervisor |
 //! | `supervisor.lock` | the supervisor | locked for as long as it lives |
 //! | `supervisor.json` | the supervisor | when it starts the job |
 //! | `terminate` | the terminator | to ask the supervisor to stop the job |
@@ -118,6 +119,11 @@ impl JobPaths {
     /// `supervisor.lock`.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("supervisor.lock")
+    }
+
+    /// `spawned`: touched each time a supervisor is started.
+    pub fn spawned(&self) -> PathBuf {
+        self.dir.join("spawned")
     }
 
     /// `supervisor.json`.

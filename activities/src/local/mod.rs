@@ -28,7 +28,7 @@ use evalflow_workflow::{
 use self::job::{JobPaths, JobRequest, Limits, Started, read_json};
 use self::sandbox::{Isolation, SandboxError};
 use crate::fsutil::write_atomic;
-use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob, blocking};
 
 /// How long a launched job may go without its supervisor starting before it
 /// counts as lost.
@@ -82,12 +82,6 @@ impl LocalRunner {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ActivityError> + Send + 'static,
-) -> Result<T, ActivityError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ActivityError::Transient(format!("worker thread: {e}")))?
-}
-
 #[async_trait]
 impl JobRunner for LocalRunner {
     async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
@@ -107,8 +101,17 @@ impl JobRunner for LocalRunner {
             let mut ended = Vec::new();
             for job in jobs {
                 let paths = JobPaths::new(&config.jobs_dir, &job_name(&job.run, job.attempt));
-                if let Some((outcome, usage)) = end_of(&paths)? {
-                    ended.push(EndedJob { job, outcome, usage });
+                // One job that cannot be read must not hide the others' ends.
+                match end_of(&paths) {
+                    Ok(Some((outcome, usage))) => ended.push(EndedJob { job, outcome, usage }),
+                    Ok(None) => {}
+                    Err(e) if !paths.dir().exists() => {
+                        let detail = Detail::new(format!("its job directory {} is gone", paths.dir().display()));
+                        let usage = JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None };
+                        tracing::warn!("{e}: {detail}");
+                        ended.push(EndedJob { job, outcome: JobOutcome::Interrupted { detail }, usage });
+                    }
+                    Err(e) => tracing::warn!("cannot read job {}: {e}", paths.dir().display()),
                 }
             }
             Ok(ended)
@@ -171,6 +174,8 @@ fn spawn_supervisor(config: &LocalRunnerConfig, paths: &JobPaths) -> Result<(), 
     let Some((program, args)) = config.supervisor.split_first() else {
         return Err(ActivityError::Permanent("no supervisor program is configured".into()));
     };
+    // Marks the moment: a supervisor that never takes its lock is judged from it.
+    fs::write(paths.spawned(), Timestamp::now().as_millis().to_string())?;
     let log = fs::File::options().create(true).append(true).open(paths.dir().join("supervisor.log"))?;
     let mut child = Command::new(program)
         .args(args)
@@ -220,8 +225,9 @@ fn end_of(paths: &JobPaths) -> Result<Option<(JobOutcome, JobUsage)>, ActivityEr
     if let Some(started) = read_json::<Started>(&paths.started())? {
         return lost("the job's supervisor died before the job ended", Some(started.at));
     }
-    let age = fs::metadata(paths.request())?.modified()?.elapsed().unwrap_or_default();
-    if age > SUPERVISOR_START_GRACE {
+    let spawned = fs::metadata(paths.spawned()).and_then(|m| m.modified());
+    let age = spawned.map_or(SUPERVISOR_START_GRACE, |at| at.elapsed().unwrap_or_default());
+    if age >= SUPERVISOR_START_GRACE {
         return lost("the job's supervisor never started", None);
     }
     Ok(None)

@@ -41,15 +41,14 @@ enum Stop {
 }
 
 /// Runs the job in `job_dir` to its end and writes its `status.json`.
-/// Returns at once if another supervisor runs it or it already ended.
+/// A second supervisor of the same job waits for the first to end, then
+/// finds its status and returns. (Waiting, rather than giving up on a held
+/// lock, also rides out the brief shared locks of whoever asks whether the
+/// job is supervised.)
 pub fn supervise(job_dir: &Path) -> io::Result<()> {
     let paths = JobPaths::at(job_dir);
     let lock = File::options().create(true).truncate(false).write(true).open(paths.lock())?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => return Ok(()),
-        Err(fs::TryLockError::Error(e)) => return Err(e),
-    }
+    lock.lock()?;
     if paths.status().exists() {
         return Ok(());
     }
