@@ -18,7 +18,7 @@
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
-//! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run]
+//! Queued | Launching | Running | Predicted --(CancelRequested)--> Cancelled  [TerminateJob if a job may run]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
 //! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
 //! any       --(JobLaunched of a job the run does not hold)--> unchanged  [TerminateJob of that job]
@@ -568,8 +568,8 @@ pub enum TransitionError {
         /// Its state.
         state: StateTag,
     },
-    /// The run has already ended.
-    #[error("run {run} is already {state}: only queued, launching, running, predicted or scored runs can be cancelled")]
+    /// The run has ended, or its score is already being published.
+    #[error("run {run} is already {state}: only queued, launching, running or predicted runs can be cancelled")]
     NotCancellable {
         /// The run.
         run: RunId,
@@ -866,9 +866,7 @@ impl Step<'_> {
 
     fn cancel(&self) -> Result<Transition, TransitionError> {
         match &self.status().state {
-            RunState::Queued | RunState::Predicted { .. } | RunState::Scored { .. } => {
-                Ok(self.apply(RunState::Cancelled, |_| ()))
-            }
+            RunState::Queued | RunState::Predicted { .. } => Ok(self.apply(RunState::Cancelled, |_| ())),
             RunState::Launching { attempt, .. } => Ok(self.apply(RunState::Cancelled, cancelled(*attempt, None, None))),
             RunState::Running { attempt, job, .. } => {
                 // The runner will not report this job's end to a cancelled run:
@@ -878,7 +876,9 @@ impl Step<'_> {
                 Ok(self.apply(RunState::Cancelled, cancelled(*attempt, Some(job.clone()), Some(usage))))
             }
             RunState::Cancelled => Ok(self.ignore(IgnoreReason::Duplicate)),
-            RunState::Published { .. } | RunState::Failed { .. } => {
+            // A scored run's Publish is already under way: cancelling would
+            // race it and could leave a cancelled run on the leaderboard.
+            RunState::Scored { .. } | RunState::Published { .. } | RunState::Failed { .. } => {
                 Err(TransitionError::NotCancellable { run: self.run_id(), state: self.status().state.tag() })
             }
         }
@@ -1331,7 +1331,6 @@ mod tests {
             },
             Harness::running(false),
             Harness::predicted(),
-            Harness::scored(),
         ];
         for mut h in starts {
             let from = h.state().tag();
@@ -1342,13 +1341,16 @@ mod tests {
     }
 
     #[test]
-    fn cancel_of_an_ended_run_is_refused_and_a_second_cancel_is_a_duplicate() {
-        let mut h = Harness::published();
-        let err = h.try_step(Envelope::unfenced(Event::CancelRequested)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "run sub-public is already published: only queued, launching, running, predicted or scored runs can be cancelled"
-        );
+    fn cancel_of_a_scored_or_ended_run_is_refused_and_a_second_cancel_is_a_duplicate() {
+        for (mut h, state) in [(Harness::scored(), "scored"), (Harness::published(), "published")] {
+            let err = h.try_step(Envelope::unfenced(Event::CancelRequested)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "run sub-public is already {state}: only queued, launching, running or predicted runs can be cancelled"
+                )
+            );
+        }
         let mut h = Harness::cancelled();
         let t = h.feed(Event::CancelRequested);
         assert_eq!(t.disposition, Disposition::Ignored(IgnoreReason::Duplicate));
