@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use evalflow_workflow::{Command, Dispatch, Timestamp};
+use evalflow_workflow::{Command, Dispatch};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -83,8 +83,6 @@ pub enum ConnectError {
     Queue(#[from] QueueError),
 }
 
-/// A backoff this short is waited out by the worker holding the task.
-const SHORT_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait between two tries of a failing queue call.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -259,16 +257,6 @@ async fn handle(
     dispatch: Dispatch,
     message: Received,
 ) {
-    if let Command::LaunchJob { not_before: Some(at), .. } = &dispatch.command {
-        // A FIFO queue takes no delay per message: the worker holds the task
-        // until its backoff is over, waiting a short one out, hiding a long one.
-        let wait = at.since(Timestamp::now());
-        if wait > SHORT_WAIT {
-            let _ = queues.hide(&queues.tasks, &message.receipt, wait.as_secs() + 1).await;
-            return;
-        }
-        tokio::time::sleep(wait).await;
-    }
     let visibility = settings.visibility_timeout_secs;
     let heartbeat = async {
         loop {

@@ -4,8 +4,12 @@
 //! applies their inputs as one group (one flush), answers each requester and
 //! only then sends the group's commands out. While it flushes, new requests
 //! queue up and form the next group: group commit without a timer.
+//!
+//! It also keeps the commands' timing: a launch after a backoff is held until
+//! its `not_before` and dropped if the run moved on meanwhile (a cancel), and
+//! a command owed for too long is sent again. A [`tick`] loop wakes it for both.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use evalflow_activities::RunningJob;
@@ -20,25 +24,23 @@ use tokio_util::sync::CancellationToken;
 pub const GROUP_MAX: usize = 1024;
 /// Requests waiting for the engine thread, at most.
 pub const QUEUE_MAX: usize = 8192;
+/// How often [`tick`] wakes the engine thread.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The longest time between two looks for commands owed too long.
+const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
 
 enum Request {
     Apply { inputs: Vec<Input>, reply: Option<oneshot::Sender<Vec<Outcome>>> },
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
     Live { reply: oneshot::Sender<LiveCounts> },
-    Resend { older_than: Duration },
+    Tick,
 }
 
 /// A command owed, as the engine thread tells them apart.
 type CommandKey = (RunId, &'static str, Attempt);
 
 fn key(dispatch: &Dispatch) -> CommandKey {
-    let attempt = match &dispatch.command {
-        Command::LaunchJob { attempt, .. }
-        | Command::TerminateJob { attempt, .. }
-        | Command::ScorePredictions { attempt, .. }
-        | Command::Publish { attempt, .. } => *attempt,
-    };
-    (dispatch.spec.run.clone(), dispatch.command.kind(), attempt)
+    (dispatch.spec.run.clone(), dispatch.command.kind(), dispatch.command.attempt())
 }
 
 /// Runs the engine knows to be live, and how many of them hold a job slot.
@@ -90,20 +92,14 @@ impl EngineHandle {
         self.tx.send(Request::Live { reply }).await.map_err(|_| EngineStopped)?;
         answer.await.map_err(|_| EngineStopped)
     }
-
-    /// Sends again every command owed for longer than `older_than`: one whose
-    /// activity was given up on, or whose message was lost, is not left
-    /// waiting for a restart. Duplicates are harmless by design.
-    pub async fn resend(&self, older_than: Duration) -> Result<(), EngineStopped> {
-        self.tx.send(Request::Resend { older_than }).await.map_err(|_| EngineStopped)
-    }
 }
 
-/// Asks the engine thread to resend stale commands every `every` until `shutdown`.
-pub async fn resend_stale(engine: EngineHandle, every: Duration, older_than: Duration, shutdown: CancellationToken) {
+/// Wakes the engine thread every [`TICK`] until `shutdown`, to release the
+/// launches whose backoff is over and resend what is owed for too long.
+pub async fn tick(engine: EngineHandle, shutdown: CancellationToken) {
     loop {
-        tokio::select! { _ = tokio::time::sleep(every) => {}, _ = shutdown.cancelled() => return }
-        if engine.resend(older_than).await.is_err() {
+        tokio::select! { _ = tokio::time::sleep(TICK) => {}, _ = shutdown.cancelled() => return }
+        if engine.tx.send(Request::Tick).await.is_err() {
             return;
         }
     }
@@ -112,16 +108,26 @@ pub async fn resend_stale(engine: EngineHandle, every: Duration, older_than: Dur
 /// Starts the engine thread. `recovered` are the commands the live runs were
 /// owed on open; they go out first. Commands go to `dispatch`: unbounded,
 /// because what is owed is bounded by the live runs, and a bounded channel
-/// here could deadlock with workers waiting to send their results.
+/// here could deadlock with workers waiting to send their results. A command
+/// owed for longer than `resend_after` (its task lost, given up on or
+/// dead-lettered) is sent again; duplicates are harmless by design.
 pub fn spawn(
     engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     dispatch: mpsc::UnboundedSender<Dispatch>,
+    resend_after: Duration,
 ) -> (EngineHandle, std::thread::JoinHandle<Result<(), EngineError>>) {
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
+    let outbox = Outbox {
+        channel: dispatch,
+        sent: HashMap::new(),
+        held: BTreeMap::new(),
+        resend_after,
+        checked: Instant::now(),
+    };
     let thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(engine, recovered, rx, dispatch))
+        .spawn(move || run(engine, recovered, rx, outbox))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (EngineHandle { tx }, thread)
 }
@@ -130,16 +136,56 @@ pub fn spawn(
 struct Outbox {
     channel: mpsc::UnboundedSender<Dispatch>,
     sent: HashMap<CommandKey, Instant>,
+    /// Launches waiting for the end of their backoff, by when it ends.
+    held: BTreeMap<(Timestamp, CommandKey), Dispatch>,
+    resend_after: Duration,
+    /// When stale commands were last looked for.
+    checked: Instant,
 }
 
 impl Outbox {
+    /// Sends `dispatch` now, or holds it if it is a launch whose backoff is not over.
     fn send(&mut self, dispatch: Dispatch) {
-        self.sent.insert(key(&dispatch), Instant::now());
-        let _ = self.channel.send(dispatch);
+        let key = key(&dispatch);
+        self.sent.insert(key.clone(), Instant::now());
+        match dispatch.command {
+            Command::LaunchJob { not_before: Some(at), .. } if at > Timestamp::now() => {
+                self.held.insert((at, key), dispatch);
+            }
+            _ => _ = self.channel.send(dispatch),
+        }
     }
 
-    /// Sends again what live runs have owed for longer than `older_than`.
-    fn resend(&mut self, engine: &Engine<SledStore>, older_than: Duration) -> Result<(), EngineError> {
+    fn tick(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
+        self.release(engine)?;
+        if self.checked.elapsed() >= (self.resend_after / 2).min(RESEND_CHECK_MAX) {
+            self.checked = Instant::now();
+            self.resend(engine)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the held launches that are due and still owed: a run that moved
+    /// on while its launch waited (cancelled, say) has a new version.
+    fn release(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
+        let now = Timestamp::now();
+        while let Some(entry) = self.held.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, key), dispatch) = entry.remove_entry();
+            let stored = engine.store().load(&dispatch.spec.run)?;
+            if stored.is_some_and(|s| s.run.status.version == dispatch.version) {
+                self.sent.insert(key, Instant::now());
+                let _ = self.channel.send(dispatch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends again what live runs have owed for longer than `resend_after`.
+    fn resend(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
+        let older_than = self.resend_after;
         let mut owed = HashMap::new();
         let runs: Vec<RunId> = engine.live_run_ids().cloned().collect();
         for run in runs {
@@ -165,9 +211,8 @@ fn run(
     mut engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     mut rx: mpsc::Receiver<Request>,
-    channel: mpsc::UnboundedSender<Dispatch>,
+    mut outbox: Outbox,
 ) -> Result<(), EngineError> {
-    let mut outbox = Outbox { channel, sent: HashMap::new() };
     recovered.into_iter().for_each(|d| outbox.send(d));
     // Admit what waited while no engine ran.
     let admitted = engine.apply(Vec::new(), Timestamp::now())?;
@@ -202,7 +247,7 @@ fn run(
         }
         for question in questions {
             match question {
-                Request::Resend { older_than } => outbox.resend(&engine, older_than)?,
+                Request::Tick => outbox.tick(&engine)?,
                 other => answer(&engine, other)?,
             }
         }
@@ -228,7 +273,107 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let (live, active) = engine.live_counts();
             let _ = reply.send(LiveCounts { live, active });
         }
-        Request::Apply { .. } | Request::Resend { .. } => unreachable!("handled by the loop"),
+        Request::Apply { .. } | Request::Tick => unreachable!("handled by the loop"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use evalflow_workflow::{
+        Detail, Envelope, Event, JobId, JobOutcome, JobUsage, Policy, RunSpec, Stage, SubmissionId, SubmissionSource,
+        TeamId,
+    };
+
+    use evalflow_workflow::store::SledOptions;
+
+    use super::*;
+
+    const POLICY: &str = r#"
+        time_limit_secs = 600
+        [retry]
+        backoff_base_secs = 1
+        backoff_max_secs = 1
+        [[profile]]
+        name = "g4"
+        host_memory_mib = 100
+        gpu_memory_mib = 100
+        vcpus = 1
+        price_per_hour_usd = 0.5
+    "#;
+
+    struct Harness {
+        engine: EngineHandle,
+        commands: mpsc::UnboundedReceiver<Dispatch>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn start() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+            let (engine, recovered) = Engine::open(store, Policy::from_toml(POLICY).unwrap(), 8).unwrap();
+            let (tx, commands) = mpsc::unbounded_channel();
+            let (engine, _thread) = spawn(engine, recovered, tx, Duration::from_secs(3600));
+            Harness { engine, commands, _dir: dir }
+        }
+
+        async fn event(&self, run: &RunId, envelope: Envelope) {
+            let input = Input::Event { run: run.clone(), envelope };
+            self.engine.apply(vec![input]).await.unwrap();
+        }
+
+        /// Submits a run, launches it and reports its job interrupted: the
+        /// run owes a second launch after a one-second backoff.
+        async fn interrupted_run(&mut self, name: &str) -> RunId {
+            let submission = SubmissionId::new(name).unwrap();
+            let source = SubmissionSource::Image { uri: "img".into() };
+            let spec =
+                RunSpec::new(submission, TeamId::new("t").unwrap(), Stage::Public, false, source, Timestamp::now());
+            let run = spec.run.clone();
+            self.engine.apply(vec![Input::Submit(spec)]).await.unwrap();
+            let launch = self.commands.recv().await.unwrap();
+            let (attempt, job) = (launch.command.attempt(), JobId::new("j1").unwrap());
+            let launched = Event::JobLaunched { attempt, job: job.clone() };
+            self.event(&run, Envelope::answering(launched, launch.version)).await;
+            let usage = JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None };
+            let outcome = JobOutcome::Interrupted { detail: Detail::new("spot") };
+            self.event(&run, Envelope::unfenced(Event::JobEnded { attempt, job, outcome, usage })).await;
+            run
+        }
+
+        /// Wakes the engine thread and waits until it has handled the tick.
+        async fn tick(&self) {
+            self.engine.tx.send(Request::Tick).await.unwrap();
+            self.engine.live().await.unwrap();
+        }
+
+        fn sent(&mut self) -> Vec<(String, &'static str)> {
+            std::iter::from_fn(|| self.commands.try_recv().ok())
+                .map(|d| (d.spec.run.to_string(), d.command.kind()))
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_launch_is_held_until_its_backoff_ends() {
+        let mut h = Harness::start();
+        h.interrupted_run("spot").await;
+        h.tick().await;
+        assert_eq!(h.sent(), [], "the backoff is not over");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        h.tick().await;
+        assert_eq!(h.sent(), [("spot-public".to_owned(), "launch_job")]);
+    }
+
+    #[tokio::test]
+    async fn a_launch_held_for_a_run_cancelled_meanwhile_is_dropped() {
+        let mut h = Harness::start();
+        let run = h.interrupted_run("spot").await;
+        h.event(&run, Envelope::unfenced(Event::CancelRequested)).await;
+        assert_eq!(h.sent(), [("spot-public".to_owned(), "terminate_job")], "nothing waits behind the launch");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        h.tick().await;
+        assert_eq!(h.sent(), [], "the cancelled run's launch is never sent");
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use evalflow_workflow::{Command, Dispatch, Timestamp};
+use evalflow_workflow::Dispatch;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +13,8 @@ use crate::activity::Activities;
 use crate::engine_thread::EngineHandle;
 
 /// Runs commands until `shutdown`, then lets the running ones finish. A
-/// command dropped at shutdown (say, waiting for its backoff) is still owed
-/// and is sent again when the engine reopens.
+/// command dropped at shutdown (waiting for a slot) is still owed and is sent
+/// again when the engine reopens.
 pub async fn run(
     activities: Arc<Activities>,
     mut dispatches: mpsc::UnboundedReceiver<Dispatch>,
@@ -30,13 +30,8 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let (activities, engine, slots, shutdown) =
-            (activities.clone(), engine.clone(), slots.clone(), shutdown.clone());
+        let (activities, engine, slots) = (activities.clone(), engine.clone(), slots.clone());
         tasks.spawn(async move {
-            if let Command::LaunchJob { not_before: Some(at), .. } = dispatch.command {
-                let wait = at.since(Timestamp::now());
-                tokio::select! { _ = tokio::time::sleep(wait) => {}, _ = shutdown.cancelled() => return }
-            }
             let Ok(_slot) = slots.acquire().await else { return };
             let inputs = activities.execute_with_retries(&dispatch).await;
             if engine.send(inputs).await.is_err() {

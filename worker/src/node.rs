@@ -42,8 +42,6 @@ use crate::watcher::{self, Watch};
 const ACTIVITY_CONCURRENCY: usize = 16;
 /// Locally, a command owed this long is sent again.
 const LOCAL_RESEND_AFTER: Duration = Duration::from_secs(300);
-/// The longest time between two looks for commands owed too long.
-const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
 /// Loops reading the events queue, on AWS.
 const EVENT_CONSUMERS: usize = 2;
 /// How often the watcher looks at running jobs.
@@ -225,7 +223,7 @@ impl Node {
                 (Vec::new(), Some(direct), None)
             }
         };
-        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx);
+        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
             match &setup.queues {
@@ -248,9 +246,7 @@ impl Node {
                 }
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
-            let every = (setup.resend_after / 2).min(RESEND_CHECK_MAX);
-            let resend = engine_thread::resend_stale(engine.clone(), every, setup.resend_after, shutdown.clone());
-            loops.push(tokio::spawn(resend));
+            loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
         Ok(Node {

@@ -21,7 +21,7 @@ use aws_sdk_sqs::types::{
 };
 use evalflow_activities::aws::classify::{BatchEvent, JOB_STATE_CHANGE, classify};
 use evalflow_activities::aws::describe;
-use evalflow_workflow::{Command, Dispatch, Envelope, Event, Input, JobId, parse_job_name};
+use evalflow_workflow::{Dispatch, Envelope, Event, Input, JobId, parse_job_name};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AwsConfig;
@@ -282,13 +282,8 @@ impl Queues {
 /// One command sent again (a restart, a resend) within SQS's five minutes is
 /// delivered once: `<run>.v<version>.<command>.a<attempt>`.
 fn deduplication_id(dispatch: &Dispatch) -> String {
-    let attempt = match &dispatch.command {
-        Command::LaunchJob { attempt, .. }
-        | Command::TerminateJob { attempt, .. }
-        | Command::ScorePredictions { attempt, .. }
-        | Command::Publish { attempt, .. } => *attempt,
-    };
-    format!("{}.v{}.{}.a{attempt}", dispatch.spec.run, dispatch.version, dispatch.command.kind())
+    let (run, command) = (&dispatch.spec.run, &dispatch.command);
+    format!("{run}.v{}.{}.a{}", dispatch.version, command.kind(), command.attempt())
 }
 
 /// Heartbeats for a message being worked on, every third of `visibility`.

@@ -535,6 +535,16 @@ impl Command {
             Command::Publish { .. } => "publish",
         }
     }
+
+    /// The attempt the command is about.
+    pub fn attempt(&self) -> Attempt {
+        match self {
+            Command::LaunchJob { attempt, .. }
+            | Command::TerminateJob { attempt, .. }
+            | Command::ScorePredictions { attempt, .. }
+            | Command::Publish { attempt, .. } => *attempt,
+        }
+    }
 }
 
 /// The result of a step.
