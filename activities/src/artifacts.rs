@@ -7,7 +7,10 @@
 //! |---|---|
 //! | `jobs/<job>/output/submission.csv` | a job's predictions |
 //! | `results/<stage>/<run>.json` | a published result (one per run) |
+//! | `results/<stage>/<run>.a<attempt>.withdrawn` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard, rebuilt from the results |
+//!
+//! Publishers and withdrawers take `leaderboard/.lock` in turn, across processes.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -129,6 +132,16 @@ pub trait ArtifactStore: Send + Sync {
     /// Records a published result, once, and rebuilds its stage's leaderboard
     /// from every result. Publishing the same result again changes nothing.
     async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError>;
+
+    /// Keeps the result of the run's attempt off the leaderboard, whether it
+    /// was published before or is published after, and rebuilds the
+    /// leaderboard. Withdrawing again changes nothing.
+    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError>;
+}
+
+/// The name a withdrawal goes by: `<run>.a<attempt>`.
+pub fn withdrawal_name(run: &RunId, attempt: Attempt) -> String {
+    format!("{run}.a{attempt}")
 }
 
 /// Artifacts in the data directory.
@@ -192,38 +205,53 @@ impl ArtifactStore for FsArtifacts {
 
     async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
         let (layout, result) = (self.inner.clone(), result.clone());
-        blocking(move || layout.publish(&result)).await
+        blocking(move || {
+            let bytes = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other)?;
+            layout.record_and_rebuild(result.stage, &format!("{}.json", result.run), &bytes)
+        })
+        .await
+    }
+
+    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError> {
+        let (layout, stage) = (self.inner.clone(), run.parts().1);
+        let name = format!("{}.withdrawn", withdrawal_name(run, attempt));
+        blocking(move || layout.record_and_rebuild(stage, &name, b"")).await
     }
 }
 
 impl FsLayout {
-    fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
-        let stage_dir = self.results_dir.join(result.stage.as_str());
+    /// Writes `bytes` to `results/<stage>/<name>` (unless already there) and
+    /// rebuilds the stage's leaderboard, holding the leaderboard lock.
+    fn record_and_rebuild(&self, stage: Stage, name: &str, bytes: &[u8]) -> Result<Leaderboard, ActivityError> {
+        let stage_dir = self.results_dir.join(stage.as_str());
         fs::create_dir_all(&stage_dir)?;
         fs::create_dir_all(&self.leaderboard_dir)?;
-        // One publisher at a time rebuilds a leaderboard, across processes.
         let lock = fs::File::create(self.leaderboard_dir.join(".lock"))?;
         lock.lock()?;
-        let marker = stage_dir.join(format!("{}.json", result.run));
-        let bytes = serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?;
-        if fs::read(&marker).ok().as_deref() != Some(bytes.as_slice()) {
-            write_atomic(&marker, &bytes)?;
+        let record = stage_dir.join(name);
+        if fs::read(&record).ok().as_deref() != Some(bytes) {
+            write_atomic(&record, bytes)?;
         }
         let mut results = Vec::new();
+        let mut withdrawn = std::collections::HashSet::new();
         for entry in fs::read_dir(&stage_dir)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "json") {
+            let Some(file) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if let Some(withdrawal) = file.strip_suffix(".withdrawn") {
+                withdrawn.insert(withdrawal.to_owned());
+            } else if file.ends_with(".json") {
                 let bytes = fs::read(&path)?;
                 let published: PublishedResult = serde_json::from_slice(&bytes)
                     .map_err(|e| ActivityError::Permanent(format!("result {}: {e}", path.display())))?;
                 results.push(published);
             }
         }
-        let board = Leaderboard::build(result.stage, results);
-        let json_path = self.leaderboard_dir.join(format!("{}.json", result.stage));
+        results.retain(|r| !withdrawn.contains(&withdrawal_name(&r.run, r.attempt)));
+        let board = Leaderboard::build(stage, results);
+        let json_path = self.leaderboard_dir.join(format!("{stage}.json"));
         let json = board.to_json();
         if fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
-            write_atomic(&self.leaderboard_dir.join(format!("{}.csv", result.stage)), board.to_csv().as_bytes())?;
+            write_atomic(&self.leaderboard_dir.join(format!("{stage}.csv")), board.to_csv().as_bytes())?;
             write_atomic(&json_path, json.as_bytes())?;
         }
         Ok(board)

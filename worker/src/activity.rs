@@ -58,6 +58,11 @@ impl Activities {
                 let event = Event::JobTerminated { attempt: *attempt, job: job.clone() };
                 return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
             }
+            Command::Withdraw { attempt } => {
+                self.artifacts.withdraw(&spec.run, *attempt).await?;
+                let event = Event::Withdrawn { attempt: *attempt };
+                return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
+            }
             Command::ScorePredictions { attempt, .. } => {
                 let labels = self.artifacts.labels(spec.stage).await?;
                 let predictions = self.artifacts.predictions(&spec.run, *attempt, PREDICTIONS_MAX_BYTES).await?;
@@ -87,7 +92,8 @@ impl Activities {
 
     /// Carries out the command, retrying retryable failures with backoff.
     /// When it gives up, the answer is `ActivityFailed` (which fails the run
-    /// with a resumable reason), except for a termination, which stays owed.
+    /// with a resumable reason), except for a termination or a withdrawal,
+    /// which stays owed (and is sent again).
     pub async fn execute_with_retries(&self, dispatch: &Dispatch) -> Vec<Input> {
         let mut delay = RETRY_BASE;
         for attempt in 1..=RETRIES_MAX {
@@ -114,8 +120,71 @@ pub fn gave_up(dispatch: &Dispatch, error: &ActivityError) -> Option<Input> {
         Command::LaunchJob { attempt, .. } => (*attempt, Activity::Launch),
         Command::ScorePredictions { attempt, .. } => (*attempt, Activity::Score),
         Command::Publish { attempt, .. } => (*attempt, Activity::Publish),
-        Command::TerminateJob { .. } => return None,
+        Command::TerminateJob { .. } | Command::Withdraw { .. } => return None,
     };
     let event = Event::ActivityFailed { attempt, activity, error: Detail::new(error.to_string()) };
     Some(Input::Event { run: dispatch.spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use evalflow_activities::artifacts::FsArtifacts;
+    use evalflow_activities::leaderboard::Leaderboard;
+    use evalflow_activities::local::job::Limits;
+    use evalflow_activities::local::sandbox::Isolation;
+    use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
+    use evalflow_workflow::{Attempt, RunSpec, Score, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
+
+    use super::*;
+
+    const POLICY: &str = r#"
+        time_limit_secs = 600
+        [[profile]]
+        name = "g4"
+        host_memory_mib = 100
+        gpu_memory_mib = 100
+        vcpus = 1
+        price_per_hour_usd = 0.5
+    "#;
+
+    #[tokio::test]
+    async fn a_withdrawal_takes_a_published_score_off_the_leaderboard() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits { pids_max: 64, disk_max_mib: 64, kill_grace_secs: 1 };
+        let runner = LocalRunner::new(LocalRunnerConfig {
+            jobs_dir: dir.path().join("jobs"),
+            supervisor: Vec::new(),
+            test_sets: BTreeMap::new(),
+            isolation: Isolation::Sandbox,
+            limits,
+        });
+        let activities = Activities {
+            runner: Arc::new(runner),
+            artifacts: Arc::new(FsArtifacts::new(dir.path(), BTreeMap::new())),
+            policy: Policy::from_toml(POLICY).unwrap(),
+        };
+        let submission = SubmissionId::new("late").unwrap();
+        let source = SubmissionSource::Image { uri: "img".into() };
+        let spec = RunSpec::new(submission, TeamId::new("t").unwrap(), Stage::Public, false, source, Timestamp(1));
+        let run = spec.run.clone();
+        let board = || -> Leaderboard {
+            serde_json::from_slice(&std::fs::read(dir.path().join("leaderboard/public.json")).unwrap()).unwrap()
+        };
+
+        let score = Score::new(0.2).unwrap();
+        let publish =
+            Dispatch { spec: spec.clone(), version: 6, command: Command::Publish { attempt: Attempt(1), score } };
+        let answer = activities.execute(&publish).await.unwrap();
+        let published = Envelope::answering(Event::Published { attempt: Attempt(1) }, 6);
+        assert_eq!(answer, [Input::Event { run: run.clone(), envelope: published }]);
+        assert_eq!(board().entries.len(), 1);
+
+        let withdraw = Dispatch { spec, version: 7, command: Command::Withdraw { attempt: Attempt(1) } };
+        let answer = activities.execute(&withdraw).await.unwrap();
+        let withdrawn = Envelope::unfenced(Event::Withdrawn { attempt: Attempt(1) });
+        assert_eq!(answer, [Input::Event { run, envelope: withdrawn }]);
+        assert!(board().entries.is_empty(), "{:?}", board());
+    }
 }

@@ -133,6 +133,7 @@ fn describe(event: &Event, after: &RunState) -> String {
         Event::ActivityFailed { activity, error, .. } => format!("{}: {error}", activity.as_str()),
         Event::JobTerminated { attempt, job: Some(job) } => format!("attempt {attempt}: job {job} stopped"),
         Event::JobTerminated { attempt, job: None } => format!("attempt {attempt}: its jobs stopped"),
+        Event::Withdrawn { attempt } => format!("attempt {attempt}: its score kept off the leaderboard"),
         Event::Admitted | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => match after {
             RunState::Failed { reason, .. } => reason.to_string(),
             _ => String::new(),

@@ -18,9 +18,10 @@
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
-//! Queued | Launching | Running | Predicted --(CancelRequested)--> Cancelled  [TerminateJob if a job may run]
+//! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run; Withdraw from Scored]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
 //! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
+//! any       --(Withdrawn{attempt})---------------> unchanged; the owed Withdraw is acknowledged
 //! any       --(JobLaunched of a job the run does not hold)--> unchanged  [TerminateJob of that job]
 //! Published | Failed | Cancelled --(any other event)--> unchanged (ignored)
 //! ```
@@ -444,6 +445,12 @@ pub enum Event {
         /// The attempt that produced the predictions.
         attempt: Attempt,
     },
+    /// The attempt's score is off the leaderboard (or never reached it),
+    /// and stays off even if its publish lands later.
+    Withdrawn {
+        /// The attempt.
+        attempt: Attempt,
+    },
     /// The attempt's job is stopped (or was never running).
     JobTerminated {
         /// The attempt.
@@ -479,6 +486,7 @@ impl Event {
             Event::PredictionsRejected { .. } => "predictions_rejected",
             Event::Published { .. } => "published",
             Event::JobTerminated { .. } => "job_terminated",
+            Event::Withdrawn { .. } => "withdrawn",
             Event::ActivityFailed { .. } => "activity_failed",
             Event::CancelRequested => "cancel_requested",
             Event::RetryRequested => "retry_requested",
@@ -523,6 +531,12 @@ pub enum Command {
         /// The score.
         score: Score,
     },
+    /// Keep the attempt's score off the leaderboard, now and if its publish
+    /// lands later; answered by `Withdrawn`.
+    Withdraw {
+        /// The attempt whose score was being published.
+        attempt: Attempt,
+    },
 }
 
 impl Command {
@@ -533,6 +547,7 @@ impl Command {
             Command::TerminateJob { .. } => "terminate_job",
             Command::ScorePredictions { .. } => "score_predictions",
             Command::Publish { .. } => "publish",
+            Command::Withdraw { .. } => "withdraw",
         }
     }
 
@@ -542,7 +557,8 @@ impl Command {
             Command::LaunchJob { attempt, .. }
             | Command::TerminateJob { attempt, .. }
             | Command::ScorePredictions { attempt, .. }
-            | Command::Publish { attempt, .. } => *attempt,
+            | Command::Publish { attempt, .. }
+            | Command::Withdraw { attempt } => *attempt,
         }
     }
 }
@@ -578,8 +594,8 @@ pub enum TransitionError {
         /// Its state.
         state: StateTag,
     },
-    /// The run has ended, or its score is already being published.
-    #[error("run {run} is already {state}: only queued, launching, running or predicted runs can be cancelled")]
+    /// The run has already ended.
+    #[error("run {run} is already {state}: only queued, launching, running, predicted or scored runs can be cancelled")]
     NotCancellable {
         /// The run.
         run: RunId,
@@ -621,6 +637,7 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
         Event::PredictionsRejected { attempt, reason } => Ok(machine.rejected(*attempt, reason)),
         Event::Published { attempt } => Ok(machine.published(*attempt)),
         Event::JobTerminated { attempt, job } => Ok(machine.terminated(*attempt, job.as_ref())),
+        Event::Withdrawn { attempt } => Ok(machine.withdrawn(*attempt)),
         Event::ActivityFailed { attempt, activity, error } => Ok(machine.activity_failed(*attempt, *activity, error)),
         Event::CancelRequested => machine.cancel(),
         Event::RetryRequested => machine.retry(),
@@ -841,6 +858,16 @@ impl Step<'_> {
         }
     }
 
+    fn withdrawn(&self, attempt: Attempt) -> Transition {
+        if !self.status().withdrawals.contains(&attempt) {
+            return self.ignore(IgnoreReason::NotAwaited);
+        }
+        let mut status = self.status().clone();
+        status.withdrawals.retain(|&a| a != attempt);
+        status.updated_at = self.now;
+        self.finish(status, Disposition::Acknowledged)
+    }
+
     fn terminated(&self, attempt: Attempt, job: Option<&JobId>) -> Transition {
         let acknowledged = |t: &Termination| t.attempt == attempt && t.job.as_ref() == job;
         if !self.status().terminations.iter().any(acknowledged) {
@@ -877,6 +904,15 @@ impl Step<'_> {
     fn cancel(&self) -> Result<Transition, TransitionError> {
         match &self.status().state {
             RunState::Queued | RunState::Predicted { .. } => Ok(self.apply(RunState::Cancelled, |_| ())),
+            // Its publish may be under way, and may land after the cancel.
+            RunState::Scored { attempt, .. } => {
+                let attempt = *attempt;
+                Ok(self.apply(RunState::Cancelled, |status| {
+                    if !status.withdrawals.contains(&attempt) {
+                        status.withdrawals.push(attempt);
+                    }
+                }))
+            }
             RunState::Launching { attempt, .. } => Ok(self.apply(RunState::Cancelled, cancelled(*attempt, None, None))),
             RunState::Running { attempt, job, .. } => {
                 // The runner will not report this job's end to a cancelled run:
@@ -886,9 +922,7 @@ impl Step<'_> {
                 Ok(self.apply(RunState::Cancelled, cancelled(*attempt, Some(job.clone()), Some(usage))))
             }
             RunState::Cancelled => Ok(self.ignore(IgnoreReason::Duplicate)),
-            // A scored run's Publish is already under way: cancelling would
-            // race it and could leave a cancelled run on the leaderboard.
-            RunState::Scored { .. } | RunState::Published { .. } | RunState::Failed { .. } => {
+            RunState::Published { .. } | RunState::Failed { .. } => {
                 Err(TransitionError::NotCancellable { run: self.run_id(), state: self.status().state.tag() })
             }
         }
@@ -1341,26 +1375,46 @@ mod tests {
             },
             Harness::running(false),
             Harness::predicted(),
+            Harness::scored(),
         ];
         for mut h in starts {
             let from = h.state().tag();
             h.feed(Event::CancelRequested);
             assert_eq!(*h.state(), RunState::Cancelled, "from {from}");
-            assert!(h.run.status.outbox().iter().all(|c| matches!(c, Command::TerminateJob { .. })), "from {from}");
+            let cleanup = |c: &Command| matches!(c, Command::TerminateJob { .. } | Command::Withdraw { .. });
+            assert!(h.run.status.outbox().iter().all(cleanup), "from {from}");
         }
     }
 
     #[test]
-    fn cancel_of_a_scored_or_ended_run_is_refused_and_a_second_cancel_is_a_duplicate() {
-        for (mut h, state) in [(Harness::scored(), "scored"), (Harness::published(), "published")] {
-            let err = h.try_step(Envelope::unfenced(Event::CancelRequested)).unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                format!(
-                    "run sub-public is already {state}: only queued, launching, running or predicted runs can be cancelled"
-                )
-            );
-        }
+    fn cancelling_a_scored_run_withdraws_its_score_whatever_its_publish_does() {
+        let mut h = Harness::scored();
+        let publish_version = h.run.status.version;
+        let t = h.feed(Event::CancelRequested);
+        assert_eq!(t.commands, [Command::Withdraw { attempt: Attempt(1) }]);
+        assert!(h.run.status.is_live(), "cancelled, but owed a withdrawal");
+        // The publish that was under way lands afterwards: it changes nothing.
+        let late = h.try_step(Envelope::answering(Event::Published { attempt: Attempt(1) }, publish_version)).unwrap();
+        assert!(matches!(late.disposition, Disposition::Ignored(IgnoreReason::StaleVersion { .. })));
+        assert_eq!(
+            h.feed(Event::Withdrawn { attempt: Attempt(2) }).disposition,
+            Disposition::Ignored(IgnoreReason::NotAwaited)
+        );
+        let version = h.run.status.version;
+        let t = h.feed(Event::Withdrawn { attempt: Attempt(1) });
+        assert_eq!(t.disposition, Disposition::Acknowledged);
+        assert_eq!(h.run.status.version, version, "an acknowledgement is not a state change");
+        assert!(!h.run.status.is_live());
+    }
+
+    #[test]
+    fn cancel_of_an_ended_run_is_refused_and_a_second_cancel_is_a_duplicate() {
+        let mut h = Harness::published();
+        let err = h.try_step(Envelope::unfenced(Event::CancelRequested)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "run sub-public is already published: only queued, launching, running, predicted or scored runs can be cancelled"
+        );
         let mut h = Harness::cancelled();
         let t = h.feed(Event::CancelRequested);
         assert_eq!(t.disposition, Disposition::Ignored(IgnoreReason::Duplicate));
@@ -1445,6 +1499,7 @@ mod tests {
             Event::Published { attempt },
             Event::JobTerminated { attempt, job: Some(j.clone()) },
             Event::JobTerminated { attempt, job: None },
+            Event::Withdrawn { attempt },
             Event::ActivityFailed { attempt, activity: Activity::Launch, error: Detail::new("x") },
             Event::ActivityFailed { attempt, activity: Activity::Score, error: Detail::new("x") },
             Event::ActivityFailed { attempt, activity: Activity::Publish, error: Detail::new("x") },
@@ -1470,7 +1525,7 @@ mod tests {
                         assert_eq!(t.status.version, before.version);
                         assert!(
                             t.commands.iter().all(|c| matches!(c, Command::TerminateJob { .. })),
-                            "a terminal state only ever owes terminations"
+                            "a terminal state only ever owes terminations (withdrawals come with a cancel)"
                         );
                     }
                 }

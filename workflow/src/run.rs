@@ -170,6 +170,9 @@ pub struct RunStatus {
     pub interruptions: u32,
     /// Terminations not yet acknowledged.
     pub terminations: Vec<Termination>,
+    /// Attempts whose score must come off the leaderboard (the run was
+    /// cancelled while publishing it), until acknowledged.
+    pub withdrawals: Vec<Attempt>,
     /// When the status last changed.
     pub updated_at: Timestamp,
 }
@@ -183,17 +186,20 @@ impl RunStatus {
             attempts: Vec::new(),
             interruptions: 0,
             terminations: Vec::new(),
+            withdrawals: Vec::new(),
             updated_at: now,
         }
     }
 
     /// The commands this run is owed, outstanding until their results arrive:
-    /// the terminations, then the current state's own command. After a crash
-    /// the engine sends exactly these again (level-triggered recovery).
+    /// the terminations, the withdrawals, then the current state's own
+    /// command. After a crash the engine sends exactly these again
+    /// (level-triggered recovery).
     pub fn outbox(&self) -> Vec<Command> {
         let terminations =
             self.terminations.iter().map(|t| Command::TerminateJob { attempt: t.attempt, job: t.job.clone() });
-        terminations.chain(self.state.command()).collect()
+        let withdrawals = self.withdrawals.iter().map(|&attempt| Command::Withdraw { attempt });
+        terminations.chain(withdrawals).chain(self.state.command()).collect()
     }
 
     /// The number of the next attempt.
@@ -215,7 +221,7 @@ impl RunStatus {
     /// Whether the run still needs the engine: it is not terminal, or it is
     /// owed a command. Such runs are in the live index and are recovered on open.
     pub fn is_live(&self) -> bool {
-        !self.state.tag().is_terminal() || !self.terminations.is_empty()
+        !self.state.tag().is_terminal() || !self.terminations.is_empty() || !self.withdrawals.is_empty()
     }
 
     /// Checks the invariants a stored status must hold. Called right before a
@@ -240,6 +246,9 @@ impl RunStatus {
         }
         if let Some(t) = self.terminations.iter().find(|t| self.attempt(t.attempt).is_none()) {
             return Err(format!("termination of attempt {} that was never launched", t.attempt));
+        }
+        if let Some(attempt) = self.withdrawals.iter().find(|&&a| self.attempt(a).is_none()) {
+            return Err(format!("withdrawal of attempt {attempt} that was never launched"));
         }
         if usize::try_from(self.interruptions).unwrap_or(usize::MAX) > self.attempts.len() {
             return Err(format!("{} interruptions in {} attempts", self.interruptions, self.attempts.len()));

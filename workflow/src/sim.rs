@@ -42,6 +42,7 @@ impl<F: FnMut(&Dispatch) -> JobOutcome> InstantWorld<F> {
             Command::TerminateJob { attempt, job } => {
                 vec![unfenced(Event::JobTerminated { attempt: *attempt, job: job.clone() })]
             }
+            Command::Withdraw { attempt } => vec![unfenced(Event::Withdrawn { attempt: *attempt })],
         }
     }
 }

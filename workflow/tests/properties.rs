@@ -68,7 +68,7 @@ struct Seed {
 }
 
 fn seed() -> impl Strategy<Value = Seed> {
-    (0u8..14, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
+    (0u8..15, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
         |(kind, attempt_shift, stray_job, detail, score, fence)| Seed {
             kind,
             attempt_shift: if attempt_shift != 0 && detail % 4 != 0 { 0 } else { attempt_shift },
@@ -113,6 +113,7 @@ impl Seed {
             10 => Event::ActivityFailed { attempt, activity, error: Detail::new("api down") },
             11 => Event::CancelRequested,
             12 => Event::RetryRequested,
+            13 => Event::Withdrawn { attempt },
             _ => Event::Submitted(RunSpec { cpu_only: self.detail.is_multiple_of(5), ..run.spec.clone() }),
         };
         let expected_version = match self.fence {

@@ -4,16 +4,21 @@
 //! |---|---|
 //! | `outputs/<run>/a<attempt>/submission.csv` | a job's predictions (written by the job) |
 //! | `results/<stage>/<run>.a<attempt>.<team>.<submitted ms>.<score bits>.json` | a published result |
+//! | `withdrawn/<stage>/<run>.a<attempt>` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
 //!
 //! A result is created once (`If-None-Match: *`), so publishing again is a
 //! no-op. Its key carries everything the leaderboard needs, so rebuilding
-//! the leaderboard is one paginated listing, not a read per result. The
-//! leaderboard is rebuilt from the listing and written with compare-and-swap
-//! (`If-Match` on the ETag read *before* listing): a publisher that lost a
-//! race rebuilds from a listing that includes the winner's result.
+//! the leaderboard is two paginated listings (withdrawals, then results),
+//! not a read per result. The leaderboard is rebuilt from the listings and
+//! written with compare-and-swap (`If-Match` on the ETag read *before*
+//! listing): a publisher that lost a race rebuilds from a listing that
+//! includes the winner's result. After a successful write the withdrawals
+//! are listed again, and a new one means a rebuild: a withdrawal that lands
+//! while a board is built is either seen by that builder afterwards, or its
+//! withdrawer reads the board after it was written and rebuilds it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -23,7 +28,7 @@ use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
 use super::batch::output_prefix;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
-use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
+use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult, withdrawal_name};
 use crate::leaderboard::Leaderboard;
 
 /// Rebuilds of a leaderboard a publisher tries before giving up (for now).
@@ -83,34 +88,72 @@ impl S3Artifacts {
         }
     }
 
-    /// Every published result of `stage`, the latest attempt of each run.
-    async fn results(&self, stage: Stage) -> Result<Vec<PublishedResult>, ActivityError> {
-        let prefix = format!("results/{stage}/");
-        let mut latest: BTreeMap<RunId, PublishedResult> = BTreeMap::new();
+    /// The keys under `prefix`, without it.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, ActivityError> {
+        let mut keys = Vec::new();
         let mut token = None;
         for _ in 0..PAGES_MAX {
             let page = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.inner.bucket)
-                .prefix(&prefix)
+                .prefix(prefix)
                 .set_continuation_token(token)
                 .send()
                 .await
                 .map_err(|e| activity_error(&format!("ListObjectsV2 {prefix}"), e))?;
-            for object in page.contents() {
-                let Some(result) = object.key().and_then(|k| parse_result_key(stage, k)) else { continue };
-                match latest.get(&result.run) {
-                    Some(known) if known.attempt >= result.attempt => {}
-                    _ => _ = latest.insert(result.run.clone(), result),
-                }
-            }
+            keys.extend(page.contents().iter().filter_map(|o| o.key()?.strip_prefix(prefix).map(str::to_owned)));
             token = page.next_continuation_token().map(str::to_owned);
             if token.is_none() {
                 break;
             }
         }
+        Ok(keys)
+    }
+
+    /// The withdrawals of `stage`, as [`withdrawal_name`]s.
+    async fn withdrawn(&self, stage: Stage) -> Result<BTreeSet<String>, ActivityError> {
+        Ok(self.list(&format!("withdrawn/{stage}/")).await?.into_iter().collect())
+    }
+
+    /// Every published result of `stage` not `withdrawn`, the latest attempt of each run.
+    async fn results(&self, stage: Stage, withdrawn: &BTreeSet<String>) -> Result<Vec<PublishedResult>, ActivityError> {
+        let prefix = format!("results/{stage}/");
+        let mut latest: BTreeMap<RunId, PublishedResult> = BTreeMap::new();
+        for name in self.list(&prefix).await? {
+            let Some(result) = parse_result_key(stage, &format!("{prefix}{name}")) else { continue };
+            if withdrawn.contains(&withdrawal_name(&result.run, result.attempt)) {
+                continue;
+            }
+            match latest.get(&result.run) {
+                Some(known) if known.attempt >= result.attempt => {}
+                _ => _ = latest.insert(result.run.clone(), result),
+            }
+        }
         Ok(latest.into_values().collect())
+    }
+
+    /// Rebuilds the leaderboard of `stage` (see the module's doc for why it is safe).
+    async fn rebuild(&self, stage: Stage) -> Result<Leaderboard, ActivityError> {
+        let json_key = format!("leaderboard/{stage}.json");
+        for _ in 0..PUBLISH_TRIES_MAX {
+            let current = self.get(&self.inner.bucket, &json_key).await?;
+            let withdrawn = self.withdrawn(stage).await?;
+            let board = Leaderboard::build(stage, self.results(stage, &withdrawn).await?);
+            let json = board.to_json();
+            let etag = match &current {
+                Some((bytes, _)) if bytes.as_slice() == json.as_bytes() => return Ok(board),
+                Some((_, etag)) => Some(etag.clone().unwrap_or_default()),
+                None => None,
+            };
+            if self.put_if(&json_key, json.into_bytes(), etag.as_deref()).await?
+                && self.withdrawn(stage).await? == withdrawn
+            {
+                self.sync_csv(stage).await?;
+                return Ok(board);
+            }
+        }
+        Err(ActivityError::Transient(format!("{json_key}: other publishers kept winning; will try again")))
     }
 
     /// Writes `bytes` at `key` if the object's ETag is still `etag` (or, for
@@ -214,22 +257,15 @@ impl ArtifactStore for S3Artifacts {
         let body = serde_json::to_vec_pretty(result).map_err(|e| ActivityError::Permanent(e.to_string()))?;
         // Created once; an existing one (a repeated publish) is left alone.
         self.put_if(&result_key(result), body, None).await?;
-        let json_key = format!("leaderboard/{}.json", result.stage);
-        for _ in 0..PUBLISH_TRIES_MAX {
-            let current = self.get(&self.inner.bucket, &json_key).await?;
-            let board = Leaderboard::build(result.stage, self.results(result.stage).await?);
-            let json = board.to_json();
-            let etag = match &current {
-                Some((bytes, _)) if bytes.as_slice() == json.as_bytes() => return Ok(board),
-                Some((_, etag)) => Some(etag.clone().unwrap_or_default()),
-                None => None,
-            };
-            if self.put_if(&json_key, json.into_bytes(), etag.as_deref()).await? {
-                self.sync_csv(result.stage).await?;
-                return Ok(board);
-            }
-        }
-        Err(ActivityError::Transient(format!("{json_key}: other publishers kept winning; will try again")))
+        self.rebuild(result.stage).await
+    }
+
+    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError> {
+        let stage = run.parts().1;
+        let key = format!("withdrawn/{stage}/{}", withdrawal_name(run, attempt));
+        // Empty and created once; an existing one (a repeated withdrawal) is left alone.
+        self.put_if(&key, Vec::new(), None).await?;
+        self.rebuild(stage).await
     }
 }
 
