@@ -135,19 +135,10 @@ mod tests {
     use evalflow_activities::local::job::Limits;
     use evalflow_activities::local::sandbox::Isolation;
     use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
-    use evalflow_workflow::{Attempt, RunSpec, Score, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
+    use evalflow_workflow::{Attempt, Score};
 
     use super::*;
-
-    const POLICY: &str = r#"
-        time_limit_secs = 600
-        [[profile]]
-        name = "g4"
-        host_memory_mib = 100
-        gpu_memory_mib = 100
-        vcpus = 1
-        price_per_hour_usd = 0.5
-    "#;
+    use crate::testing;
 
     #[tokio::test]
     async fn a_withdrawal_takes_a_published_score_off_the_leaderboard() {
@@ -163,11 +154,9 @@ mod tests {
         let activities = Activities {
             runner: Arc::new(runner),
             artifacts: Arc::new(FsArtifacts::new(dir.path(), BTreeMap::new())),
-            policy: Policy::from_toml(POLICY).unwrap(),
+            policy: testing::policy(),
         };
-        let submission = SubmissionId::new("late").unwrap();
-        let source = SubmissionSource::Image { uri: "img".into() };
-        let spec = RunSpec::new(submission, TeamId::new("t").unwrap(), Stage::Public, false, source, Timestamp(1));
+        let spec = testing::spec("late");
         let run = spec.run.clone();
         let board = || -> Leaderboard {
             serde_json::from_slice(&std::fs::read(dir.path().join("leaderboard/public.json")).unwrap()).unwrap()

@@ -280,27 +280,11 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
 
 #[cfg(test)]
 mod tests {
-    use evalflow_workflow::{
-        Detail, Envelope, Event, JobId, JobOutcome, JobUsage, Policy, RunSpec, Stage, SubmissionId, SubmissionSource,
-        TeamId,
-    };
-
     use evalflow_workflow::store::SledOptions;
+    use evalflow_workflow::{Detail, Envelope, Event, JobId, JobOutcome, JobUsage};
 
     use super::*;
-
-    const POLICY: &str = r#"
-        time_limit_secs = 600
-        [retry]
-        backoff_base_secs = 1
-        backoff_max_secs = 1
-        [[profile]]
-        name = "g4"
-        host_memory_mib = 100
-        gpu_memory_mib = 100
-        vcpus = 1
-        price_per_hour_usd = 0.5
-    "#;
+    use crate::testing;
 
     struct Harness {
         engine: EngineHandle,
@@ -312,7 +296,7 @@ mod tests {
         fn start() -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
-            let (engine, recovered) = Engine::open(store, Policy::from_toml(POLICY).unwrap(), 8).unwrap();
+            let (engine, recovered) = Engine::open(store, testing::policy(), 8).unwrap();
             let (tx, commands) = mpsc::unbounded_channel();
             let (engine, _thread) = spawn(engine, recovered, tx, Duration::from_secs(3600));
             Harness { engine, commands, _dir: dir }
@@ -326,10 +310,7 @@ mod tests {
         /// Submits a run, launches it and reports its job interrupted: the
         /// run owes a second launch after a one-second backoff.
         async fn interrupted_run(&mut self, name: &str) -> RunId {
-            let submission = SubmissionId::new(name).unwrap();
-            let source = SubmissionSource::Image { uri: "img".into() };
-            let spec =
-                RunSpec::new(submission, TeamId::new("t").unwrap(), Stage::Public, false, source, Timestamp::now());
+            let spec = testing::spec(name);
             let run = spec.run.clone();
             self.engine.apply(vec![Input::Submit(spec)]).await.unwrap();
             let launch = self.commands.recv().await.unwrap();
