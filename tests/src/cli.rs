@@ -1,5 +1,6 @@
 //! Running the real `evalflow` binary from tests.
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -72,24 +73,43 @@ impl Cli {
     }
 
     /// Starts it in the background, its output discarded.
-    pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start evalflow {args:?}: {e}"))
+    pub fn spawn(&self, args: &[&str]) -> Process {
+        let child = self.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        Process(child.unwrap_or_else(|e| panic!("cannot start evalflow {args:?}: {e}")))
+    }
+
+    /// Starts it in the background, its standard error written to `log`.
+    pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Process {
+        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let child = self.command(args).stdout(Stdio::null()).stderr(file).spawn();
+        Process(child.unwrap_or_else(|e| panic!("cannot start evalflow {args:?}: {e}")))
     }
 }
 
-impl Cli {
-    /// Starts it in the background, its standard error written to `log`.
-    pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Child {
-        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        self.command(args)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start evalflow {args:?}: {e}"))
+/// A process a test started: killed when dropped, so that a failing test
+/// leaves no engine or worker running behind it.
+#[derive(Debug)]
+pub struct Process(pub Child);
+
+impl Deref for Process {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Already ended, if the test stopped it: then both calls do nothing.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Child;
+
 use std::time::{Duration, Instant};
 
 use evalflow_tests::aws::{AwsCompetition, Tuning};
-use evalflow_tests::cli::Cli;
+use evalflow_tests::cli::{Cli, Process};
 use evalflow_worker::views::RunView;
 use evalflow_workflow::StateTag;
 use rand::rngs::StdRng;
@@ -33,7 +33,7 @@ fn published(cli: &Cli) -> usize {
 struct Fleet<'a> {
     cli: &'a Cli,
     logs: &'a Path,
-    processes: [Child; 3],
+    processes: [Process; 3],
     starts: usize,
 }
 
@@ -43,7 +43,7 @@ impl<'a> Fleet<'a> {
         Fleet { cli, logs, processes, starts: 3 }
     }
 
-    fn spawn(cli: &Cli, logs: &Path, slot: usize, start: usize) -> Child {
+    fn spawn(cli: &Cli, logs: &Path, slot: usize, start: usize) -> Process {
         let args: &[&str] = if slot == 0 { &["serve"] } else { &["worker"] };
         cli.spawn_logged(args, &logs.join(format!("p{slot}-{start}.log")))
     }
@@ -55,13 +55,6 @@ impl<'a> Fleet<'a> {
         process.wait().unwrap();
         self.starts += 1;
         self.processes[slot] = Self::spawn(self.cli, self.logs, slot, self.starts);
-    }
-
-    fn kill_all(&mut self) {
-        for process in &mut self.processes {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
     }
 }
 
@@ -125,7 +118,7 @@ fn an_aws_fleet_killed_at_random_points_completes_every_run_with_one_job_each() 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    fleet.kill_all();
+    drop(fleet); // kills them all
 
     let jobs = block_on(competition.jobs());
     let names: Vec<&str> = jobs.iter().map(|(name, _)| name.as_str()).collect();

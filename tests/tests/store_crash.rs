@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use evalflow_tests::cli::Process;
 use evalflow_tests::{check_store, test_policy};
 use evalflow_workflow::{RunId, SledStore, StateTag, WorkflowStore};
 use rand::rngs::StdRng;
@@ -53,11 +54,13 @@ fn no_acknowledged_event_is_lost_and_no_half_transition_is_seen_after_sigkill() 
 /// Runs the writer until it finishes (true) or, with `kill_after`, SIGKILLs
 /// it after that many acknowledgements (false). Records what it acknowledged.
 fn run_writer(dir: &std::path::Path, runs: usize, seed: u64, kill_after: Option<usize>, acks: &mut Acks) -> bool {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_store-crash-writer"))
-        .args([dir.to_str().unwrap(), &runs.to_string(), &seed.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        Command::new(env!("CARGO_BIN_EXE_store-crash-writer"))
+            .args([dir.to_str().unwrap(), &runs.to_string(), &seed.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut seen = 0;
     let mut done = false;
