@@ -5,7 +5,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `jobs/<job>/output/submission.csv` | a job's predictions |
+//! | `jobs/<job>/output/submission.csv` | a job's predictions (read beneath `jobs/`, through no link, at most the cap + 1 bytes) |
 //! | `results/<stage>/<run>.json` | a published result (one per run) |
 //! | `results/<stage>/<run>.a<attempt>.withdrawn` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard, rebuilt from the results |
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 use crate::leaderboard::Leaderboard;
+use crate::untrusted::{self, Contents, Refusal};
 use crate::{ActivityError, blocking};
 
 /// A job's predictions, as found.
@@ -30,6 +31,9 @@ use crate::{ActivityError, blocking};
 pub enum Predictions {
     /// The job wrote none.
     Missing,
+    /// The job left something that must not be read as its predictions (a
+    /// link, a FIFO, a hard link): the submission's fault.
+    Refused(Refusal),
     /// Too large to read.
     TooLarge {
         /// Its size.
@@ -175,18 +179,17 @@ impl FsArtifacts {
 #[async_trait]
 impl ArtifactStore for FsArtifacts {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
-        let path = self.inner.jobs_dir.join(job_name(run, attempt)).join("output").join("submission.csv");
+        // Beneath the jobs directory, through no link: a link in the job's
+        // output could name the labels or another team's predictions.
+        let jobs_dir = self.inner.jobs_dir.clone();
+        let relative = Path::new(&job_name(run, attempt)).join("output").join("submission.csv");
         blocking(move || {
-            let size = match fs::metadata(&path) {
-                Ok(metadata) if metadata.is_file() => metadata.len(),
-                Ok(_) => return Ok(Predictions::Missing),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Predictions::Missing),
-                Err(e) => return Err(e.into()),
-            };
-            if size > max_bytes {
-                return Ok(Predictions::TooLarge { bytes: size });
-            }
-            Ok(Predictions::Found(fs::read(&path)?))
+            Ok(match untrusted::read_capped(&jobs_dir, &relative, max_bytes)? {
+                Contents::Missing => Predictions::Missing,
+                Contents::Refused(refusal) => Predictions::Refused(refusal),
+                Contents::TooLarge { bytes } => Predictions::TooLarge { bytes },
+                Contents::Found(bytes) => Predictions::Found(bytes),
+            })
         })
         .await
     }

@@ -1,20 +1,26 @@
-//! Small filesystem tools: atomic writes, content digests, bounded copies.
+//! Small filesystem tools: atomic writes, content digests, bounded copies
+//! that open every file fd-relative and through no link.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
+
+use crate::untrusted;
 
 /// The most entries a submission directory may hold.
 pub const DIR_ENTRIES_MAX: usize = 10_000;
 
 /// Writes `bytes` to `path` so that a reader sees the old file or the new
-/// one, never a part: write a temporary file, sync it, rename, sync the directory.
+/// one, never a part: write a temporary file, sync it, rename, sync the
+/// directory. The file is the engine's user's alone (0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let name = path.file_name().ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))?;
     let tmp = path.with_file_name(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
-    let mut file = File::create(&tmp)?;
+    let mut file = File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, path)?;
@@ -24,93 +30,83 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The regular files under `dir`, as paths relative to it, sorted. Refuses
-/// symlinks and special files (a link could point a sandbox at host files),
-/// and trees of more than [`DIR_ENTRIES_MAX`] entries.
-pub fn list_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// The regular files under `dir`, as paths relative to it with their
+/// sizes, sorted. Refuses symlinks and special files (a link could point a
+/// sandbox at host files), trees of more than [`DIR_ENTRIES_MAX`] entries,
+/// and more than `bytes_max` bytes in all.
+pub fn list_files(dir: &Path, bytes_max: u64) -> io::Result<Vec<(PathBuf, u64)>> {
     let mut files = Vec::new();
-    let mut pending = vec![PathBuf::new()];
-    let mut seen = 0;
-    while let Some(relative) = pending.pop() {
-        for entry in fs::read_dir(dir.join(&relative))? {
-            let entry = entry?;
-            seen += 1;
-            if seen > DIR_ENTRIES_MAX {
-                return Err(io::Error::other(format!("{} has more than {DIR_ENTRIES_MAX} entries", dir.display())));
-            }
-            let kind = entry.file_type()?;
-            let path = relative.join(entry.file_name());
-            if kind.is_dir() {
-                pending.push(path);
-            } else if kind.is_file() {
-                files.push(path);
-            } else {
-                let what = if kind.is_symlink() { "a symlink" } else { "a special file" };
-                return Err(io::Error::other(format!(
-                    "{} is {what}: submissions hold only plain files and directories",
-                    dir.join(&path).display()
-                )));
-            }
+    let mut refused = None;
+    let mut total = 0_u64;
+    untrusted::walk(dir, DIR_ENTRIES_MAX as u64, |entry| match entry.kind {
+        FileType::Directory => {}
+        FileType::RegularFile => {
+            total = total.saturating_add(entry.bytes);
+            files.push((entry.path.clone(), entry.bytes));
         }
+        FileType::Symlink => refused = refused.take().or(Some((entry.path.clone(), "a symlink"))),
+        _ => refused = refused.take().or(Some((entry.path.clone(), "a special file"))),
+    })
+    .map_err(|e| io::Error::other(format!("{}: {e}", dir.display())))?;
+    if let Some((path, what)) = refused {
+        return Err(io::Error::other(format!(
+            "{} is {what}: submissions hold only plain files and directories",
+            dir.join(path).display()
+        )));
+    }
+    if total > bytes_max {
+        return Err(io::Error::other(format!(
+            "{} holds {} MiB, more than the {} MiB a submission may take",
+            dir.display(),
+            total.div_ceil(1 << 20),
+            bytes_max >> 20
+        )));
     }
     files.sort();
     Ok(files)
 }
 
-/// A SHA-256 digest of a directory's files: their relative paths and contents.
-pub fn dir_digest(dir: &Path) -> io::Result<String> {
+/// A SHA-256 digest of a directory's files: their relative paths and
+/// contents. Every file is opened beneath `dir`, through no link.
+pub fn dir_digest(dir: &Path, bytes_max: u64) -> io::Result<String> {
     let mut hasher = Sha256::new();
-    for relative in list_files(dir)? {
+    for (relative, _) in list_files(dir, bytes_max)? {
         let name = relative.to_string_lossy();
         hasher.update((name.len() as u64).to_le_bytes());
         hasher.update(name.as_bytes());
-        let mut file = File::open(dir.join(&relative))?;
-        hasher.update(file.metadata()?.len().to_le_bytes());
-        io::copy(&mut file, &mut hasher)?;
+        let (file, length) = open_listed(dir, &relative)?;
+        hasher.update(length.to_le_bytes());
+        io::copy(&mut file.take(length), &mut hasher)?;
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Copies the files of `from` into `to` (created), refusing what [`list_files`] refuses.
-pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+/// Copies the files of `from` into `to` (created), refusing what
+/// [`list_files`] refuses; every file is opened beneath `from`, through no link.
+pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
     fs::create_dir_all(to)?;
-    for relative in list_files(from)? {
+    for (relative, _) in list_files(from, bytes_max)? {
         let target = to.join(&relative);
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent)?;
         }
-        fs::copy(from.join(&relative), target)?;
+        let (file, length) = open_listed(from, &relative)?;
+        io::copy(&mut file.take(length), &mut File::create(target)?)?;
     }
     Ok(())
 }
 
-/// The bytes taken by the files under `dir`, counting at most `entries_max`
-/// entries (a bound on the cost of a check, not on the directory).
-pub fn dir_bytes(dir: &Path, entries_max: usize) -> io::Result<u64> {
-    let mut total = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    let mut seen = 0;
-    while let Some(current) = pending.pop() {
-        for entry in fs::read_dir(&current)? {
-            let entry = entry?;
-            seen += 1;
-            if seen > entries_max {
-                return Ok(total);
-            }
-            let metadata = entry.metadata()?;
-            if metadata.is_dir() {
-                pending.push(entry.path());
-            } else {
-                total += metadata.len();
-            }
-        }
-    }
-    Ok(total)
+/// Opens a file [`list_files`] listed; it must still be a regular file.
+fn open_listed(dir: &Path, relative: &Path) -> io::Result<(File, u64)> {
+    untrusted::open_file(dir, relative)?
+        .ok_or_else(|| io::Error::other(format!("{} vanished while it was read", dir.join(relative).display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: u64 = 1 << 20;
 
     #[test]
     fn digests_change_with_contents_and_names_but_not_with_copies() {
@@ -120,18 +116,19 @@ mod tests {
         fs::write(a.join("x.py"), "print(1)").unwrap();
         fs::write(a.join("sub/y.txt"), "y").unwrap();
         let b = dir.path().join("b");
-        copy_dir(&a, &b).unwrap();
-        assert_eq!(dir_digest(&a).unwrap(), dir_digest(&b).unwrap());
+        copy_dir(&a, &b, MIB).unwrap();
+        assert_eq!(dir_digest(&a, MIB).unwrap(), dir_digest(&b, MIB).unwrap());
         fs::write(b.join("x.py"), "print(2)").unwrap();
-        assert_ne!(dir_digest(&a).unwrap(), dir_digest(&b).unwrap());
-        assert_eq!(dir_bytes(&a, 100).unwrap(), 9);
+        assert_ne!(dir_digest(&a, MIB).unwrap(), dir_digest(&b, MIB).unwrap());
+        let err = dir_digest(&a, 8).unwrap_err().to_string();
+        assert!(err.ends_with("holds 1 MiB, more than the 0 MiB a submission may take"), "{err}");
     }
 
     #[test]
     fn symlinks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("leak")).unwrap();
-        let err = list_files(dir.path()).unwrap_err().to_string();
+        let err = list_files(dir.path(), MIB).unwrap_err().to_string();
         assert!(err.ends_with("leak is a symlink: submissions hold only plain files and directories"), "{err}");
     }
 

@@ -20,6 +20,7 @@ pub mod leaderboard;
 pub mod local;
 pub mod scoring;
 pub mod submission;
+pub mod untrusted;
 
 use async_trait::async_trait;
 use evalflow_workflow::{Attempt, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage, Timestamp};

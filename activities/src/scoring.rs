@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use evalflow_workflow::Score;
 
 use crate::artifacts::{Labels, Predictions};
+use crate::untrusted::Refusal;
 
 /// Probabilities are clipped to `[EPSILON, 1 - EPSILON]` before the logarithm.
 pub const EPSILON: f64 = 1e-15;
@@ -22,8 +23,14 @@ pub enum Rejection {
     /// No file.
     #[error("Submission CSV Not Found: the job ended without writing submission.csv to $EVALFLOW_OUTPUT_DIR")]
     NotFound,
+    /// Not a file that can be scored (a link, a FIFO, a hard link).
+    #[error("submission.csv {why}")]
+    Refused {
+        /// What it is.
+        why: Refusal,
+    },
     /// Too big to score.
-    #[error("submission.csv is {bytes} bytes: the limit is {PREDICTIONS_MAX_BYTES}")]
+    #[error("submission.csv has more than {PREDICTIONS_MAX_BYTES} bytes (at least {bytes}): write a smaller file")]
     TooLarge {
         /// Its size.
         bytes: u64,
@@ -101,6 +108,7 @@ pub enum Rejection {
 pub fn score(predictions: &Predictions, labels: &Labels) -> Result<Score, Rejection> {
     let bytes = match predictions {
         Predictions::Missing => return Err(Rejection::NotFound),
+        Predictions::Refused(why) => return Err(Rejection::Refused { why: *why }),
         Predictions::TooLarge { bytes } => return Err(Rejection::TooLarge { bytes: *bytes }),
         Predictions::Found(bytes) => bytes,
     };

@@ -177,6 +177,9 @@ pub struct Example {
     pub final_pick: bool,
     /// What it is for, in words.
     pub about: &'static str,
+    /// How each of its runs ends, as documented: `published`, or the
+    /// failure kind of a failed run.
+    pub ends: &'static str,
     /// `predict.py`.
     pub program: String,
 }
@@ -224,6 +227,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: true,
             about: "a real, if simple, detector",
+            ends: "published",
             program: format!("{READ_CLIPS}\n{}", predict(20.0, 0.45)),
         },
         Example {
@@ -232,6 +236,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: true,
             final_pick: true,
             about: "0.5 everywhere, on the CPU ladder",
+            ends: "published",
             program: format!("{READ_CLIPS}\nwrite({{n: 0.5 for n in files}})\n"),
         },
         Example {
@@ -240,6 +245,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "needs 220 MiB: more than g4 has, fits p3",
+            ends: "published",
             program: hog(220),
         },
         Example {
@@ -248,6 +254,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "needs 1.5 GiB: fits nowhere",
+            ends: "out_of_memory",
             program: hog(1536),
         },
         Example {
@@ -256,6 +263,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "runs past the time limit",
+            ends: "timed_out",
             program: "import time\ntime.sleep(3600)\n".into(),
         },
         Example {
@@ -264,6 +272,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "raises an exception",
+            ends: "crashed",
             program: "raise RuntimeError('model weights not found')\n".into(),
         },
         Example {
@@ -272,6 +281,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "writes a probability of 1.7",
+            ends: "invalid_predictions",
             program: format!("{READ_CLIPS}\np = {{n: 0.5 for n in files}}\np[files[3]] = 1.7\nwrite(p)\n"),
         },
         Example {
@@ -280,6 +290,7 @@ pub fn examples(labels_path: &Path) -> Vec<Example> {
             cpu_only: false,
             final_pick: false,
             about: "tries to reach the network and read the labels",
+            ends: "published",
             program: escape(labels_path),
         },
     ]

@@ -4,12 +4,12 @@
 //! and run again, it finishes with the same result.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use evalflow_activities::local::sandbox::Isolation;
+use evalflow_activities::local::sandbox::{Isolation, check_reachable};
 use evalflow_worker::config::Config;
 use evalflow_worker::lock::{LockState, lock_for_engine};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
@@ -23,6 +23,22 @@ use crate::{competition, output, signals};
 
 /// How often progress is redrawn.
 const PROGRESS_POLL: Duration = Duration::from_millis(250);
+
+/// Where the demo goes without `--data-dir`: `evalflow-demo/` here, unless
+/// job sandboxes cannot reach it (a clone under `/root`, run as root): then
+/// `/var/tmp/evalflow-demo`, said in one line.
+pub fn default_dir() -> PathBuf {
+    let here = PathBuf::from("evalflow-demo");
+    let cwd = std::env::current_dir().unwrap_or_default();
+    match check_reachable(&cwd) {
+        Ok(()) => here,
+        Err(e) => {
+            let elsewhere = PathBuf::from("/var/tmp/evalflow-demo");
+            eprintln!("{e}\nso the demo goes to {} instead", elsewhere.display());
+            elsewhere
+        }
+    }
+}
 
 /// Runs the demo in `data_dir`.
 pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
@@ -84,7 +100,18 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
     }
     println!("{} runs ended in {:.1} s\n", runs.len(), started.elapsed().as_secs_f64());
     report(&node, &runs).await?;
+    let astray = astray(&node, &examples).await?;
     node.shutdown().await?;
+    if !astray.is_empty() {
+        eprintln!(
+            "\nthese runs did not end as the examples document, so this machine does not run evalflow as it should:"
+        );
+        for line in &astray {
+            eprintln!("  {line}");
+        }
+        eprintln!("read their logs (`evalflow --data-dir {} logs RUN`) and the host checks above", data_dir.display());
+        return Ok(ExitCode::FAILURE);
+    }
     println!(
         "\ndata, jobs and logs are in {}: try `evalflow --data-dir {} history oom-g4-public`",
         data_dir.display(),
@@ -119,6 +146,25 @@ async fn progress(node: &Node, runs: &[RunId]) -> Result<()> {
         }
         tokio::time::sleep(PROGRESS_POLL).await;
     }
+}
+
+/// The runs of the examples that did not end as documented, in words.
+async fn astray(node: &Node, examples: &[(competition::Example, PathBuf)]) -> Result<Vec<String>> {
+    let views = node.runs(None).await?;
+    let mut astray = Vec::new();
+    for (example, _) in examples {
+        for view in views.iter().filter(|v| v.submission.as_str() == example.id) {
+            let ended = match view.state {
+                StateTag::Published => "published".to_owned(),
+                _ => view.failure.clone().unwrap_or_else(|| view.state.to_string()),
+            };
+            if ended != example.ends {
+                let reason = view.reason.as_deref().unwrap_or_default();
+                astray.push(format!("{}: {ended} ({reason}), documented: {}", view.id, example.ends));
+            }
+        }
+    }
+    Ok(astray)
 }
 
 async fn report(node: &Node, runs: &[RunId]) -> Result<()> {

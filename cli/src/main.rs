@@ -247,7 +247,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { no_sandbox } => {
-            let dir = data_dir.unwrap_or_else(|| PathBuf::from("evalflow-demo"));
+            let dir = data_dir.unwrap_or_else(demo::default_dir);
             demo::run(&dir, isolation(no_sandbox)).await
         }
         Command::Serve { listen, no_sandbox } => serve::run(&dir(), listen, isolation(no_sandbox)).await,

@@ -143,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawal_takes_a_published_score_off_the_leaderboard() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = Limits { pids_max: 64, disk_max_mib: 64, kill_grace_secs: 1 };
+        let limits = Limits { pids_max: 64, disk_max_mib: 64, files_max: 1000, kill_grace_secs: 1 };
         let runner = LocalRunner::new(LocalRunnerConfig {
             jobs_dir: dir.path().join("jobs"),
             supervisor: Vec::new(),

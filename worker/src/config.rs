@@ -284,20 +284,41 @@ pub struct LocalConfig {
     pub pids_max: u32,
     /// Bytes a job may write (scratch, output, logs), in MiB.
     pub disk_max_mib: u64,
+    /// Files and directories a job may have in its scratch and output.
+    pub files_max: u64,
     /// Between SIGTERM and SIGKILL, in seconds.
     pub kill_grace_secs: u64,
+    /// The largest submitted directory, in MiB.
+    pub submission_max_mib: u64,
 }
 
 impl Default for LocalConfig {
     fn default() -> Self {
-        LocalConfig { max_concurrent_jobs: 2, pids_max: 256, disk_max_mib: 1024, kill_grace_secs: 5 }
+        LocalConfig {
+            max_concurrent_jobs: 2,
+            pids_max: 256,
+            disk_max_mib: 1024,
+            files_max: 10_000,
+            kill_grace_secs: 5,
+            submission_max_mib: 1024,
+        }
     }
 }
 
 impl LocalConfig {
     /// The job limits besides memory and time.
     pub fn limits(&self) -> Limits {
-        Limits { pids_max: self.pids_max, disk_max_mib: self.disk_max_mib, kill_grace_secs: self.kill_grace_secs }
+        Limits {
+            pids_max: self.pids_max,
+            disk_max_mib: self.disk_max_mib,
+            files_max: self.files_max,
+            kill_grace_secs: self.kill_grace_secs,
+        }
+    }
+
+    /// The largest submitted directory, in bytes.
+    pub fn submission_max_bytes(&self) -> u64 {
+        self.submission_max_mib.saturating_mul(1 << 20)
     }
 }
 
@@ -360,6 +381,36 @@ impl Config {
     /// Where submitted directories are kept.
     pub fn submissions_dir(&self) -> PathBuf {
         self.data_dir.join("submissions")
+    }
+
+    /// Keeps the data directory to the engine's user: no other user may
+    /// list it (0711: job sandboxes, which run as unprivileged uids, pass
+    /// through it to `jobs/` and the test sets); the store, the kept
+    /// submissions, the results and the leaderboards are 0700; each stage's
+    /// labels 0600. Says so when it changes a mode.
+    pub fn make_private(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut private = vec![(self.data_dir.clone(), 0o711)];
+        for dir in ["state", "submissions", "results", "leaderboard"] {
+            private.push((self.data_dir.join(dir), 0o700));
+        }
+        private.push((self.jobs_dir(), 0o711));
+        private.extend(self.stages.values().map(|stage| (stage.labels.clone(), 0o600)));
+        for (dir, _) in &private[1..6] {
+            std::fs::create_dir_all(dir)?;
+        }
+        for (path, mode) in private {
+            let current = match std::fs::metadata(&path) {
+                Ok(metadata) => metadata.permissions().mode() & 0o777,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if current != mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+                tracing::info!("{} was mode {current:o}: now {mode:o}", path.display());
+            }
+        }
+        Ok(())
     }
 }
 

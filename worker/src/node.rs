@@ -91,6 +91,9 @@ pub enum NodeError {
     /// The AWS deployment cannot be reached.
     #[error(transparent)]
     Aws(#[from] crate::aws::ConnectError),
+    /// The data directory cannot be made private to the engine's user.
+    #[error("cannot make {0} private to evalflow ({1}): run evalflow as the user that owns it")]
+    Private(String, std::io::Error),
     /// The engine thread panicked.
     #[error("the engine thread panicked")]
     Panicked,
@@ -160,6 +163,7 @@ impl Setup {
             limits: config.local.limits(),
         });
         if options.mode == Mode::Engine {
+            config.make_private().map_err(|e| NodeError::Private(config.data_dir.display().to_string(), e))?;
             runner.check_host()?;
         }
         let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();

@@ -185,17 +185,18 @@ fn prepare_directory(
     let id = &request.id;
     let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
     let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
-    let digest = dir_digest(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let bytes_max = config.local.submission_max_bytes();
+    let digest = dir_digest(path, bytes_max).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let kept = config.submissions_dir().join(id.as_str());
     if kept.exists() {
-        let kept_digest = dir_digest(&kept).map_err(|e| invalid(format!("{}: {e}", kept.display())))?;
+        let kept_digest = dir_digest(&kept, u64::MAX).map_err(|e| invalid(format!("{}: {e}", kept.display())))?;
         if kept_digest != digest {
             return Err(SubmitError::Conflict { id: id.clone(), kept: kept.display().to_string() });
         }
     } else {
         clear_staging(&config.submissions_dir(), id);
         let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
-        copy_dir(path, &staging).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
+        copy_dir(path, &staging, bytes_max).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
         std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
     }
     let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };

@@ -68,8 +68,14 @@ fn number(path: &Path) -> Option<u64> {
 }
 
 impl JobCgroup {
-    /// Creates the group `name` with the job's limits.
+    /// Creates the group `name` with the job's limits. A group left by a
+    /// supervisor that died (its processes died with it) is removed first.
     pub fn create(name: &str, memory_limit_mib: u64, pids_max: u32) -> Result<JobCgroup, CgroupError> {
+        let leftover = JobCgroup::at(name);
+        if leftover.dirs().iter().any(|dir| dir.exists()) {
+            leftover.kill_all();
+            leftover.remove();
+        }
         let memory_bytes = (memory_limit_mib * 1024 * 1024).to_string();
         if let (Some(memory_parent), Some(pids_parent)) = (v1_own_group("memory"), v1_own_group("pids"))
             && memory_parent.join("memory.limit_in_bytes").exists()
@@ -99,6 +105,44 @@ impl JobCgroup {
         let _ = fs::write(dir.join("memory.swap.max"), "0");
         write(&dir.join("pids.max"), &pids_max.to_string())?;
         Ok(JobCgroup::V2 { dir })
+    }
+
+    /// Where the group `name` is, or would be.
+    fn at(name: &str) -> JobCgroup {
+        match (v1_own_group("memory"), v1_own_group("pids")) {
+            (Some(memory), Some(pids)) if memory.join("memory.limit_in_bytes").exists() => {
+                JobCgroup::V1 { memory: memory.join(name), pids: pids.join(name) }
+            }
+            _ => JobCgroup::V2 { dir: Path::new(ROOT).join("evalflow").join(name) },
+        }
+    }
+
+    /// Removes the groups whose names start with `prefix` that `is_live`
+    /// does not claim: those of jobs whose supervisor died before it could.
+    pub fn remove_leftovers(prefix: &str, is_live: impl Fn(&str) -> bool) {
+        let parents: Vec<PathBuf> = match JobCgroup::at("") {
+            JobCgroup::V1 { memory, pids } => vec![memory, pids],
+            JobCgroup::V2 { dir } => vec![dir],
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for parent in parents {
+            let Ok(entries) = fs::read_dir(&parent) else { continue };
+            names.extend(entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)));
+        }
+        for name in names.into_iter().filter(|n| n.starts_with(prefix)) {
+            if !is_live(&name[prefix.len()..]) {
+                let leftover = JobCgroup::at(&name);
+                leftover.kill_all();
+                leftover.remove();
+            }
+        }
+    }
+
+    fn dirs(&self) -> Vec<&PathBuf> {
+        match self {
+            JobCgroup::V1 { memory, pids } => vec![memory, pids],
+            JobCgroup::V2 { dir } => vec![dir],
+        }
     }
 
     /// The `cgroup.procs` files a process writes `0` to, to join the group.
@@ -134,7 +178,8 @@ impl JobCgroup {
         }
     }
 
-    fn members(&self) -> Vec<i32> {
+    /// The pids of the group's processes.
+    pub fn members(&self) -> Vec<i32> {
         self.procs_files()
             .iter()
             .flat_map(|file| {
@@ -172,12 +217,10 @@ impl JobCgroup {
 
     /// Removes the group (it must be empty).
     pub fn remove(&self) {
-        let dirs: Vec<&PathBuf> = match self {
-            JobCgroup::V1 { memory, pids } => vec![memory, pids],
-            JobCgroup::V2 { dir } => vec![dir],
-        };
-        for dir in dirs {
-            if let Err(e) = fs::remove_dir(dir) {
+        for dir in self.dirs() {
+            if let Err(e) = fs::remove_dir(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
                 tracing::warn!("could not remove {}: {e}", dir.display());
             }
         }

@@ -12,16 +12,24 @@
 //! | `work/`, `output/`, `stdout.log`, `stderr.log` | the job | while it runs |
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use evalflow_workflow::{Attempt, JobOutcome, JobUsage, ProfileName, RunId, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use super::sandbox::Isolation;
-
 /// How much of each of stdout and stderr a status keeps, in bytes.
 pub const TAIL_BYTES: u64 = 4096;
+
+/// How jobs are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// bubblewrap namespaces: the default, required for untrusted code.
+    Sandbox,
+    /// No isolation: only for code the operator trusts (`--no-sandbox`).
+    Unconfined,
+}
 
 /// The limits every local job runs under, besides its profile's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,8 +38,16 @@ pub struct Limits {
     pub pids_max: u32,
     /// Bytes written to scratch, output and logs, in MiB.
     pub disk_max_mib: u64,
+    /// Files and directories in scratch and output.
+    #[serde(default = "files_max_default")]
+    pub files_max: u64,
     /// Between SIGTERM and SIGKILL when a job is stopped, in seconds.
     pub kill_grace_secs: u64,
+}
+
+/// The file cap of a job requested before the cap existed.
+fn files_max_default() -> u64 {
+    10_000
 }
 
 /// What the launcher asks the supervisor to run.
@@ -111,6 +127,19 @@ impl JobPaths {
         &self.dir
     }
 
+    /// The job's name (its directory's).
+    pub fn name(&self) -> String {
+        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// What the job is called where names are host-wide (its control
+    /// groups): `evalflow-<data directory tag>-<job>`, so that two
+    /// competitions on one host with the same run ids never meet.
+    pub fn host_name(&self) -> String {
+        let jobs_dir = self.dir.parent().unwrap_or(Path::new("/"));
+        format!("{}{}", host_prefix(jobs_dir), self.name())
+    }
+
     /// `job.json`.
     pub fn request(&self) -> PathBuf {
         self.dir.join("job.json")
@@ -181,6 +210,16 @@ impl JobPaths {
     }
 }
 
+/// The prefix of the host-wide names of the jobs under `jobs_dir`:
+/// `evalflow-` and 12 hex digits of a digest of the directory's real path.
+pub fn host_prefix(jobs_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let real = jobs_dir.canonicalize().unwrap_or_else(|_| jobs_dir.to_path_buf());
+    let digest = Sha256::digest(real.as_os_str().as_encoded_bytes());
+    let tag: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("evalflow-{tag}-")
+}
+
 /// Reads a JSON file; `None` when it does not exist.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match std::fs::read(path) {
@@ -192,14 +231,9 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Opti
     }
 }
 
-/// The last [`TAIL_BYTES`] of a file, lossily decoded.
+/// The last [`TAIL_BYTES`] of a job's log, lossily decoded, read without
+/// following a link.
 pub fn tail(path: &Path) -> String {
-    let Ok(mut file) = File::open(path) else { return String::new() };
-    let length = file.metadata().map_or(0, |m| m.len());
-    if file.seek(SeekFrom::Start(length.saturating_sub(TAIL_BYTES))).is_err() {
-        return String::new();
-    }
-    let mut bytes = Vec::new();
-    let _ = file.take(TAIL_BYTES).read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).into_owned()
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return String::new() };
+    crate::untrusted::read_tail(dir, Path::new(name), TAIL_BYTES)
 }

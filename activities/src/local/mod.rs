@@ -9,7 +9,9 @@
 pub mod cgroup;
 pub mod job;
 pub mod sandbox;
+pub mod seccomp;
 pub mod supervisor;
+pub mod uid;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -63,13 +65,26 @@ impl LocalRunner {
     }
 
     /// Checks that this machine can run jobs as configured: with
-    /// [`Isolation::Sandbox`], that bubblewrap makes sandboxes and job cgroups
-    /// can be created.
+    /// [`Isolation::Sandbox`], that bubblewrap makes sandboxes that reach
+    /// the job directories, and that job cgroups can be created. Removes the
+    /// cgroups that jobs of this data directory left behind.
     pub fn check_host(&self) -> Result<(), SandboxError> {
         if self.config.isolation == Isolation::Unconfined {
             return Ok(());
         }
-        sandbox::probe()?;
+        fs::create_dir_all(&self.config.jobs_dir).map_err(|e| SandboxError::Unreachable {
+            dir: self.config.jobs_dir.display().to_string(),
+            problem: e.to_string(),
+        })?;
+        sandbox::check_reachable(&self.config.jobs_dir)?;
+        for test_set in self.config.test_sets.values() {
+            sandbox::check_reachable(test_set)?;
+        }
+        sandbox::probe(&self.config.jobs_dir)?;
+        let jobs_dir = self.config.jobs_dir.clone();
+        cgroup::JobCgroup::remove_leftovers(&job::host_prefix(&jobs_dir), |job| {
+            JobPaths::new(&jobs_dir, job).supervised().unwrap_or(true)
+        });
         let probe = cgroup::JobCgroup::create(&format!("evalflow-probe-{}", std::process::id()), 64, 16)
             .map_err(|e| SandboxError::NoCgroups(e.to_string()))?;
         probe.remove();
@@ -162,6 +177,8 @@ fn create(config: &LocalRunnerConfig, request: &LaunchRequest, paths: &JobPaths)
     let name = paths.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = config.jobs_dir.join(format!(".new-{name}-{}", std::process::id()));
     fs::create_dir_all(&staging)?;
+    // Sandboxes pass through it to their own directories; nobody else lists it.
+    fs::set_permissions(&staging, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
     write_atomic(&staging.join("job.json"), &serde_json::to_vec_pretty(&job).map_err(std::io::Error::other)?)?;
     match fs::rename(&staging, paths.dir()) {
         Ok(()) => Ok(()),
@@ -177,14 +194,11 @@ fn spawn_supervisor(config: &LocalRunnerConfig, paths: &JobPaths) -> Result<(), 
     // Marks the moment: a supervisor that never takes its lock is judged from it.
     fs::write(paths.spawned(), Timestamp::now().as_millis().to_string())?;
     let log = fs::File::options().create(true).append(true).open(paths.dir().join("supervisor.log"))?;
-    let mut child = Command::new(program)
-        .args(args)
-        .arg(paths.dir())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0) // out of reach of the terminal's Ctrl-C
-        .spawn()?;
+    let mut command = Command::new(program);
+    command.args(args).arg(paths.dir()).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    command.process_group(0); // out of reach of the terminal's Ctrl-C
+    sandbox::inherit_nothing(&mut command);
+    let mut child = command.spawn()?;
     std::thread::spawn(move || child.wait());
     Ok(())
 }

@@ -2,36 +2,42 @@
 //! system's read-only directories, the test set read-only at `/input`, its
 //! scratch copy at `/work`, its output at `/output`), or, when the operator
 //! explicitly allows it, unconfined.
+//!
+//! The sandbox inherits nothing it was not given: bubblewrap starts with an
+//! empty environment (its own pid 1 keeps the one it started with, readable
+//! at `/proc/1/environ`), every fd above 2 is closed at exec but those
+//! bubblewrap is handed on purpose, the job joins a fresh session keyring,
+//! and a seccomp filter ([`super::seccomp`]) denies what namespaces leave
+//! open. The job's directories are handed over as open fds
+//! (`--bind-fd`), so a sandbox running as an unprivileged uid reaches them
+//! under a data directory only the engine's user may enter.
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::{Deserialize, Serialize};
+use rustix::fs::{Mode, OFlags};
 
+pub use super::job::Isolation;
 use super::job::{JobPaths, JobRequest};
+use super::seccomp;
 use crate::submission::GPU_OOM_EXIT_CODE;
 
-/// The uid and gid a root supervisor drops to before starting the sandbox,
-/// so that host files owned by root stay out of the submission's reach.
+/// The uid and gid a root supervisor drops to before starting a probe
+/// sandbox; jobs run as a uid of their own ([`super::uid`]).
 pub const NOBODY: u32 = 65534;
+
+/// What bubblewrap prints before its own errors: a sandbox that failed to
+/// start, not a program that failed.
+pub const BWRAP_ERROR_PREFIX: &str = "bwrap: ";
 
 /// The `PATH` inside the sandbox.
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// The size of the sandbox's `/tmp` (memory-backed, charged to the job's memory).
 const TMP_BYTES: u64 = 64 * 1024 * 1024;
-
-/// How jobs are isolated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Isolation {
-    /// bubblewrap namespaces: the default, required for untrusted code.
-    Sandbox,
-    /// No isolation: only for code the operator trusts (`--no-sandbox`).
-    Unconfined,
-}
 
 /// Why the sandbox cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +54,35 @@ pub enum SandboxError {
          on a host with cgroup memory and pids controllers, or pass --no-sandbox to run submissions unconfined"
     )]
     NoCgroups(String),
+    /// A sandbox cannot reach the job directories or read a probe file in them.
+    #[error(
+        "a sandbox cannot use the job directories under {dir} ({problem}): keep the data directory on a \
+         local file system that root can read, or pass --no-sandbox to run submissions unconfined"
+    )]
+    Unreachable {
+        /// The jobs directory.
+        dir: String,
+        /// What went wrong.
+        problem: String,
+    },
+    /// A directory on the way to the job directories or a test set that
+    /// other users may not pass through.
+    #[error(
+        "{dir} is mode {mode:o}, so job sandboxes, which run as unprivileged users, cannot reach {target} \
+         inside it: let other users pass through it (chmod o+x {dir}; they still cannot list it), \
+         or keep the data directory elsewhere (for example under /srv or /var/lib)"
+    )]
+    Untraversable {
+        /// The directory.
+        dir: String,
+        /// Its mode.
+        mode: u32,
+        /// What lies inside it.
+        target: String,
+    },
+    /// The seccomp filter cannot be made.
+    #[error("{0}")]
+    Seccomp(String),
     /// bubblewrap is installed but cannot create namespaces here.
     #[error(
         "bubblewrap cannot create a sandbox on this machine ({0}): allow user namespaces \
@@ -62,17 +97,80 @@ pub fn find_bwrap() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join("bwrap")).find(|candidate| candidate.is_file())
 }
 
-/// Checks that a sandbox can be made here, by making one that runs `true`.
-pub fn probe() -> Result<PathBuf, SandboxError> {
+/// Checks that a sandbox can be made here, as jobs are made: in a probe
+/// directory under `jobs_dir`, handed over as fds, with the seccomp filter,
+/// as an unprivileged uid; the probe reads a file from its `/input` and
+/// writes one to its `/output`.
+pub fn probe(jobs_dir: &Path) -> Result<PathBuf, SandboxError> {
     let bwrap = find_bwrap().ok_or(SandboxError::NotInstalled)?;
-    let mut command = Command::new(&bwrap);
-    command.args(system_binds()).args(["--unshare-all", "--unshare-user", "--die-with-parent", "--", "true"]);
-    drop_root(&mut command);
-    let output = command.output().map_err(|e| SandboxError::Unusable(e.to_string()))?;
-    if !output.status.success() {
-        return Err(SandboxError::Unusable(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+    let dir = jobs_dir.join(format!(".probe-{}", std::process::id()));
+    let result = probe_in(&bwrap, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| bwrap)
+}
+
+fn probe_in(bwrap: &Path, dir: &Path) -> Result<(), SandboxError> {
+    let unreachable = |problem: String| SandboxError::Unreachable { dir: dir.display().to_string(), problem };
+    let (input, output) = (dir.join("input"), dir.join("output"));
+    let setup = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&input)?;
+        std::fs::create_dir_all(&output)?;
+        std::fs::write(input.join("probe"), "probe\n")?;
+        if is_root() {
+            std::os::unix::fs::chown(&output, Some(NOBODY), Some(NOBODY))?;
+        }
+        Ok(())
+    };
+    setup().map_err(|e| unreachable(e.to_string()))?;
+    let fds = SandboxFds::open(&input, &output, &output).map_err(|e| match e {
+        OpenError::Seccomp(e) => SandboxError::Seccomp(e.to_string()),
+        OpenError::Io(e) => unreachable(e.to_string()),
+    })?;
+    let script = "read line < /input/probe && echo \"$line\" > /output/probe";
+    let mut command = Command::new(bwrap);
+    command.env_clear().args(sandbox_args(&fds, "/output")).args(["--", "/bin/sh", "-c", script]);
+    if is_root() {
+        command.uid(NOBODY).gid(NOBODY);
     }
-    Ok(bwrap)
+    PreExec::new(&[], u64::MAX, fds.raw()).map_err(|e| unreachable(e.to_string()))?.install(&mut command);
+    let out = command.output().map_err(|e| SandboxError::Unusable(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if !out.status.success() {
+        let namespaces = stderr.contains("namespace") || stderr.contains("setting up uid map");
+        return Err(if namespaces { SandboxError::Unusable(stderr) } else { unreachable(stderr) });
+    }
+    match std::fs::read_to_string(output.join("probe")) {
+        Ok(text) if text == "probe\n" => Ok(()),
+        other => Err(unreachable(format!("the probe did not write its output ({other:?}) {stderr}"))),
+    }
+}
+
+/// Checks that an unprivileged user may pass through every directory on
+/// the way to `target` (when jobs run as uids of their own, that is, when
+/// this process is root).
+pub fn check_reachable(target: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        return Ok(());
+    }
+    let real = target.canonicalize().unwrap_or_else(|_| target.to_path_buf());
+    for dir in real.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let Ok(metadata) = std::fs::metadata(dir) else { break };
+        let mode = metadata.permissions().mode() & 0o7777;
+        if metadata.is_dir() && mode & 0o001 == 0 {
+            let (dir, target) = (dir.display().to_string(), target.display().to_string());
+            return Err(SandboxError::Untraversable { dir, mode, target });
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    euid == 0
 }
 
 /// The system directories, read-only, mirroring the host's layout (`/bin`
@@ -102,37 +200,95 @@ pub fn job_env(request: &JobRequest, input: &Path, output: &Path) -> Vec<(String
     ]
 }
 
-/// The command that runs `argv` for the job, isolated as `request` says.
-pub fn job_command(bwrap: Option<&Path>, request: &JobRequest, paths: &JobPaths, argv: &[String]) -> Command {
-    match (request.isolation, bwrap) {
-        (Isolation::Sandbox, Some(bwrap)) => {
+/// Why a sandbox's fds could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A directory of the job.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The seccomp programs.
+    #[error("{0}")]
+    Seccomp(#[from] seccomp::SeccompError),
+}
+
+/// The open files a sandbox is handed: its directories and its seccomp programs.
+#[derive(Debug)]
+pub struct SandboxFds {
+    work: OwnedFd,
+    input: OwnedFd,
+    output: OwnedFd,
+    seccomp: Vec<OwnedFd>,
+}
+
+impl SandboxFds {
+    /// Opens the directories mounted at `/input` (read-only), `/work` and
+    /// `/output`, and the seccomp programs.
+    pub fn open(input: &Path, work: &Path, output: &Path) -> Result<SandboxFds, OpenError> {
+        let dir = |path: &Path| -> std::io::Result<OwnedFd> {
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            rustix::fs::open(path, flags, Mode::empty())
+                .map_err(|e| std::io::Error::other(format!("cannot open {}: {e}", path.display())))
+        };
+        Ok(SandboxFds {
+            work: dir(work)?,
+            input: dir(input)?,
+            output: dir(output)?,
+            seccomp: seccomp::program_files()?,
+        })
+    }
+
+    /// The fds bubblewrap must inherit.
+    pub fn raw(&self) -> Vec<RawFd> {
+        let dirs = [&self.work, &self.input, &self.output].map(AsRawFd::as_raw_fd);
+        dirs.into_iter().chain(self.seccomp.iter().map(AsRawFd::as_raw_fd)).collect()
+    }
+}
+
+/// bubblewrap's arguments for a sandbox over `fds`, its working directory `chdir`.
+fn sandbox_args(fds: &SandboxFds, chdir: &str) -> Vec<OsString> {
+    let fd = |fd: &OwnedFd| OsString::from(fd.as_raw_fd().to_string());
+    let mut args = system_binds();
+    args.extend(
+        ["--unshare-all", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000"].map(Into::into),
+    );
+    args.extend(["--die-with-parent", "--new-session", "--hostname", "sandbox"].map(Into::into));
+    args.extend(["--proc", "/proc", "--dev", "/dev"].map(Into::into));
+    args.extend(["--size".into(), TMP_BYTES.to_string().into(), "--tmpfs".into(), "/tmp".into()]);
+    args.extend([OsString::from("--bind-fd"), fd(&fds.work), "/work".into()]);
+    args.extend([OsString::from("--ro-bind-fd"), fd(&fds.input), "/input".into()]);
+    args.extend([OsString::from("--bind-fd"), fd(&fds.output), "/output".into()]);
+    args.extend(["--remount-ro", "/", "--chdir", chdir, "--clearenv"].map(Into::into));
+    args.extend(["--setenv", "PATH", SANDBOX_PATH, "--setenv", "HOME", "/work"].map(Into::into));
+    for program in &fds.seccomp {
+        args.extend([OsString::from("--add-seccomp-fd"), fd(program)]);
+    }
+    args
+}
+
+/// The command that runs `argv` for the job, isolated as `request` says:
+/// in bubblewrap over `sandbox`'s fds, as its uid when one is given, or
+/// unconfined.
+pub fn job_command(
+    bwrap: Option<&Path>,
+    request: &JobRequest,
+    paths: &JobPaths,
+    argv: &[String],
+    sandbox: Option<(&SandboxFds, Option<u32>)>,
+) -> Command {
+    match (request.isolation, bwrap, sandbox) {
+        (Isolation::Sandbox, Some(bwrap), Some((fds, uid))) => {
             let mut command = Command::new(bwrap);
-            command.args(system_binds());
-            command.args(["--unshare-all", "--unshare-user", "--uid", "1000", "--gid", "1000"]);
-            command.args(["--die-with-parent", "--new-session", "--hostname", "sandbox"]);
-            command.args(["--proc", "/proc", "--dev", "/dev", "--size", &TMP_BYTES.to_string(), "--tmpfs", "/tmp"]);
-            command.arg("--bind").arg(paths.work()).arg("/work");
-            command.arg("--ro-bind").arg(&request.input_dir).arg("/input");
-            command.arg("--bind").arg(paths.output()).arg("/output");
-            command.args([
-                "--chdir",
-                "/work",
-                "--clearenv",
-                "--setenv",
-                "PATH",
-                SANDBOX_PATH,
-                "--setenv",
-                "HOME",
-                "/work",
-            ]);
+            command.env_clear().args(sandbox_args(fds, "/work"));
             for (key, value) in job_env(request, Path::new("/input"), Path::new("/output")) {
                 command.args(["--setenv", &key, &value]);
             }
             command.arg("--").args(argv);
-            drop_root(&mut command);
+            if let Some(uid) = uid {
+                command.uid(uid).gid(uid);
+            }
             command
         }
-        (Isolation::Unconfined, _) | (Isolation::Sandbox, None) => {
+        _ => {
             let mut command = Command::new(&argv[0]);
             command.args(&argv[1..]).current_dir(paths.work()).env_clear();
             command.env("PATH", std::env::var_os("PATH").unwrap_or_else(|| SANDBOX_PATH.into()));
@@ -142,14 +298,36 @@ pub fn job_command(bwrap: Option<&Path>, request: &JobRequest, paths: &JobPaths,
     }
 }
 
-/// A root caller drops to nobody before starting bubblewrap.
-fn drop_root(command: &mut Command) {
-    // SAFETY: geteuid(2) has no preconditions.
-    #[allow(unsafe_code)]
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        command.uid(NOBODY).gid(NOBODY);
+/// Makes `command` (the supervisor) start with nothing of its caller's but
+/// `PATH`: no other environment, no fd above 2.
+pub fn inherit_nothing(command: &mut Command) {
+    command.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        command.env("PATH", path);
     }
+    // SAFETY: the closure only changes fd flags (close_range, fcntl).
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| close_fds_from_3(&[]));
+    }
+}
+
+/// Marks every fd above 2 close-on-exec, except those in `keep`. Called
+/// between fork and exec: only async-signal-safe calls.
+fn close_fds_from_3(keep: &[RawFd]) -> std::io::Result<()> {
+    // SAFETY: close_range(2) and fcntl(2) only change fd flags.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3_u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for &fd in keep {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The name of a command inside the sandbox, resolved the way the sandbox's
@@ -171,26 +349,30 @@ pub fn resolve(program: &str, work: &Path, isolation: Isolation) -> Option<PathB
 pub struct PreExec {
     cgroup_procs: Vec<std::fs::File>,
     file_size_max: u64,
+    keep: Vec<RawFd>,
 }
 
 impl PreExec {
-    /// Joins the cgroups whose `cgroup.procs` are given and caps file sizes.
-    pub fn new(cgroup_procs: &[PathBuf], file_size_max: u64) -> std::io::Result<PreExec> {
+    /// Joins the cgroups whose `cgroup.procs` are given, caps file sizes,
+    /// and keeps only the fds in `keep` (besides 0, 1 and 2) across exec.
+    pub fn new(cgroup_procs: &[PathBuf], file_size_max: u64, keep: Vec<RawFd>) -> std::io::Result<PreExec> {
         let cgroup_procs =
             cgroup_procs.iter().map(|p| std::fs::OpenOptions::new().write(true).open(p)).collect::<Result<_, _>>()?;
-        Ok(PreExec { cgroup_procs, file_size_max })
+        Ok(PreExec { cgroup_procs, file_size_max, keep })
     }
 
-    /// Installs the steps on `command`: join the cgroups, cap the size of files
-    /// written, start a new session, die with the supervisor.
+    /// Installs the steps on `command`: join the cgroups, cap the size of
+    /// files written, start a new session, die with the supervisor, join a
+    /// fresh session keyring, close every fd not kept.
     pub fn install(self, command: &mut Command) {
-        let fds: Vec<i32> = self.cgroup_procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let fds: Vec<i32> = self.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
         let limit = libc::rlimit { rlim_cur: self.file_size_max, rlim_max: self.file_size_max };
         let zero = CString::from(c"0");
         // The files stay open until spawn returns: keep them alive in the closure.
-        let files = self.cgroup_procs;
+        let (files, keep) = (self.cgroup_procs, self.keep);
         // SAFETY: the closure only makes async-signal-safe system calls
-        // (write, setrlimit, setsid, prctl) on data prepared before the fork.
+        // (write, setrlimit, setsid, prctl, keyctl, close_range, fcntl) on
+        // data prepared before the fork.
         #[allow(unsafe_code)]
         unsafe {
             command.pre_exec(move || {
@@ -210,7 +392,12 @@ impl PreExec {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                // The engine's session keyring stays the engine's.
+                let none: *const libc::c_char = std::ptr::null();
+                if libc::syscall(libc::SYS_keyctl, libc::KEYCTL_JOIN_SESSION_KEYRING, none) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                close_fds_from_3(&keep)
             });
         }
     }

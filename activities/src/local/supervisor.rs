@@ -9,19 +9,22 @@
 //! and reports the job as interrupted rather than running it twice.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use evalflow_workflow::{Detail, JobOutcome, JobUsage, Limit, Resource, Timestamp};
 
 use super::cgroup::JobCgroup;
-use super::job::{JobPaths, JobRequest, JobStatus, Started, read_json, tail};
-use super::sandbox::{Isolation, NOBODY, PreExec, find_bwrap, job_command, resolve};
-use crate::fsutil::{copy_dir, dir_bytes, write_atomic};
+use super::job::{JobPaths, JobRequest, JobStatus, Limits, Started, read_json, tail};
+use super::sandbox::{BWRAP_ERROR_PREFIX, Isolation, PreExec, SandboxFds, find_bwrap, is_root, job_command, resolve};
+use super::uid::JobUid;
+use crate::fsutil::{copy_dir, write_atomic};
 use crate::submission::{GPU_OOM_EXIT_CODE, Manifest};
+use crate::untrusted::{self, Unmeasurable};
 
 /// How often the supervisor looks at its job.
 const POLL: Duration = Duration::from_millis(50);
@@ -29,14 +32,16 @@ const POLL: Duration = Duration::from_millis(50);
 const DISK_POLL: Duration = Duration::from_millis(500);
 /// The audit trail of program starts, in the jobs directory.
 pub const LAUNCHES_LOG: &str = "launches.log";
-/// The most directory entries one disk measurement reads.
-const DISK_ENTRIES_MAX: usize = 100_000;
+/// A mebibyte.
+const MIB: u64 = 1024 * 1024;
 
 /// Why the supervisor stopped a job before it ended by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Stop {
     TimedOut,
-    Limit(Limit),
+    Processes,
+    /// Over the disk or file limit, and how.
+    Disk(String),
     Terminated,
 }
 
@@ -83,20 +88,24 @@ fn cannot_start(detail: String) -> JobStatus {
 }
 
 fn execute(paths: &JobPaths, request: &JobRequest) -> JobStatus {
-    let argv = match prepare(paths, request) {
+    let sandboxed = request.isolation == Isolation::Sandbox;
+    let uid = match (sandboxed && is_root()).then(|| JobUid::claim(&paths.host_name())).transpose() {
+        Ok(uid) => uid,
+        Err(e) => return interrupted(format!("cannot claim a uid for the job: {e}")),
+    };
+    let argv = match prepare(paths, request, uid.as_ref().map(JobUid::get)) {
         Ok(argv) => argv,
         Err(detail) => return cannot_start(detail),
     };
-    let name = paths.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let cgroup = match JobCgroup::create(&name, request.memory_limit_mib, request.limits.pids_max) {
+    let cgroup = match JobCgroup::create(&paths.host_name(), request.memory_limit_mib, request.limits.pids_max) {
         Ok(cgroup) => Some(cgroup),
-        Err(e) if request.isolation == Isolation::Unconfined => {
+        Err(e) if !sandboxed => {
             tracing::warn!("{e}: running without memory and process limits");
             None
         }
-        Err(e) => return ended_early(JobOutcome::Interrupted { detail: Detail::new(e.to_string()) }),
+        Err(e) => return interrupted(e.to_string()),
     };
-    let status = run(paths, request, &argv, cgroup.as_ref());
+    let status = run(paths, request, &argv, cgroup.as_ref(), uid.as_ref().map(JobUid::get));
     if let Some(cgroup) = cgroup {
         cgroup.kill_all();
         cgroup.remove();
@@ -104,15 +113,21 @@ fn execute(paths: &JobPaths, request: &JobRequest) -> JobStatus {
     status
 }
 
+fn interrupted(detail: String) -> JobStatus {
+    ended_early(JobOutcome::Interrupted { detail: Detail::new(detail) })
+}
+
 /// Makes a fresh scratch copy of the submission and an empty output
 /// directory, and checks the command exists where it will run.
-fn prepare(paths: &JobPaths, request: &JobRequest) -> Result<Vec<String>, String> {
+fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<Vec<String>, String> {
     for dir in [paths.work(), paths.output()] {
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
         }
     }
-    copy_dir(&request.submission_dir, &paths.work()).map_err(|e| format!("cannot copy the submission: {e}"))?;
+    // The kept copy was checked against the size cap when it was submitted.
+    copy_dir(&request.submission_dir, &paths.work(), u64::MAX)
+        .map_err(|e| format!("cannot copy the submission: {e}"))?;
     fs::create_dir_all(paths.output()).map_err(|e| format!("cannot create the output directory: {e}"))?;
     let manifest = Manifest::read(&paths.work()).map_err(|e| e.to_string())?;
     let program = &manifest.command[0];
@@ -122,60 +137,87 @@ fn prepare(paths: &JobPaths, request: &JobRequest) -> Result<Vec<String>, String
              or a path inside the submission such as ./run.sh"
         ));
     }
-    // SAFETY: geteuid(2) has no preconditions.
-    #[allow(unsafe_code)]
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && request.isolation == Isolation::Sandbox {
+    if let Some(uid) = uid {
         for dir in [paths.work(), paths.output()] {
-            chown_tree(&dir).map_err(|e| format!("cannot hand {} to the sandbox: {e}", dir.display()))?;
+            chown_tree(&dir, uid).map_err(|e| format!("cannot hand {} to the sandbox: {e}", dir.display()))?;
         }
     }
     Ok(manifest.command)
 }
 
-/// Gives a tree to the unprivileged user the sandbox runs as.
-fn chown_tree(dir: &Path) -> io::Result<()> {
-    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
+/// Gives a tree (a fresh copy, made by the supervisor) to the job's uid,
+/// its top directory to that uid alone.
+fn chown_tree(dir: &Path, uid: u32) -> io::Result<()> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    chown_below(dir, uid)
+}
+
+fn chown_below(dir: &Path, uid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
-            chown_tree(&entry.path())?;
+            chown_below(&entry.path(), uid)?;
         } else {
-            std::os::unix::fs::chown(entry.path(), Some(NOBODY), Some(NOBODY))?;
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(uid))?;
         }
     }
     Ok(())
 }
 
-fn run(paths: &JobPaths, request: &JobRequest, argv: &[String], cgroup: Option<&JobCgroup>) -> JobStatus {
-    let disk_max_bytes = request.limits.disk_max_mib * 1024 * 1024;
-    let mut command = job_command(find_bwrap().as_deref(), request, paths, argv);
-    let logs = (File::create(paths.stdout()), File::create(paths.stderr()));
+fn run(
+    paths: &JobPaths,
+    request: &JobRequest,
+    argv: &[String],
+    cgroup: Option<&JobCgroup>,
+    uid: Option<u32>,
+) -> JobStatus {
+    let bwrap = find_bwrap();
+    let sandbox = match request.isolation {
+        Isolation::Sandbox => match SandboxFds::open(&request.input_dir, &paths.work(), &paths.output()) {
+            Ok(fds) => Some(fds),
+            Err(e) => return interrupted(format!("cannot prepare the sandbox: {e}")),
+        },
+        Isolation::Unconfined => None,
+    };
+    let mut command = job_command(bwrap.as_deref(), request, paths, argv, sandbox.as_ref().map(|fds| (fds, uid)));
+    let log = |path: PathBuf| File::options().write(true).create(true).truncate(true).mode(0o600).open(path);
+    let logs = (log(paths.stdout()), log(paths.stderr()));
     let (Ok(stdout), Ok(stderr)) = logs else { return cannot_start("cannot create the job's logs".into()) };
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     let procs = cgroup.map(JobCgroup::procs_files).unwrap_or_default();
-    match PreExec::new(&procs, disk_max_bytes) {
+    let keep = sandbox.as_ref().map(SandboxFds::raw).unwrap_or_default();
+    // One byte past the cap, so that a program that ignores EFBIG has still written more than allowed.
+    match PreExec::new(&procs, request.limits.disk_max_mib * MIB + 1, keep) {
         Ok(pre_exec) => pre_exec.install(&mut command),
-        Err(e) => return ended_early(JobOutcome::Interrupted { detail: Detail::new(format!("cgroup: {e}")) }),
+        Err(e) => return interrupted(format!("cgroup: {e}")),
     }
     if let Err(e) = record_launch(paths) {
-        return ended_early(JobOutcome::Interrupted { detail: Detail::new(format!("cannot record the launch: {e}")) });
+        return interrupted(format!("cannot record the launch: {e}"));
     }
     let started_at = Timestamp::now();
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => return cannot_start(format!("cannot start {}: {e}", argv[0])),
     };
+    drop(sandbox);
     let (exit, stop) = watch(&mut child, paths, request, cgroup);
     let ended_at = Timestamp::now();
     let oom_killed = cgroup.is_some_and(|c| c.oom_kills() > 0);
-    let (outcome, note) = classify(exit, stop, oom_killed, request);
+    let end = End {
+        exit,
+        stop,
+        oom_killed,
+        disk: disk_verdict(paths, &request.limits),
+        sandbox_failed: sandbox_failure(paths, request, exit),
+    };
+    let (outcome, note) = classify(&end, request);
     JobStatus {
         outcome,
         usage: JobUsage {
             started_at: Some(started_at),
             ended_at,
-            peak_memory_mib: cgroup.and_then(JobCgroup::peak_memory_bytes).map(|b| b.div_ceil(1024 * 1024)),
+            peak_memory_mib: cgroup.and_then(JobCgroup::peak_memory_bytes).map(|b| b.div_ceil(MIB)),
         },
         exit_code: exit.code(),
         signal: exit.signal(),
@@ -183,6 +225,18 @@ fn run(paths: &JobPaths, request: &JobRequest, argv: &[String], cgroup: Option<&
         stdout_tail: tail(&paths.stdout()),
         stderr_tail: tail(&paths.stderr()),
     }
+}
+
+/// What bubblewrap said, when it is bubblewrap that failed before the
+/// program started (exit code 1 and its own message first on stderr).
+fn sandbox_failure(paths: &JobPaths, request: &JobRequest, exit: ExitStatus) -> Option<String> {
+    if request.isolation != Isolation::Sandbox || exit.code() != Some(1) {
+        return None;
+    }
+    let mut head = Vec::new();
+    File::open(paths.stderr()).ok()?.take(512).read_to_end(&mut head).ok()?;
+    let first = String::from_utf8_lossy(&head).lines().next()?.to_owned();
+    first.starts_with(BWRAP_ERROR_PREFIX).then_some(first)
 }
 
 /// Appends `<job name> <supervisor pid> <ms since epoch>` to the jobs
@@ -207,7 +261,6 @@ fn watch(
 ) -> (ExitStatus, Option<Stop>) {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(request.time_limit_secs);
-    let disk_max_bytes = request.limits.disk_max_mib * 1024 * 1024;
     let mut next_disk_check = start;
     loop {
         if let Ok(Some(exit)) = child.try_wait() {
@@ -218,34 +271,56 @@ fn watch(
         if now >= deadline {
             stop = Some(Stop::TimedOut);
         } else if cgroup.is_some_and(|c| c.pids_limit_hits() > 0) {
-            stop = Some(Stop::Limit(Limit::Processes));
+            stop = Some(Stop::Processes);
         } else if paths.terminate().exists() {
             stop = Some(Stop::Terminated);
         } else if now >= next_disk_check {
             next_disk_check = now + DISK_POLL;
-            if disk_used(paths) > disk_max_bytes {
-                stop = Some(Stop::Limit(Limit::Disk));
-            }
+            stop = disk_verdict(paths, &request.limits).map(Stop::Disk);
         }
         if let Some(stop) = stop {
-            return (stop_job(child, cgroup, Duration::from_secs(request.limits.kill_grace_secs)), Some(stop));
+            let sandboxed = request.isolation == Isolation::Sandbox;
+            let grace = Duration::from_secs(request.limits.kill_grace_secs);
+            return (stop_job(child, cgroup, sandboxed, grace), Some(stop));
         }
         std::thread::sleep(POLL);
     }
 }
 
-fn disk_used(paths: &JobPaths) -> u64 {
+/// Whether the job is over its disk or file limit, as a note saying how.
+/// A tree that cannot be measured within its bounds counts as over.
+fn disk_verdict(paths: &JobPaths, limits: &Limits) -> Option<String> {
     let logs = [paths.stdout(), paths.stderr()].iter().map(|p| fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
-    let dirs = [paths.work(), paths.output()].iter().map(|d| dir_bytes(d, DISK_ENTRIES_MAX).unwrap_or(0)).sum::<u64>();
-    logs + dirs
+    let mut bytes = logs;
+    let mut entries_left = limits.files_max;
+    for dir in [paths.work(), paths.output()] {
+        let mut dir_bytes = 0_u64;
+        match untrusted::walk(&dir, entries_left, |entry| dir_bytes = dir_bytes.saturating_add(entry.bytes)) {
+            Ok(seen) => {
+                entries_left -= seen;
+                bytes = bytes.saturating_add(dir_bytes);
+            }
+            Err(Unmeasurable::TooManyEntries(_)) => {
+                return Some(format!("it made more than {} files and directories", limits.files_max));
+            }
+            Err(e) => return Some(format!("its files cannot be measured ({e}), which counts as over the limit")),
+        }
+    }
+    (bytes > limits.disk_max_mib * MIB).then(|| format!("it wrote more than {} MiB", limits.disk_max_mib))
 }
 
-/// SIGTERM every process of the job, SIGKILL what is left after `grace`.
-fn stop_job(child: &mut Child, cgroup: Option<&JobCgroup>, grace: Duration) -> ExitStatus {
-    let group = -i32::try_from(child.id()).unwrap_or(i32::MAX);
-    signal(group, libc::SIGTERM);
-    if let Some(cgroup) = cgroup {
-        cgroup.signal_all(libc::SIGTERM);
+/// Stops the job: SIGTERM to the program's processes (not to bubblewrap,
+/// whose death would kill them at once and make the grace period a lie),
+/// SIGKILL to every process of the job after `grace`.
+fn stop_job(child: &mut Child, cgroup: Option<&JobCgroup>, sandboxed: bool, grace: Duration) -> ExitStatus {
+    let leader = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let program = || match cgroup {
+        Some(cgroup) if sandboxed => program_pids(&cgroup.members(), leader),
+        Some(cgroup) => cgroup.members(),
+        None => vec![-leader], // its process group
+    };
+    for pid in program() {
+        signal(pid, libc::SIGTERM);
     }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
@@ -257,7 +332,7 @@ fn stop_job(child: &mut Child, cgroup: Option<&JobCgroup>, grace: Duration) -> E
     if let Some(cgroup) = cgroup {
         cgroup.kill_all();
     }
-    signal(group, libc::SIGKILL);
+    signal(-leader, libc::SIGKILL);
     child.wait().unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL))
 }
 
@@ -269,35 +344,64 @@ fn signal(pid: i32, signal: i32) {
     }
 }
 
+/// The processes of `members` that are the program's, not bubblewrap's:
+/// neither `bwrap` itself nor its child, the sandbox's pid 1.
+fn program_pids(members: &[i32], bwrap: i32) -> Vec<i32> {
+    members.iter().copied().filter(|&pid| pid != bwrap && parent_of(pid) != Some(bwrap)).collect()
+}
+
+/// A process's parent, from `/proc/<pid>/stat` (read after the last `)`,
+/// since the command name before it is the program's to choose).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How a job's program ended, with what the supervisor saw of it.
+#[derive(Debug, Clone)]
+struct End {
+    exit: ExitStatus,
+    /// Why the supervisor stopped it, if it did.
+    stop: Option<Stop>,
+    /// Whether the kernel killed a process of the job for memory.
+    oom_killed: bool,
+    /// How it broke the disk or file limit, measured after it ended.
+    disk: Option<String>,
+    /// What bubblewrap said when it failed before the program started.
+    sandbox_failed: Option<String>,
+}
+
 /// What the job's end means. bubblewrap reports a program killed by signal
 /// `n` as exit code `128 + n`.
-fn classify(
-    exit: ExitStatus,
-    stop: Option<Stop>,
-    oom_killed: bool,
-    request: &JobRequest,
-) -> (JobOutcome, Option<String>) {
-    match stop {
+fn classify(end: &End, request: &JobRequest) -> (JobOutcome, Option<String>) {
+    let disk = |note: &str| (JobOutcome::LimitExceeded { limit: Limit::Disk }, Some(format!("stopped: {note}")));
+    match &end.stop {
         Some(Stop::TimedOut) => {
             return (JobOutcome::TimedOut, Some(format!("stopped at the time limit of {} s", request.time_limit_secs)));
         }
-        Some(Stop::Limit(Limit::Processes)) => {
+        Some(Stop::Processes) => {
             let note = format!("stopped: it tried to run more than {} processes", request.limits.pids_max);
             return (JobOutcome::LimitExceeded { limit: Limit::Processes }, Some(note));
         }
-        Some(Stop::Limit(Limit::Disk)) => {
-            let note = format!("stopped: it wrote more than {} MiB", request.limits.disk_max_mib);
-            return (JobOutcome::LimitExceeded { limit: Limit::Disk }, Some(note));
-        }
+        Some(Stop::Disk(note)) => return disk(note),
         Some(Stop::Terminated) => {
             return (JobOutcome::Interrupted { detail: Detail::new("terminated on request") }, None);
         }
         None => {}
     }
-    if oom_killed {
+    if let Some(said) = &end.sandbox_failed {
+        let detail = Detail::new(format!("the sandbox could not start: {said}"));
+        return (JobOutcome::Interrupted { detail }, None);
+    }
+    if end.oom_killed {
         let note = format!("killed by the kernel at the memory limit of {} MiB", request.memory_limit_mib);
         return (JobOutcome::OutOfMemory { resource: Resource::HostMemory }, Some(note));
     }
+    if let Some(note) = &end.disk {
+        return disk(note); // also when the program ignored EFBIG and exited by itself
+    }
+    let exit = end.exit;
     let signal = exit.signal().or_else(|| exit.code().filter(|c| (129..=192).contains(c)).map(|c| c - 128));
     let outcome = match (exit.code(), signal) {
         (Some(0), _) => JobOutcome::Succeeded,
@@ -326,7 +430,7 @@ mod tests {
             gpu_memory_mib: 15360,
             vcpus: 4,
             time_limit_secs: 12,
-            limits: Limits { pids_max: 128, disk_max_mib: 256, kill_grace_secs: 2 },
+            limits: Limits { pids_max: 128, disk_max_mib: 256, files_max: 1000, kill_grace_secs: 2 },
             isolation: Isolation::Sandbox,
         }
     }
@@ -335,8 +439,12 @@ mod tests {
         ExitStatus::from_raw(code << 8)
     }
 
+    fn end(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> End {
+        End { exit, stop, oom_killed, disk: None, sandbox_failed: None }
+    }
+
     fn outcome(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> JobOutcome {
-        classify(exit, stop, oom_killed, &request()).0
+        classify(&end(exit, stop, oom_killed), &request()).0
     }
 
     #[test]
@@ -359,9 +467,31 @@ mod tests {
     fn what_the_supervisor_stopped_is_reported_as_the_limit_it_broke() {
         let killed = ExitStatus::from_raw(libc::SIGKILL);
         assert_eq!(outcome(killed, Some(Stop::TimedOut), true), JobOutcome::TimedOut, "time first, even with an OOM");
-        let (outcome, note) = classify(killed, Some(Stop::Limit(Limit::Processes)), false, &request());
+        let (outcome, note) = classify(&end(killed, Some(Stop::Processes), false), &request());
         assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Processes });
         assert_eq!(note.as_deref(), Some("stopped: it tried to run more than 128 processes"));
         assert!(matches!(self::outcome(killed, Some(Stop::Terminated), false), JobOutcome::Interrupted { .. }));
+    }
+
+    #[test]
+    fn over_the_disk_limit_is_the_limit_even_after_a_clean_exit() {
+        let ended = End { disk: Some("it wrote more than 256 MiB".into()), ..end(exited(0), None, false) };
+        let (outcome, note) = classify(&ended, &request());
+        assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Disk }, "a program that ignored EFBIG");
+        assert_eq!(note.as_deref(), Some("stopped: it wrote more than 256 MiB"));
+    }
+
+    #[test]
+    fn a_sandbox_that_could_not_start_is_not_the_submissions_crash() {
+        let said = "bwrap: Can't find source path /x: No such file or directory".to_owned();
+        let ended = End { sandbox_failed: Some(said), ..end(exited(1), None, false) };
+        let JobOutcome::Interrupted { detail } = classify(&ended, &request()).0 else { panic!("not interrupted") };
+        assert!(detail.as_str().starts_with("the sandbox could not start: bwrap: "), "{detail}");
+    }
+
+    #[test]
+    fn parents_are_read_past_a_hostile_command_name() {
+        assert_eq!(parent_of(std::process::id() as i32), Some(std::os::unix::process::parent_id() as i32));
+        assert!(!program_pids(&[2], 2).contains(&2), "bubblewrap itself is not the program");
     }
 }
