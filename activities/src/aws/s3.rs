@@ -2,7 +2,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `outputs/<run>/a<attempt>/submission.csv` | a job's predictions (written by the job) |
+//! | `outputs/<run>/a<attempt>-<tag>/submission.csv` | a job's predictions (written by the job; the tag is secret, see [`super::outputs`]) |
 //! | `results/<stage>/<run>.a<attempt>.<team>.<submitted ms>.<score bits>.json` | a published result |
 //! | `withdrawn/<stage>/<run>.a<attempt>` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
 use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
 
-use super::batch::output_prefix;
+use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
 use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult, withdrawal_name};
@@ -64,12 +64,19 @@ pub struct S3Artifacts {
 struct Buckets {
     bucket: String,
     labels: BTreeMap<Stage, S3Location>,
+    output_key: OutputKey,
 }
 
 impl S3Artifacts {
-    /// Artifacts in `bucket`; each stage's labels where `labels` says.
-    pub fn new(client: aws_sdk_s3::Client, bucket: String, labels: BTreeMap<Stage, S3Location>) -> S3Artifacts {
-        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels }) }
+    /// Artifacts in `bucket`; each stage's labels where `labels` says; jobs'
+    /// predictions where `output_key` says they were told to write them.
+    pub fn new(
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        labels: BTreeMap<Stage, S3Location>,
+        output_key: OutputKey,
+    ) -> S3Artifacts {
+        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels, output_key }) }
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, ActivityError> {
@@ -224,7 +231,7 @@ pub fn parse_result_key(stage: Stage, key: &str) -> Option<PublishedResult> {
 #[async_trait]
 impl ArtifactStore for S3Artifacts {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
-        let key = format!("{}submission.csv", output_prefix(run, attempt));
+        let key = format!("{}submission.csv", self.inner.output_key.prefix(run, attempt));
         let bucket = &self.inner.bucket;
         let head = match self.client.head_object().bucket(bucket).key(&key).send().await {
             Ok(head) => head,
