@@ -102,6 +102,25 @@ async fn a_jobs_output_location_is_secret_per_data_directory_and_stable_within_o
     assert_eq!(ours.predictions_key("sub1-public", 1), format!("{prefix}submission.csv"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_needs_the_engines_key_and_refuses_one_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let competition = AwsCompetition::create(&dir.path().join("c"), "keyless", TUNING).await;
+    let config = Config::load(&competition.cli.data_dir).unwrap();
+    let key_file = config.output_key_file();
+    let cli = competition.cli.clone();
+    let missing = tokio::task::spawn_blocking(move || cli.fails(&["worker"])).await.unwrap();
+    assert!(missing.contains(&format!("the output key {} is missing", key_file.display())), "{missing}");
+    assert!(!key_file.exists(), "a worker makes no key of its own");
+
+    competition.output_key();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cli = competition.cli.clone();
+    let exposed = tokio::task::spawn_blocking(move || cli.fails(&["worker"])).await.unwrap();
+    assert!(exposed.contains(&format!("run `chmod 600 {}`", key_file.display())), "{exposed}");
+}
+
 #[tokio::test]
 async fn a_rivals_write_to_the_guessable_location_changes_no_score() {
     let dir = tempfile::tempdir().unwrap();
