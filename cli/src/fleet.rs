@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use evalflow_worker::activity::Activities;
-use evalflow_worker::aws::{ConnectError, WorkerSettings, connect, work};
+use evalflow_worker::aws::{ConnectError, WorkerSettings, connect_worker, work};
 use evalflow_worker::bootstrap::bootstrap as make;
 use evalflow_worker::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// Carries out the tasks queue's commands until Ctrl-C or SIGTERM.
 pub async fn worker(config: &Config) -> Result<ExitCode> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
-    let parts = connect(config, None).await?;
+    let parts = connect_worker(config).await?;
     let requests = parts.requests.clone();
     let activities =
         Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });

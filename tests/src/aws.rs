@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aws_sdk_s3::primitives::ByteStream;
+use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::scoring::log_loss;
+use evalflow_worker::config::Config;
+use evalflow_workflow::{Attempt, RunId};
 
 use crate::cli::Cli;
 use crate::moto::{Moto, unique_prefix};
@@ -119,6 +122,32 @@ instance_types = {{ g4 = ["g4dn.xlarge"], p3 = ["g4dn.2xlarge"] }}
             .unwrap_or_else(|e| panic!("{e:?}"));
     }
 
+    /// The competition's output key (made now if the engine has not yet).
+    pub fn output_key(&self) -> OutputKey {
+        let config = Config::load(&self.cli.data_dir).unwrap_or_else(|e| panic!("{e}"));
+        OutputKey::load_or_create(&config.output_key_file()).unwrap_or_else(|e| panic!("{e}")).0
+    }
+
+    /// The key of `submission.csv` the job of `run`'s `attempt` is told to write.
+    pub fn predictions_key(&self, run: &str, attempt: u32) -> String {
+        let run = RunId::parse(run).unwrap_or_else(|e| panic!("{e}"));
+        format!("{}submission.csv", self.output_key().prefix(&run, Attempt(attempt)))
+    }
+
+    /// Writes `body` at `key` of the competition's bucket.
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        self.moto
+            .s3()
+            .await
+            .put_object()
+            .bucket(format!("{}-artifacts", self.prefix))
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
     /// Writes what the job of `run`'s `attempt` would have written: a
     /// prediction of `skill` (0: 0.5 everywhere; 1: the labels exactly).
     /// Returns its log loss.
@@ -131,16 +160,7 @@ instance_types = {{ g4 = ["g4dn.xlarge"], p3 = ["g4dn.2xlarge"] }}
         let body: String = std::iter::once("filename,label\n".to_owned())
             .chain(rows.iter().map(|(file, p, _)| format!("{file},{p}\n")))
             .collect();
-        self.moto
-            .s3()
-            .await
-            .put_object()
-            .bucket(format!("{}-artifacts", self.prefix))
-            .key(format!("outputs/{run}/a{attempt}/submission.csv"))
-            .body(ByteStream::from(body.into_bytes()))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        self.put(&self.predictions_key(run, attempt), body.into_bytes()).await;
         log_loss(rows.iter().map(|(_, p, fake)| (*p, *fake)))
     }
 

@@ -74,18 +74,20 @@ fn a_fleet_on_aws_evaluates_submissions_end_to_end() {
     assert!(first.contains("created  job queue"), "{first}");
     let again = cli.ok(&["aws", "bootstrap"]);
     assert!(
-        again.trim_end().ends_with("0 created, 11 already there"),
+        again.trim_end().ends_with("0 created, 12 already there"),
         "bootstrap changes nothing the second time:\n{again}"
     );
     block_on(competition.upload_labels());
 
     // Six teams, of growing skill; their jobs' predictions are what moto's
-    // jobs (which run nothing) would have written.
+    // jobs (which run nothing) would have written. A rival writes junk where
+    // each run's predictions would be if their location were guessable.
     let mut expected = BTreeMap::new();
     let mut manifest = String::new();
     for team in 1..=6 {
         let run = format!("sub{team}-public");
         let score = block_on(competition.stage_predictions(&run, 1, f64::from(team) / 7.0));
+        block_on(competition.put(&format!("outputs/{run}/a1/submission.csv"), b"filename,label\n".to_vec()));
         expected.insert(format!("team{team}"), score);
         manifest.push_str(&format!(
             "{{\"id\": \"sub{team}\", \"team\": \"team{team}\", \"stage\": \"public\", \"image\": \"123456789012.dkr.ecr.us-east-1.amazonaws.com/team{team}:final\"}}\n"

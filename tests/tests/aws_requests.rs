@@ -38,6 +38,7 @@ async fn checking_running_jobs_takes_one_describe_jobs_per_hundred() {
         inputs: Default::default(),
         output_bucket: format!("{}-artifacts", competition.prefix),
         queues: vec![queue],
+        output_key: competition.output_key(),
     };
     let runner = BatchRunner::from_sdk(&competition.moto.sdk().await, &requests, settings);
     let mut previous = 0;

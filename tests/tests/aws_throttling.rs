@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
+use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::{Endpoint, sdk_config};
 use evalflow_activities::{JobRunner, LaunchRequest};
@@ -60,11 +61,13 @@ async fn throttled_batch_calls_are_retried_until_they_succeed() {
 
     let sdk = sdk_config(&Endpoint { region: "us-east-1".into(), url: Some(url) }).await;
     let requests = RequestCounter::default();
+    let keys = tempfile::tempdir().unwrap();
     let settings = BatchSettings {
         job_definition_template: "template".into(),
         inputs: [(Stage::Public, "s3://bucket/test/public/".to_owned())].into(),
         output_bucket: "bucket".into(),
         queues: vec!["q-g4".into()],
+        output_key: OutputKey::load_or_create(&keys.path().join("output.key")).unwrap().0,
     };
     let runner = BatchRunner::from_sdk(&sdk, &requests, settings);
     let policy = Policy::from_toml(

@@ -15,6 +15,7 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
 use evalflow_activities::artifacts::FsArtifacts;
+use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::aws::s3::S3Artifacts;
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_activities::{ArtifactStore, PublishedResult};
@@ -114,8 +115,11 @@ async fn stores(test: &str) -> (S3Artifacts, S3Artifacts, Gate, aws_sdk_s3::Clie
     s3.create_bucket().bucket(&bucket).send().await.unwrap();
     let gate = Gate::new();
     let config = aws_sdk_s3::config::Builder::from(&moto.sdk().await).force_path_style(true).interceptor(gate.clone());
-    let gated = S3Artifacts::new(aws_sdk_s3::Client::from_conf(config.build()), bucket.clone(), BTreeMap::new());
-    let store = S3Artifacts::new(s3.clone(), bucket.clone(), BTreeMap::new());
+    let keys = tempfile::tempdir().unwrap();
+    let key = OutputKey::load_or_create(&keys.path().join("output.key")).unwrap().0;
+    let client = aws_sdk_s3::Client::from_conf(config.build());
+    let gated = S3Artifacts::new(client, bucket.clone(), BTreeMap::new(), key.clone());
+    let store = S3Artifacts::new(s3.clone(), bucket.clone(), BTreeMap::new(), key);
     (store, gated, gate, s3, bucket)
 }
 

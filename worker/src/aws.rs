@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
+use evalflow_activities::aws::outputs::{OutputKey, OutputKeyError};
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
 use evalflow_activities::aws::{Endpoint, s3_client, sdk_config};
@@ -43,9 +44,30 @@ pub struct AwsParts {
     pub requests: RequestCounter,
 }
 
-/// Connects to the AWS deployment `config` describes. `runner` replaces
-/// AWS Batch, for tests that script job outcomes.
+/// Connects to the AWS deployment `config` describes, as its engine (or a
+/// command acting on the engine's data directory): the output key is made if
+/// there is none yet. `runner` replaces AWS Batch, for tests that script job
+/// outcomes.
 pub async fn connect(config: &Config, runner: Option<Arc<dyn JobRunner>>) -> Result<AwsParts, ConnectError> {
+    let (output_key, created) = OutputKey::load_or_create(&config.output_key_file())?;
+    if created {
+        tracing::info!("made the output key {}: copy it to every worker", config.output_key_file().display());
+    }
+    connect_with(config, runner, output_key).await
+}
+
+/// Connects to the AWS deployment `config` describes, as a worker: the output
+/// key must be there already (a key of its own would send jobs' predictions
+/// where no other worker looks).
+pub async fn connect_worker(config: &Config) -> Result<AwsParts, ConnectError> {
+    connect_with(config, None, OutputKey::load(&config.output_key_file())?).await
+}
+
+async fn connect_with(
+    config: &Config,
+    runner: Option<Arc<dyn JobRunner>>,
+    output_key: OutputKey,
+) -> Result<AwsParts, ConnectError> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
     let requests = RequestCounter::default();
@@ -60,13 +82,14 @@ pub async fn connect(config: &Config, runner: Option<Arc<dyn JobRunner>>) -> Res
                 inputs: aws.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
                 output_bucket: aws.bucket.clone(),
                 queues,
+                output_key: output_key.clone(),
             };
             Arc::new(BatchRunner::from_sdk(&sdk, &requests, settings))
         }
     };
     let labels =
         aws.stages.iter().filter_map(|(stage, files)| Some((*stage, S3Location::parse(&files.labels)?))).collect();
-    let artifacts = Arc::new(S3Artifacts::new(s3_client(&sdk, &requests), aws.bucket.clone(), labels));
+    let artifacts = Arc::new(S3Artifacts::new(s3_client(&sdk, &requests), aws.bucket.clone(), labels, output_key));
     let sqs = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(requests.clone()).build();
     let queues = Arc::new(Queues::open(aws_sdk_sqs::Client::from_conf(sqs), aws).await?);
     Ok(AwsParts { runner, artifacts, queues, requests })
@@ -78,6 +101,9 @@ pub enum ConnectError {
     /// The configuration has no `[aws]` table.
     #[error("evalflow.toml has no [aws] table: this competition runs on this machine (evalflow serve), not on AWS")]
     NotAws,
+    /// The output key cannot be had.
+    #[error(transparent)]
+    OutputKey(#[from] OutputKeyError),
     /// The queues cannot be found.
     #[error(transparent)]
     Queue(#[from] QueueError),

@@ -1,13 +1,17 @@
 //! `evalflow aws bootstrap`: creates, if missing, what a competition runs on:
 //! the tasks and events queues with their dead-letter queues and redrive
 //! policies, the buckets, and per profile a Batch compute environment and job
-//! queue, plus the template job definition. Running it again changes nothing.
+//! queue, plus the template job definition; and the output key in the data
+//! directory ([`OutputKey`]), to be copied to each worker. Running it again
+//! changes nothing. It creates no IAM roles or policies: the operator does,
+//! from `deploy/aws/`.
 
 use std::collections::{BTreeSet, HashMap};
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use evalflow_activities::ActivityError;
 use evalflow_activities::aws::bootstrap::{BatchSpec, QueueSpec, Step, ensure_batch, ensure_bucket};
+use evalflow_activities::aws::outputs::{OutputKey, OutputKeyError};
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::s3::S3Location;
 use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
@@ -27,6 +31,9 @@ pub enum BootstrapError {
     /// An AWS call failed.
     #[error(transparent)]
     Aws(#[from] ActivityError),
+    /// The output key cannot be made or read.
+    #[error(transparent)]
+    OutputKey(#[from] OutputKeyError),
 }
 
 /// Creates what is missing; returns what it found and what it made.
@@ -45,9 +52,11 @@ pub async fn bootstrap(config: &Config) -> Result<Vec<Step>, BootstrapError> {
             "[aws.batch] needs at least one subnet and one security group for the compute environments".into(),
         ));
     }
+    let key_file = config.output_key_file();
+    let (_, created) = OutputKey::load_or_create(&key_file)?;
+    let mut steps = vec![Step { kind: "output key", name: key_file.display().to_string(), created }];
     let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
     let requests = RequestCounter::default();
-    let mut steps = Vec::new();
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     for queue in [&aws.tasks_queue, &aws.events_queue] {
         steps.extend(ensure_queue_pair(&sqs, queue, aws.visibility_timeout_secs, aws.max_receive_count).await?);

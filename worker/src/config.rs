@@ -114,6 +114,11 @@ pub struct AwsConfig {
     pub endpoint_url: Option<String>,
     /// The bucket of outputs, results and leaderboards.
     pub bucket: String,
+    /// The secret that jobs' output locations are derived with (relative to
+    /// the data directory; default `state/output.key`). The engine makes it;
+    /// every worker needs a copy, mode 0600.
+    #[serde(default)]
+    pub output_key_file: Option<PathBuf>,
     /// The queue of commands for the workers: a FIFO queue (`.fifo`), grouped
     /// by run, so that two tasks of one run are never carried out at once.
     #[serde(default = "default_tasks_queue")]
@@ -412,6 +417,13 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The file of the secret jobs' output locations are derived with:
+    /// `[aws] output_key_file`, or `state/output.key`.
+    pub fn output_key_file(&self) -> PathBuf {
+        let configured = self.aws.as_ref().and_then(|aws| aws.output_key_file.as_deref());
+        self.data_dir.join(configured.unwrap_or(Path::new("state/output.key")))
+    }
 }
 
 fn check_aws(aws: &AwsConfig, policy: &Policy) -> Result<(), String> {
@@ -509,6 +521,7 @@ price_per_hour_usd = 0.5
         let config = load(GOOD).unwrap();
         assert!(config.stages[&Stage::Public].test_set.is_absolute());
         assert_eq!(config.local, LocalConfig::default());
+        assert_eq!(config.output_key_file(), config.data_dir.join("state/output.key"));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - Batch cannot override a job's image at submission, so each submission
 //!   gets its own job definition, `<template>-<submission>`: the bootstrap's
 //!   template with the submission's image, registered once.
+//! - A job learns where to write from `EVALFLOW_OUTPUT_URI`, a location
+//!   derived with the output key ([`super::outputs`]): no other job can guess it.
 //! - Jobs are submitted with the profile's vCPUs, memory and GPU, the
 //!   competition's time limit as the attempt timeout, tags (run, attempt,
 //!   profile) and no Batch retry strategy: evalflow owns retries.
@@ -29,6 +31,7 @@ use evalflow_workflow::{Timestamp, job_name};
 use aws_config::retry::RetryConfig;
 
 use super::classify::{BatchJob, classify};
+use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::submission::GPU_OOM_EXIT_CODE;
 use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
@@ -61,11 +64,8 @@ pub struct BatchSettings {
     pub output_bucket: String,
     /// The job queues of the ladder, to find a job by name when its queue is unknown.
     pub queues: Vec<String>,
-}
-
-/// The S3 key prefix an attempt's job writes `submission.csv` under.
-pub fn output_prefix(run: &RunId, attempt: Attempt) -> String {
-    format!("outputs/{run}/a{attempt}/")
+    /// What each attempt's output location is derived with.
+    pub output_key: OutputKey,
 }
 
 /// Runs jobs on AWS Batch.
@@ -180,7 +180,7 @@ impl BatchRunner {
         let input = self.settings.inputs.get(&spec.stage).ok_or_else(|| {
             ActivityError::Permanent(format!("no [aws.stages.{}] test_set is configured in evalflow.toml", spec.stage))
         })?;
-        let output = format!("s3://{output_bucket}/{}", output_prefix(&spec.run, request.attempt));
+        let output = format!("s3://{output_bucket}/{}", self.settings.output_key.prefix(&spec.run, request.attempt));
         let profile = &request.profile;
         let env = [
             ("EVALFLOW_INPUT_URI", input.clone()),

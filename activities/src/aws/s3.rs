@@ -2,7 +2,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `outputs/<run>/a<attempt>/submission.csv` | a job's predictions (written by the job) |
+//! | `outputs/<run>/a<attempt>-<tag>/submission.csv` | a job's predictions (written by the job; the tag is secret, see [`super::outputs`]) |
 //! | `results/<stage>/<run>.a<attempt>.<team>.<submitted ms>.<score bits>.json` | a published result |
 //! | `withdrawn/<stage>/<run>.a<attempt>` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
@@ -17,15 +17,19 @@
 //! are listed again, and a new one means a rebuild: a withdrawal that lands
 //! while a board is built is either seen by that builder afterwards, or its
 //! withdrawer reads the board after it was written and rebuilds it.
+//!
+//! Predictions are read with a ranged GET of one byte more than the limit,
+//! and no more than that is taken from the body, whatever the object's
+//! reported size: a job's oversized output costs the scorer a bounded read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, ByteStreamError};
 use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
 
-use super::batch::output_prefix;
+use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
 use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult, withdrawal_name};
@@ -64,12 +68,19 @@ pub struct S3Artifacts {
 struct Buckets {
     bucket: String,
     labels: BTreeMap<Stage, S3Location>,
+    output_key: OutputKey,
 }
 
 impl S3Artifacts {
-    /// Artifacts in `bucket`; each stage's labels where `labels` says.
-    pub fn new(client: aws_sdk_s3::Client, bucket: String, labels: BTreeMap<Stage, S3Location>) -> S3Artifacts {
-        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels }) }
+    /// Artifacts in `bucket`; each stage's labels where `labels` says; jobs'
+    /// predictions where `output_key` says they were told to write them.
+    pub fn new(
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        labels: BTreeMap<Stage, S3Location>,
+        output_key: OutputKey,
+    ) -> S3Artifacts {
+        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels, output_key }) }
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, ActivityError> {
@@ -190,6 +201,24 @@ impl S3Artifacts {
     }
 }
 
+/// The first `limit` bytes of `body` (all of it, if shorter); the rest is
+/// never read.
+async fn read_at_most(mut body: ByteStream, limit: u64) -> Result<Vec<u8>, ByteStreamError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut bytes = Vec::new();
+    while bytes.len() < limit {
+        let Some(chunk) = body.try_next().await? else { break };
+        let room = limit - bytes.len();
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok(bytes)
+}
+
+/// The object's whole size from a `Content-Range` (`bytes 0-99/1234`).
+fn range_total(content_range: &str) -> Option<u64> {
+    content_range.rsplit_once('/')?.1.parse().ok()
+}
+
 /// The key of a published result: everything the leaderboard needs.
 pub fn result_key(result: &PublishedResult) -> String {
     format!(
@@ -224,21 +253,28 @@ pub fn parse_result_key(stage: Stage, key: &str) -> Option<PublishedResult> {
 #[async_trait]
 impl ArtifactStore for S3Artifacts {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
-        let key = format!("{}submission.csv", output_prefix(run, attempt));
+        let key = format!("{}submission.csv", self.inner.output_key.prefix(run, attempt));
         let bucket = &self.inner.bucket;
-        let head = match self.client.head_object().bucket(bucket).key(&key).send().await {
-            Ok(head) => head,
-            Err(e) if error_status(&e) == Some(404) => return Ok(Predictions::Missing),
-            Err(e) => return Err(activity_error(&format!("HeadObject s3://{bucket}/{key}"), e)),
+        let ranged = self.client.get_object().bucket(bucket).key(&key).range(format!("bytes=0-{max_bytes}"));
+        let object = match ranged.send().await {
+            Ok(object) => object,
+            Err(e) if error_code(&e) == Some("NoSuchKey") || error_status(&e) == Some(404) => {
+                return Ok(Predictions::Missing);
+            }
+            // A range from byte 0 is unsatisfiable only for an empty object.
+            Err(e) if error_status(&e) == Some(416) => return Ok(Predictions::Found(Vec::new())),
+            Err(e) => return Err(activity_error(&format!("GetObject s3://{bucket}/{key}"), e)),
         };
-        let size = u64::try_from(head.content_length().unwrap_or(0)).unwrap_or(0);
-        if size > max_bytes {
-            return Ok(Predictions::TooLarge { bytes: size });
+        let size = object.content_range().and_then(range_total);
+        let limit = max_bytes.saturating_add(1);
+        let bytes = read_at_most(object.body, limit)
+            .await
+            .map_err(|e| ActivityError::Transient(format!("s3://{bucket}/{key}: {e}")))?;
+        let read = bytes.len() as u64;
+        if read > max_bytes || size.is_some_and(|size| size > max_bytes) {
+            return Ok(Predictions::TooLarge { bytes: size.unwrap_or(read).max(read) });
         }
-        Ok(match self.get(bucket, &key).await? {
-            Some((bytes, _)) => Predictions::Found(bytes),
-            None => Predictions::Missing,
-        })
+        Ok(Predictions::Found(bytes))
     }
 
     async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError> {
@@ -290,6 +326,21 @@ mod tests {
         assert_eq!(parse_result_key(Stage::Private, &key), Some(result));
         assert_eq!(parse_result_key(Stage::Public, &key), None);
         assert_eq!(parse_result_key(Stage::Private, "results/private/junk.json"), None);
+    }
+
+    #[test]
+    fn content_ranges_give_the_whole_size() {
+        assert_eq!(range_total("bytes 0-99/1234"), Some(1234));
+        assert_eq!(range_total("bytes 0-99/*"), None);
+        assert_eq!(range_total("junk"), None);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_up_to_the_limit_only() {
+        let body = || ByteStream::from(vec![b'x'; 10]);
+        assert_eq!(read_at_most(body(), 4).await.unwrap(), b"xxxx");
+        assert_eq!(read_at_most(body(), 10).await.unwrap().len(), 10);
+        assert_eq!(read_at_most(body(), 99).await.unwrap().len(), 10);
     }
 
     #[test]
