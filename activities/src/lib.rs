@@ -15,6 +15,7 @@
 
 pub mod artifacts;
 pub mod aws;
+pub mod causes;
 pub mod fsutil;
 pub mod leaderboard;
 pub mod local;

@@ -14,12 +14,17 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::untrusted::{self, Contents};
+
 /// The exit code a submission uses to say it ran out of GPU memory (CUDA
 /// out-of-memory is not visible to the runner otherwise).
 pub const GPU_OOM_EXIT_CODE: i32 = 86;
 
 /// The file a submission directory must have.
 pub const MANIFEST: &str = "submission.toml";
+
+/// The largest `submission.toml` read, in bytes.
+const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
 
 /// The longest command line, in bytes.
 const COMMAND_MAX_LEN: usize = 4096;
@@ -67,11 +72,18 @@ impl Manifest {
     /// Reads and checks `dir/submission.toml`.
     pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
         let shown = dir.display().to_string();
-        let text = match std::fs::read_to_string(dir.join(MANIFEST)) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ManifestError::Missing { dir: shown }),
-            Err(e) => return Err(ManifestError::Invalid { dir: shown, problem: e.to_string() }),
+        let invalid = |problem: String| ManifestError::Invalid { dir: shown.clone(), problem };
+        // The directory is the submitter's: no link, no FIFO, a bounded read.
+        let bytes = match untrusted::read_capped(dir, Path::new(MANIFEST), MANIFEST_MAX_BYTES) {
+            Ok(Contents::Found(bytes)) => bytes,
+            Ok(Contents::Missing) => return Err(ManifestError::Missing { dir: shown.clone() }),
+            Ok(Contents::Refused(refusal)) => return Err(invalid(format!("{MANIFEST} {refusal}"))),
+            Ok(Contents::TooLarge { .. }) => {
+                return Err(invalid(format!("{MANIFEST} is larger than {MANIFEST_MAX_BYTES} bytes")));
+            }
+            Err(e) => return Err(invalid(e.to_string())),
         };
+        let text = String::from_utf8(bytes).map_err(|_| invalid(format!("{MANIFEST} is not UTF-8")))?;
         let manifest: Manifest =
             toml::from_str(&text).map_err(|e| ManifestError::Invalid { dir: shown.clone(), problem: e.to_string() })?;
         let length: usize = manifest.command.iter().map(String::len).sum();

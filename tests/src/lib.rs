@@ -2,6 +2,7 @@
 
 pub mod aws;
 pub mod cli;
+pub mod local;
 pub mod moto;
 
 use std::collections::BTreeSet;

@@ -17,30 +17,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use evalflow_tests::cli::{Cli, Process, evalflow_bin, wait_until};
-use evalflow_worker::views::RunView;
+use evalflow_tests::local::{competition, run_view, submit, wait_ended};
 use evalflow_workflow::StateTag;
 
 /// A value only the engine's environment holds.
 const SECRET: &str = "hunter2-only-the-engine-knows";
-
-/// A competition with a public stage of ten files and tight local limits.
-fn competition(dir: &Path) -> Cli {
-    let cli = Cli::new(dir);
-    cli.ok(&["init", dir.to_str().unwrap()]);
-    let test = dir.join("data/public/test");
-    let mut labels = String::from("filename,label\n");
-    for i in 0..10 {
-        fs::write(test.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
-        labels.push_str(&format!("f{i}.txt,{}\n", i % 2));
-    }
-    fs::write(dir.join("data/public/labels.csv"), labels).unwrap();
-    let config = fs::read_to_string(dir.join("evalflow.toml")).unwrap();
-    let config = config
-        .replace("max_concurrent_jobs = 2", "max_concurrent_jobs = 4")
-        .replace("disk_max_mib = 256", "disk_max_mib = 64\nfiles_max = 2000\nsubmission_max_mib = 1");
-    fs::write(dir.join("evalflow.toml"), config).unwrap();
-    cli
-}
 
 /// `serve`, started through a shell that leaves fd 7 open on `inherited`
 /// and with the secret in its environment.
@@ -62,41 +43,6 @@ fn serve(cli: &Cli, inherited: &Path) -> Process {
     let info = cli.data_dir.join("state/engine.json");
     wait_until("the engine announces its API", Duration::from_secs(30), || info.exists());
     process
-}
-
-fn submit(cli: &Cli, root: &Path, id: &str, program: &str) {
-    let dir = root.join(id);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("submission.toml"), "command = [\"python3\", \"main.py\"]\n").unwrap();
-    fs::write(dir.join("main.py"), format!("{PRELUDE}\n{program}")).unwrap();
-    cli.ok(&["submit", "--id", id, "--team", id, dir.to_str().unwrap()]);
-}
-
-const PRELUDE: &str = r#"
-import ctypes, os, signal, sys, threading, time
-OUT = os.environ["EVALFLOW_OUTPUT_DIR"]
-CSV = os.path.join(OUT, "submission.csv")
-def halves(path=CSV):
-    with open(path, "w") as f:
-        f.write("filename,label\n")
-        for n in sorted(os.listdir(os.environ["EVALFLOW_INPUT_DIR"])):
-            f.write("%s,0.5\n" % n)
-"#;
-
-fn runs(cli: &Cli) -> Vec<RunView> {
-    cli.json(&["runs", "--json"])
-}
-
-fn run_view(cli: &Cli, id: &str) -> RunView {
-    let run = format!("{id}-public");
-    runs(cli).into_iter().find(|r| r.id.as_str() == run).unwrap_or_else(|| panic!("no run {run}"))
-}
-
-fn wait_ended(cli: &Cli, ids: &[&str], timeout: Duration) {
-    wait_until("the probes end", timeout, || {
-        let runs = runs(cli);
-        ids.iter().all(|id| runs.iter().any(|r| r.id.as_str() == format!("{id}-public") && r.state.is_terminal()))
-    });
 }
 
 /// Failed as invalid predictions, for a reason that says `why` and quotes

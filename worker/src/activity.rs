@@ -150,6 +150,7 @@ mod tests {
             test_sets: BTreeMap::new(),
             isolation: Isolation::Sandbox,
             limits,
+            signatures: Vec::new(),
         });
         let activities = Activities {
             runner: Arc::new(runner),

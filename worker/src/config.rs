@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use evalflow_activities::causes::{SignatureConfig, SignatureError, Signatures};
 use evalflow_activities::local::job::Limits;
 use evalflow_workflow::{Policy, PolicyConfig, PolicyError, Stage};
 use serde::Deserialize;
@@ -66,6 +67,14 @@ pub enum ConfigError {
         /// What is wrong.
         error: PolicyError,
     },
+    /// A `[[causes.signature]]` does not compile.
+    #[error("{path}: {error}")]
+    Signature {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        error: SignatureError,
+    },
     /// The `[aws]` table is not usable.
     #[error("{path}: [aws]: {problem}")]
     Aws {
@@ -99,7 +108,27 @@ struct ConfigFile {
     policy: PolicyConfig,
     #[serde(default)]
     local: LocalConfig,
+    #[serde(default)]
+    causes: CausesConfig,
     aws: Option<AwsConfig>,
+}
+
+/// The `[causes]` table: log signatures the organizer adds to the built-in
+/// ones (see `evalflow_activities::causes`).
+///
+/// ```toml
+/// [[causes.signature]]
+/// name = "mxnet-oom"
+/// resource = "gpu_memory"          # gpu_memory, host_memory or shared_memory
+/// pattern = '^mxnet\.base\.MXNetError: .*out of memory'
+/// fatal = true                     # false: a warning, counted only if nothing else killed it
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CausesConfig {
+    /// The signatures, tried after the built-in ones.
+    #[serde(default)]
+    pub signature: Vec<SignatureConfig>,
 }
 
 /// The `[aws]` table: the competition runs on AWS Batch, with SQS queues
@@ -340,6 +369,8 @@ pub struct Config {
     pub policy: Policy,
     /// How this machine runs jobs.
     pub local: LocalConfig,
+    /// The organizer's log signatures.
+    pub causes: CausesConfig,
     /// The AWS deployment, when the competition runs there.
     pub aws: Option<AwsConfig>,
 }
@@ -370,7 +401,10 @@ impl Config {
         if let Some(aws) = &file.aws {
             check_aws(aws, &policy).map_err(|problem| ConfigError::Aws { path: shown.clone(), problem })?;
         }
-        Ok(Config { data_dir, competition: file.competition, stages, policy, local: file.local, aws: file.aws })
+        Signatures::new(&file.causes.signature)
+            .map_err(|error| ConfigError::Signature { path: shown.clone(), error })?;
+        let (competition, local, causes, aws) = (file.competition, file.local, file.causes, file.aws);
+        Ok(Config { data_dir, competition, stages, policy, local, causes, aws })
     }
 
     /// The directory of the sled store.
@@ -484,6 +518,11 @@ fn check_stage(path: &str, stage: Stage, files: &StageConfig) -> Result<(), Conf
     let labels = std::fs::metadata(&files.labels).map_err(|e| fail("labels", &files.labels, e.to_string()))?;
     if !labels.is_file() {
         return Err(fail("labels", &files.labels, "not a file".into()));
+    }
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    if real(&files.labels).starts_with(real(&files.test_set)) {
+        let problem = "it is inside the test set, which every submission reads: move it out".into();
+        return Err(fail("labels", &files.labels, problem));
     }
     Ok(())
 }

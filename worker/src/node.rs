@@ -161,6 +161,7 @@ impl Setup {
             test_sets: config.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
             isolation: options.isolation,
             limits: config.local.limits(),
+            signatures: config.causes.signature.clone(),
         });
         if options.mode == Mode::Engine {
             config.make_private().map_err(|e| NodeError::Private(config.data_dir.display().to_string(), e))?;

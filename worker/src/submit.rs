@@ -186,19 +186,32 @@ fn prepare_directory(
     let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
     let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
     let bytes_max = config.local.submission_max_bytes();
-    let digest = dir_digest(path, bytes_max).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let kept = config.submissions_dir().join(id.as_str());
-    if kept.exists() {
-        let kept_digest = dir_digest(&kept, u64::MAX).map_err(|e| invalid(format!("{}: {e}", kept.display())))?;
+    let digest_of =
+        |dir: &Path, bytes_max| dir_digest(dir, bytes_max).map_err(|e| invalid(format!("{}: {e}", dir.display())));
+    let digest = if kept.exists() {
+        let (digest, kept_digest) = (digest_of(path, bytes_max)?, digest_of(&kept, u64::MAX)?);
         if kept_digest != digest {
             return Err(SubmitError::Conflict { id: id.clone(), kept: kept.display().to_string() });
         }
+        digest
     } else {
+        // Copied first, then digested: the digest is of what is kept, even
+        // if the source changes meanwhile.
         clear_staging(&config.submissions_dir(), id);
         let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
-        copy_dir(path, &staging, bytes_max).map_err(|e| invalid(format!("cannot copy it: {e}")))?;
-        std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
-    }
+        let kept_copy = copy_dir(path, &staging, bytes_max)
+            .map_err(|e| invalid(format!("cannot copy it: {e}")))
+            .and_then(|()| digest_of(&staging, u64::MAX))
+            .and_then(|digest| {
+                std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
+                Ok(digest)
+            });
+        if kept_copy.is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        kept_copy?
+    };
     let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };
     Ok(RunSpec::new(id.clone(), request.team.clone(), request.stage, manifest.cpu_only, source, now))
 }

@@ -74,9 +74,14 @@ impl RunSpec {
 pub struct Detail(String);
 
 impl Detail {
-    /// Keeps at most [`DETAIL_MAX_LEN`] bytes of `text`, cut at a character boundary.
+    /// Keeps at most [`DETAIL_MAX_LEN`] bytes of `text`, cut at a character
+    /// boundary, without control characters (a job's words could carry
+    /// terminal escapes to an operator's screen).
     pub fn new(text: impl Into<String>) -> Detail {
-        let mut text = text.into();
+        let mut text: String = text.into();
+        if text.chars().any(char::is_control) {
+            text = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        }
         if text.len() > DETAIL_MAX_LEN {
             let mut cut = DETAIL_MAX_LEN - 3;
             while !text.is_char_boundary(cut) {

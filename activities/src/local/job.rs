@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use evalflow_workflow::{Attempt, JobOutcome, JobUsage, ProfileName, RunId, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::causes::{Cause, SignatureConfig};
+
 /// How much of each of stdout and stderr a status keeps, in bytes.
 pub const TAIL_BYTES: u64 = 4096;
 
@@ -75,6 +77,9 @@ pub struct JobRequest {
     pub limits: Limits,
     /// How the job is isolated.
     pub isolation: Isolation,
+    /// The organizer's log signatures, besides the built-in ones.
+    #[serde(default)]
+    pub signatures: Vec<SignatureConfig>,
 }
 
 /// What the supervisor saw when it wrote `supervisor.json`.
@@ -99,6 +104,9 @@ pub struct JobStatus {
     pub signal: Option<i32>,
     /// Why the supervisor stopped it, if it did.
     pub note: Option<String>,
+    /// What its log shows it died of, if it ran out of something.
+    #[serde(default)]
+    pub cause: Option<Cause>,
     /// The end of its standard output.
     pub stdout_tail: String,
     /// The end of its standard error.

@@ -29,6 +29,7 @@ use evalflow_workflow::{
 
 use self::job::{JobPaths, JobRequest, Limits, Started, read_json};
 use self::sandbox::{Isolation, SandboxError};
+use crate::causes::SignatureConfig;
 use crate::fsutil::write_atomic;
 use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob, blocking};
 
@@ -50,6 +51,8 @@ pub struct LocalRunnerConfig {
     pub isolation: Isolation,
     /// The limits besides memory and time.
     pub limits: Limits,
+    /// The organizer's log signatures, besides the built-in ones.
+    pub signatures: Vec<SignatureConfig>,
 }
 
 /// Runs jobs on this machine.
@@ -173,6 +176,7 @@ fn create(config: &LocalRunnerConfig, request: &LaunchRequest, paths: &JobPaths)
         time_limit_secs: request.time_limit_secs,
         limits: config.limits,
         isolation: config.isolation,
+        signatures: config.signatures.clone(),
     };
     let name = paths.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = config.jobs_dir.join(format!(".new-{name}-{}", std::process::id()));

@@ -6,8 +6,10 @@
 //! kernel still offers a hostile program: the keyrings (`keyctl`,
 //! `add_key`, `request_key`), new user namespaces (`clone`/`unshare` with
 //! a `CLONE_NEW*` flag, `setns`), io_uring, `bpf`, `perf_event_open`,
-//! `ptrace` and reading other processes' memory, mounts, kernel modules
-//! and kexec. They fail with `EPERM`; `clone3`, whose flags a filter cannot
+//! `ptrace` and `process_vm_*`, mounts, kernel modules, kexec, and
+//! `fallocate` with a mode (which takes disk blocks no size limit sees).
+//! (A job's processes share one uid, so they can still open each other's
+//! `/proc/<pid>/mem`, inside their own pid namespace only.) They fail with `EPERM`; `clone3`, whose flags a filter cannot
 //! read, fails with `ENOSYS` so that the C library falls back to `clone`.
 //! On x86_64, the x32 ABI (system call numbers with bit 30 set, which
 //! would dodge a list of numbers) fails with `ENOSYS` as a whole.
@@ -103,6 +105,10 @@ pub fn programs() -> Result<Vec<BpfProgram>, SeccompError> {
         });
         rules.insert(nr, per_flag.collect::<Result<_, _>>()?);
     }
+    // fallocate with a mode (FALLOC_FL_KEEP_SIZE above all) takes disk
+    // blocks that neither RLIMIT_FSIZE nor a file's length shows.
+    let with_mode = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0)?;
+    rules.insert(libc::SYS_fallocate, vec![SeccompRule::new(vec![with_mode])?]);
     let denied = SeccompFilter::new(rules, SeccompAction::Allow, eperm, arch()?)?;
     let enosys = SeccompAction::Errno(libc::ENOSYS as u32);
     let absent = SeccompFilter::new([(libc::SYS_clone3, vec![])].into(), SeccompAction::Allow, enosys, arch()?)?;

@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
@@ -20,8 +20,11 @@ use evalflow_workflow::{Detail, JobOutcome, JobUsage, Limit, Resource, Timestamp
 
 use super::cgroup::JobCgroup;
 use super::job::{JobPaths, JobRequest, JobStatus, Limits, Started, read_json, tail};
-use super::sandbox::{BWRAP_ERROR_PREFIX, Isolation, PreExec, SandboxFds, find_bwrap, is_root, job_command, resolve};
+use super::sandbox::{
+    BWRAP_ERROR_PREFIX, Isolation, PreExec, SandboxFds, find_bwrap, is_root, job_command, probe, resolve,
+};
 use super::uid::JobUid;
+use crate::causes::{Cause, Signatures};
 use crate::fsutil::{copy_dir, write_atomic};
 use crate::submission::{GPU_OOM_EXIT_CODE, Manifest};
 use crate::untrusted::{self, Unmeasurable};
@@ -78,6 +81,7 @@ fn ended_early(outcome: JobOutcome) -> JobStatus {
         exit_code: None,
         signal: None,
         note: None,
+        cause: None,
         stdout_tail: String::new(),
         stderr_tail: String::new(),
     }
@@ -203,13 +207,14 @@ fn run(
     drop(sandbox);
     let (exit, stop) = watch(&mut child, paths, request, cgroup);
     let ended_at = Timestamp::now();
-    let oom_killed = cgroup.is_some_and(|c| c.oom_kills() > 0);
+    let (stdout_tail, stderr_tail) = (tail(&paths.stdout()), tail(&paths.stderr()));
     let end = End {
         exit,
         stop,
-        oom_killed,
+        oom_killed: cgroup.is_some_and(|c| c.oom_kills() > 0),
         disk: disk_verdict(paths, &request.limits),
         sandbox_failed: sandbox_failure(paths, request, exit),
+        cause: log_cause(request, exit, &stderr_tail, &stdout_tail),
     };
     let (outcome, note) = classify(&end, request);
     JobStatus {
@@ -222,13 +227,32 @@ fn run(
         exit_code: exit.code(),
         signal: exit.signal(),
         note,
-        stdout_tail: tail(&paths.stdout()),
-        stderr_tail: tail(&paths.stderr()),
+        cause: end.cause,
+        stdout_tail,
+        stderr_tail,
     }
 }
 
+/// What a failed program's logs show it ran out of, if anything: the
+/// fatal error of its standard error, else of its standard output.
+fn log_cause(request: &JobRequest, exit: ExitStatus, stderr: &str, stdout: &str) -> Option<Cause> {
+    if exit.success() {
+        return None; // nothing is escalated when the program succeeded
+    }
+    let signatures = match Signatures::new(&request.signatures) {
+        Ok(signatures) => signatures,
+        Err(e) => {
+            tracing::warn!("{e}: reading the log with the built-in signatures only");
+            Signatures::new(&[]).ok()?
+        }
+    };
+    signatures.cause(stderr).or_else(|| signatures.cause(stdout))
+}
+
 /// What bubblewrap said, when it is bubblewrap that failed before the
-/// program started (exit code 1 and its own message first on stderr).
+/// program started: exit code 1 with its own message first on stderr,
+/// and a probe sandbox that fails too. (A program can print what
+/// bubblewrap would; then the probe works, and the failure is the program's.)
 fn sandbox_failure(paths: &JobPaths, request: &JobRequest, exit: ExitStatus) -> Option<String> {
     if request.isolation != Isolation::Sandbox || exit.code() != Some(1) {
         return None;
@@ -236,7 +260,11 @@ fn sandbox_failure(paths: &JobPaths, request: &JobRequest, exit: ExitStatus) -> 
     let mut head = Vec::new();
     File::open(paths.stderr()).ok()?.take(512).read_to_end(&mut head).ok()?;
     let first = String::from_utf8_lossy(&head).lines().next()?.to_owned();
-    first.starts_with(BWRAP_ERROR_PREFIX).then_some(first)
+    if !first.starts_with(BWRAP_ERROR_PREFIX) {
+        return None;
+    }
+    let probe = probe(paths.dir().parent()?).err()?;
+    Some(format!("{first} (and a probe sandbox fails too: {probe})"))
 }
 
 /// Appends `<job name> <supervisor pid> <ms since epoch>` to the jobs
@@ -290,7 +318,9 @@ fn watch(
 /// Whether the job is over its disk or file limit, as a note saying how.
 /// A tree that cannot be measured within its bounds counts as over.
 fn disk_verdict(paths: &JobPaths, limits: &Limits) -> Option<String> {
-    let logs = [paths.stdout(), paths.stderr()].iter().map(|p| fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+    // Allocated blocks too: fallocate(FALLOC_FL_KEEP_SIZE) grows a file's blocks, not its length.
+    let taken = |m: fs::Metadata| m.len().max(m.blocks().saturating_mul(512));
+    let logs = [paths.stdout(), paths.stderr()].iter().map(|p| fs::metadata(p).map_or(0, taken)).sum::<u64>();
     let mut bytes = logs;
     let mut entries_left = limits.files_max;
     for dir in [paths.work(), paths.output()] {
@@ -370,6 +400,8 @@ struct End {
     disk: Option<String>,
     /// What bubblewrap said when it failed before the program started.
     sandbox_failed: Option<String>,
+    /// What the program's log shows it died of.
+    cause: Option<Cause>,
 }
 
 /// What the job's end means. bubblewrap reports a program killed by signal
@@ -390,16 +422,20 @@ fn classify(end: &End, request: &JobRequest) -> (JobOutcome, Option<String>) {
         }
         None => {}
     }
-    if let Some(said) = &end.sandbox_failed {
-        let detail = Detail::new(format!("the sandbox could not start: {said}"));
-        return (JobOutcome::Interrupted { detail }, None);
-    }
     if end.oom_killed {
         let note = format!("killed by the kernel at the memory limit of {} MiB", request.memory_limit_mib);
         return (JobOutcome::OutOfMemory { resource: Resource::HostMemory }, Some(note));
     }
     if let Some(note) = &end.disk {
         return disk(note); // also when the program ignored EFBIG and exited by itself
+    }
+    if let Some(said) = &end.sandbox_failed {
+        let detail = Detail::new(format!("the sandbox could not start: {said}"));
+        return (JobOutcome::Interrupted { detail }, None);
+    }
+    if let Some(cause) = &end.cause {
+        let note = format!("its log shows it ran out of {} ({}): {}", cause.resource.as_str(), cause.rule, cause.line);
+        return (JobOutcome::OutOfMemory { resource: cause.resource.resource() }, Some(note));
     }
     let exit = end.exit;
     let signal = exit.signal().or_else(|| exit.code().filter(|c| (129..=192).contains(c)).map(|c| c - 128));
@@ -432,6 +468,7 @@ mod tests {
             time_limit_secs: 12,
             limits: Limits { pids_max: 128, disk_max_mib: 256, files_max: 1000, kill_grace_secs: 2 },
             isolation: Isolation::Sandbox,
+            signatures: vec![],
         }
     }
 
@@ -440,7 +477,7 @@ mod tests {
     }
 
     fn end(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> End {
-        End { exit, stop, oom_killed, disk: None, sandbox_failed: None }
+        End { exit, stop, oom_killed, disk: None, sandbox_failed: None, cause: None }
     }
 
     fn outcome(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> JobOutcome {

@@ -1,0 +1,57 @@
+//! Unchanged submissions that die as the ML frameworks do: their runs move
+//! to the profile with more of what ran out, read from the fatal error of
+//! their log, and ones that merely mention running out do not.
+
+use std::time::Duration;
+
+use evalflow_tests::cli::wait_until;
+use evalflow_tests::local::{competition, run_view, submit, wait_ended};
+use evalflow_workflow::StateTag;
+
+/// Raises the framework's own exception on a GPU smaller than p3's, as an
+/// unchanged program would: a traceback, then exit code 1.
+fn dies_on_g4(module: &str, class: &str, message: &str) -> String {
+    format!(
+        "class {class}(RuntimeError):\n    pass\n{class}.__module__ = {module:?}\n\
+         if int(os.environ['EVALFLOW_GPU_MEMORY_MIB']) < 16000:\n    raise {class}({message:?})\nhalves()"
+    )
+}
+
+#[test]
+fn framework_out_of_memory_escalates_and_a_mention_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let mut serve = cli.spawn(&["serve"]);
+    let info = cli.data_dir.join("state/engine.json");
+    wait_until("the engine announces its API", Duration::from_secs(30), || info.exists());
+    let subs = dir.path().join("subs");
+    let torch = dies_on_g4("torch", "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB");
+    let jax = dies_on_g4(
+        "jaxlib.xla_extension",
+        "XlaRuntimeError",
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.",
+    );
+    let mention = "print('W bfc_allocator.cc:290] Allocator (GPU_0_bfc) ran out of memory trying to allocate 2.25GiB', \
+                   file=sys.stderr)\nraise ValueError('could not broadcast input array')";
+    for (id, program) in [("torch", torch.as_str()), ("jax", jax.as_str()), ("mention", mention)] {
+        submit(&cli, &subs, id, program);
+    }
+    wait_ended(&cli, &["torch", "jax", "mention"], Duration::from_secs(120));
+    for id in ["torch", "jax"] {
+        let run = run_view(&cli, id);
+        assert_eq!((run.state, run.attempts), (StateTag::Published, 2), "{id}: {run:?}");
+        assert_eq!(run.profile.as_ref().map(|p| p.as_str()), Some("p3"), "{id}");
+        let history = cli.ok(&["history", &format!("{id}-public")]);
+        assert!(history.contains("attempt 1: out of GPU memory"), "{id}: {history}");
+    }
+    let logs = cli.ok(&["logs", "torch-public", "--attempt", "1"]);
+    assert!(
+        logs.contains(
+            "its log shows it ran out of GPU memory (pytorch-oom): torch.OutOfMemoryError: CUDA out of memory"
+        ),
+        "the evidence is shown: {logs}"
+    );
+    let mention = run_view(&cli, "mention");
+    assert_eq!((mention.failure.as_deref(), mention.attempts), (Some("crashed"), 1), "{mention:?}");
+    let _ = serve.kill();
+}
