@@ -18,6 +18,12 @@
 //!
 //! [local]
 //! max_concurrent_jobs = 2
+//!
+//! [api]                              # the engine's HTTP API; these are the defaults
+//! header_read_timeout_secs = 10      # also how long a kept-alive connection may idle
+//! request_timeout_secs = 60
+//! connections_max = 64
+//! body_max_mib = 64
 //! ```
 
 use std::collections::BTreeMap;
@@ -66,6 +72,14 @@ pub enum ConfigError {
         /// What is wrong.
         error: PolicyError,
     },
+    /// The `[api]` table is not usable.
+    #[error("{path}: [api]: {problem}")]
+    Api {
+        /// The file.
+        path: String,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The `[aws]` table is not usable.
     #[error("{path}: [aws]: {problem}")]
     Aws {
@@ -99,6 +113,8 @@ struct ConfigFile {
     policy: PolicyConfig,
     #[serde(default)]
     local: LocalConfig,
+    #[serde(default)]
+    api: ApiConfig,
     aws: Option<AwsConfig>,
 }
 
@@ -301,6 +317,44 @@ impl LocalConfig {
     }
 }
 
+/// The `[api]` table: the limits of the engine's HTTP API, which bound what
+/// one client can hold (a connection slot, the engine's attention).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// How long a client may take to send a request's headers, counted from
+    /// when the server waits for them: also how long a kept-alive connection
+    /// may stay idle, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// How long one request may take, reading its body included, in seconds.
+    pub request_timeout_secs: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections_max: usize,
+    /// The largest request body, in MiB (a submit of many runs is the largest).
+    pub body_max_mib: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { header_read_timeout_secs: 10, request_timeout_secs: 60, connections_max: 64, body_max_mib: 64 }
+    }
+}
+
+impl ApiConfig {
+    fn check(&self) -> Result<(), String> {
+        let zero = [
+            ("header_read_timeout_secs", self.header_read_timeout_secs == 0),
+            ("request_timeout_secs", self.request_timeout_secs == 0),
+            ("connections_max", self.connections_max == 0),
+            ("body_max_mib", self.body_max_mib == 0),
+        ];
+        match zero.iter().find(|(_, is_zero)| *is_zero) {
+            Some((name, _)) => Err(format!("{name} is 0: give it at least 1, or leave it out for the default")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A loaded, checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -314,6 +368,8 @@ pub struct Config {
     pub policy: Policy,
     /// How this machine runs jobs.
     pub local: LocalConfig,
+    /// The limits of the engine's HTTP API.
+    pub api: ApiConfig,
     /// The AWS deployment, when the competition runs there.
     pub aws: Option<AwsConfig>,
 }
@@ -344,7 +400,9 @@ impl Config {
         if let Some(aws) = &file.aws {
             check_aws(aws, &policy).map_err(|problem| ConfigError::Aws { path: shown.clone(), problem })?;
         }
-        Ok(Config { data_dir, competition: file.competition, stages, policy, local: file.local, aws: file.aws })
+        file.api.check().map_err(|problem| ConfigError::Api { path: shown.clone(), problem })?;
+        let ConfigFile { competition, local, api, aws, .. } = file;
+        Ok(Config { data_dir, competition, stages, policy, local, api, aws })
     }
 
     /// The directory of the sled store.
