@@ -60,7 +60,10 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     let shutdown = CancellationToken::new();
     let watchdog = tokio::spawn(stop_on_signal_or_failure(node.clone(), shutdown.clone()));
     api::serve(node.clone(), info, token, listener, shutdown).await?;
+    // Waited for, not only aborted: the task may still hold the node (it
+    // drops it only after cancelling `shutdown`, which ends `serve` at once).
     watchdog.abort();
+    let _ = watchdog.await;
     let failed = node.stopped();
     if let Some(requests) = node.requests() {
         eprintln!("{}", requests.summary());
