@@ -255,7 +255,11 @@ fn a_token_file_others_can_read_is_refused_with_the_fix() {
     fs::create_dir_all(token.parent().unwrap()).unwrap();
     fs::write(&token, format!("{}\n", "ab".repeat(32))).unwrap();
     fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
-    let err = cli.fails(&["serve"]);
+    let log = dir.path().join("serve.log");
+    let mut serve = cli.spawn_logged(&["serve"], &log);
+    wait_until("serve refuses to start", Duration::from_secs(30), || serve.try_wait().unwrap().is_some());
+    assert!(!serve.wait().unwrap().success());
+    let err = fs::read_to_string(&log).unwrap();
     assert!(err.contains(&format!("run `chmod 600 {}`", token.display())), "{err}");
-    assert!(!cli.data_dir.join("state/engine.json").exists(), "the engine did not start");
+    assert!(!cli.data_dir.join("state/engine.json").exists(), "the engine did not announce itself");
 }
