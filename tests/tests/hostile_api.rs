@@ -214,7 +214,8 @@ fn a_submit_takes_only_what_was_prepared_in_the_data_directory() {
 
 #[test]
 fn slow_and_idle_connections_are_closed_and_bounded() {
-    let engine = serve("[api]\nheader_read_timeout_secs = 2\nconnections_max = 2\n");
+    let limits = "header_read_timeout_secs = 2\nconnections_max = 2\nrequest_timeout_secs = 1\nbody_max_mib = 1";
+    let engine = serve(&format!("[api]\n{limits}\n"));
     // Half a header, then nothing.
     let mut slow = engine.connect();
     let started = Instant::now();
@@ -232,6 +233,32 @@ fn slow_and_idle_connections_are_closed_and_bounded() {
         assert!(read.is_ok(), "{what}: still open after {closed_after:?}: {read:?}");
         assert!(closed_after < Duration::from_secs(6), "{what}: closed only after {closed_after:?}");
     }
+
+    // A body larger than the limit is refused before it is read; one sent
+    // too slowly runs out of time.
+    let bearer = format!("Bearer {}", engine.token);
+    let headers = [
+        ("Host", engine.host()),
+        ("Authorization", bearer),
+        ("Content-Type", "application/json".into()),
+        ("Content-Length", format!("{}", 2 << 20)),
+    ];
+    let headers: Vec<_> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let answer = engine.raw("POST", "/v1/submit", &headers, "");
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    let mut trickle = engine.connect();
+    let started = Instant::now();
+    let head = format!(
+        "POST /v1/submit HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 10\r\n\r\n[",
+        engine.host(),
+        engine.token
+    );
+    trickle.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    trickle.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
 
     // A kept-alive connection is closed once it idles that long after an answer.
     let mut kept = engine.connect();

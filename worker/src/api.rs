@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, HOST, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -76,6 +76,7 @@ struct Guard {
     /// The `Host` values that name this engine.
     hosts: Vec<String>,
     request_timeout: Duration,
+    body_max_bytes: usize,
 }
 
 /// A request's failure, as JSON with a status code.
@@ -153,12 +154,13 @@ pub async fn serve(
         token_path: ApiToken::path(&node.config().data_dir).display().to_string(),
         hosts: hosts(listener.local_addr()?),
         request_timeout: Duration::from_secs(limits.request_timeout_secs),
+        body_max_bytes: limits.body_max_mib.saturating_mul(1 << 20),
     };
-    let app = router(Api { node, info, guard: Arc::new(guard) }, &limits);
+    let app = router(Api { node, info, guard: Arc::new(guard) });
     accept(app, listener, &limits, shutdown).await
 }
 
-fn router(api: Api, limits: &ApiConfig) -> Router {
+fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/ping", get(|| async { Json("pong") }))
         .route("/v1/status", get(status))
@@ -173,9 +175,10 @@ fn router(api: Api, limits: &ApiConfig) -> Router {
         .route("/v1/leaderboard", get(leaderboard))
         .route("/v1/cost", get(cost))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
-        .layer(DefaultBodyLimit::max(limits.body_max_mib.saturating_mul(1 << 20)))
-        // The last layer sees a request first: host, then token, then the deadline.
+        .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
+        // The last layer sees a request first: host, token, size, deadline.
         .layer(middleware::from_fn_with_state(api.clone(), deadline))
+        .layer(middleware::from_fn_with_state(api.clone(), check_size))
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .layer(middleware::from_fn_with_state(api.clone(), check_host))
         .with_state(api)
@@ -223,6 +226,23 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
     let mut response = ApiError(StatusCode::UNAUTHORIZED, problem).into_response();
     response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
+}
+
+/// Refuses a body its `Content-Length` says is too large before reading it
+/// (a body without one is cut off at the limit as it is read:
+/// [`DefaultBodyLimit`]).
+async fn check_size(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let length = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let limit = api.guard.body_max_bytes;
+    if length.is_none_or(|length| length <= limit as u64) {
+        return next.run(request).await;
+    }
+    let problem = format!(
+        "the request body is larger than the engine takes ({} MiB): send fewer runs at once, \
+         or raise body_max_mib in the [api] table of evalflow.toml",
+        limit >> 20
+    );
+    ApiError(StatusCode::PAYLOAD_TOO_LARGE, problem).into_response()
 }
 
 /// Answers 503 for a request not done within the request timeout (a body
