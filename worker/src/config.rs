@@ -528,6 +528,8 @@ price_per_hour_usd = 0.5
         assert!(stage.contains("[stages.public] test_set") && stage.contains("nope"), "{stage}");
         let policy = load(&GOOD.replace("time_limit_secs = 10", "time_limit_secs = 0")).unwrap_err().to_string();
         assert!(policy.contains("[policy]: time_limit_secs = 0"), "{policy}");
+        let api = load(&format!("{GOOD}[api]\nconnections_max = 0\n")).unwrap_err().to_string();
+        assert!(api.contains("[api]: connections_max is 0: give it at least 1"), "{api}");
         let syntax = load("[competition\n").unwrap_err().to_string();
         assert!(syntax.contains("line 1"), "{syntax}");
     }

@@ -235,7 +235,10 @@ pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result
         let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
         let run = RunId::new(&spec.submission, spec.stage);
         if spec.run != run {
-            return Err(refused(format!("a run of submission {} on {} is named {run}", spec.submission, spec.stage)));
+            return Err(refused(format!(
+                "a run of submission {} on {} must be named {run}",
+                spec.submission, spec.stage
+            )));
         }
         let ahead_secs = spec.submitted_at.since(now).as_secs();
         if ahead_secs > SUBMITTED_AHEAD_MAX_SECS {
@@ -285,4 +288,80 @@ fn kept_digest(
         Err(e) => return Err(format!("{} cannot be read ({e}): {rule}", kept.display())),
     }
     dir_digest(&kept).map_err(|e| format!("{}: {e}", kept.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[competition]
+name = "t"
+[stages.public]
+test_set = "test"
+labels = "labels.csv"
+[policy]
+time_limit_secs = 10
+[[policy.profile]]
+name = "g4"
+host_memory_mib = 128
+gpu_memory_mib = 1
+vcpus = 1
+price_per_hour_usd = 0.5
+"#;
+
+    fn competition() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("test")).unwrap();
+        std::fs::write(dir.path().join("labels.csv"), "filename,label\n").unwrap();
+        std::fs::write(dir.path().join(crate::config::CONFIG_FILE), CONFIG).unwrap();
+        let config = Config::load(dir.path()).unwrap();
+        (dir, config)
+    }
+
+    fn prepared(config: &Config, id: &str) -> RunSpec {
+        let source = config.data_dir.join("incoming").join(id);
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("submission.toml"), "command = [\"true\"]\n").unwrap();
+        let request = SubmissionRequest {
+            id: SubmissionId::new(id).unwrap(),
+            team: TeamId::new("team").unwrap(),
+            stage: Stage::Public,
+            path: Some(source),
+            image: None,
+            cpu_only: false,
+        };
+        prepare(config, &request, Timestamp(1000)).unwrap()
+    }
+
+    #[test]
+    fn what_prepare_makes_passes_the_engines_check() {
+        let (_dir, config) = competition();
+        let specs = [prepared(&config, "a"), prepared(&config, "b")];
+        check_specs(&config, &specs, Timestamp(1000)).unwrap();
+        let image = SubmissionSource::Image { uri: "img".into() };
+        let image = RunSpec { source: image, ..specs[0].clone() };
+        check_specs(&config, &[image], Timestamp(1000)).unwrap();
+    }
+
+    #[test]
+    fn a_kept_directory_swapped_for_a_link_is_refused() {
+        let (_dir, config) = competition();
+        let spec = prepared(&config, "a");
+        let kept = config.submissions_dir().join("a");
+        let elsewhere = config.data_dir.join("elsewhere");
+        std::fs::rename(&kept, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &kept).unwrap();
+        let err = check_specs(&config, &[spec], Timestamp(1000)).unwrap_err().to_string();
+        assert!(err.starts_with("run a-public: ") && err.contains("is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_run_named_for_another_submission_or_stage_is_refused() {
+        let (_dir, config) = competition();
+        let spec = prepared(&config, "a");
+        let renamed = RunSpec { run: RunId::new(&SubmissionId::new("b").unwrap(), Stage::Public), ..spec };
+        let err = check_specs(&config, &[renamed], Timestamp(1000)).unwrap_err().to_string();
+        assert!(err.starts_with("run b-public: a run of submission a on public must be named a-public"), "{err}");
+    }
 }
