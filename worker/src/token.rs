@@ -29,9 +29,9 @@ pub enum TokenError {
         /// Why.
         error: io::Error,
     },
-    /// Group or others may read the file.
+    /// Group or others may read or change the file.
     #[error(
-        "the API token {path} is readable by other users (mode {mode:03o}): \
+        "the API token {path} is open to other users (mode {mode:03o}): \
          run `chmod 600 {path}`, then start the engine again"
     )]
     Exposed {
