@@ -12,6 +12,7 @@ use evalflow_worker::api::{ErrorBody, ReplayRequest, Selection};
 use evalflow_worker::config::Config;
 use evalflow_worker::lock::{EngineInfo, LockState, try_lock};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::token::ApiToken;
 use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
 use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
 use serde::Serialize;
@@ -33,13 +34,14 @@ pub fn supervisor() -> Result<Vec<OsString>> {
 pub struct Client {
     http: reqwest::Client,
     info: EngineInfo,
+    token: ApiToken,
 }
 
 impl Client {
     async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
         let unreachable =
             |e: reqwest::Error| anyhow!("the engine (pid {}) does not answer at {}: {e}", self.info.pid, self.info.api);
-        let response = request.send().await.map_err(unreachable)?;
+        let response = request.bearer_auth(self.token.as_str()).send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
@@ -93,20 +95,27 @@ pub async fn connect(data_dir: &Path) -> Result<Backend> {
     Ok(Backend::Direct(Box::new(Node::start(config, lock, options).await?)))
 }
 
-/// The engine `info` announces, once it answers.
+/// The engine `info` announces, once it answers. Its token is read from
+/// `data_dir`: a user who may not read it is told so; a missing one means the
+/// process holding the lock is not an engine that answers.
 async fn reach(data_dir: &Path, info: EngineInfo) -> Result<Client> {
-    let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
-    let client = Client { http, info };
-    client.get::<String>("/v1/ping").await.with_context(|| {
-        format!(
+    let unanswered = |e: anyhow::Error| {
+        e.context(format!(
             "{} is locked by an evalflow engine (pid {}) that does not answer at {}: \
              wait for it, or stop it (kill {}) and try again",
             data_dir.display(),
-            client.info.pid,
-            client.info.api,
-            client.info.pid
-        )
-    })?;
+            info.pid,
+            info.api,
+            info.pid
+        ))
+    };
+    let token = match ApiToken::read(data_dir) {
+        Err(e) if e.is_permission_denied() => return Err(e.into()),
+        token => token.map_err(|e| unanswered(e.into()))?,
+    };
+    let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
+    let client = Client { http, info: info.clone(), token };
+    client.get::<String>("/v1/ping").await.map_err(unanswered)?;
     Ok(client)
 }
 

@@ -1,5 +1,10 @@
 //! `evalflow logs`: how a run's job ended and the end of its output, read
 //! from its job directory.
+//!
+//! What a job printed is the submission's, so it is shown as text only
+//! ([`printable`]): a submission cannot retitle the operator's terminal,
+//! clear it, move its cursor to overwrite what evalflow printed, or set off
+//! anything else a terminal does on an escape sequence.
 
 use std::fs;
 
@@ -23,7 +28,7 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
         Some(status) => {
             println!("ended: {}", evalflow_worker::views::outcome_words(&status.outcome));
             if let Some(note) = &status.note {
-                println!("note: {note}");
+                println!("note: {}", printable(note));
             }
             if let Some(peak) = status.usage.peak_memory_mib {
                 println!("peak memory: {peak} MiB");
@@ -32,8 +37,8 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
         None if paths.supervised()? => println!("running"),
         None => println!("not running, and no status: its supervisor is gone"),
     }
-    println!("--- stdout (last 4 KiB) ---\n{}", tail(&paths.stdout()));
-    println!("--- stderr (last 4 KiB) ---\n{}", tail(&paths.stderr()));
+    println!("--- stdout (last 4 KiB) ---\n{}", printable(&tail(&paths.stdout())));
+    println!("--- stderr (last 4 KiB) ---\n{}", printable(&tail(&paths.stderr())));
     Ok(())
 }
 
@@ -51,5 +56,88 @@ fn latest_attempt(config: &Config, run: &RunId) -> Result<Attempt> {
     match latest {
         Some(n) => Ok(Attempt(n)),
         None => bail!("run {run} has no job yet in {}", config.jobs_dir().display()),
+    }
+}
+
+/// `text` without what a terminal would act on: escape sequences (CSI, OSC,
+/// DCS, ...: parsed by `vte`, the terminal parser of Alacritty, so that a
+/// sequence's parameters go with it), every other C0 and C1 control and DEL,
+/// and the Unicode controls that reorder how a line reads (bidirectional
+/// overrides and isolates). Newlines and tabs stay. A carriage return
+/// becomes a newline (a `\r\n` one newline): a progress bar's redraws then
+/// show as lines, and no text can be hidden by printing over it.
+pub fn printable(text: &str) -> String {
+    let mut kept = Printable { text: String::with_capacity(text.len()), after_cr: false };
+    vte::Parser::new().advance(&mut kept, text.as_bytes());
+    kept.text
+}
+
+/// What [`printable`] keeps, as the parser finds it.
+struct Printable {
+    text: String,
+    /// Whether the last thing seen was a carriage return.
+    after_cr: bool,
+}
+
+impl vte::Perform for Printable {
+    fn print(&mut self, c: char) {
+        let reorders = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if !c.is_control() && !reorders {
+            self.text.push(c);
+        }
+        self.after_cr = false;
+    }
+
+    fn execute(&mut self, byte: u8) {
+        match byte {
+            b'\n' if self.after_cr => {}
+            b'\n' | b'\r' => self.text.push('\n'),
+            b'\t' => self.text.push('\t'),
+            _ => {}
+        }
+        self.after_cr = byte == b'\r';
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escape_sequences_and_controls_are_dropped() {
+        let hostile = [
+            ("\x1b]0;pwned title\x07after", "after"), // OSC set title, BEL-terminated
+            ("\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\", "link"), // OSC 8 hyperlink, ST-terminated
+            ("a\x1b[2Jb\x1b[1;1Hc", "abc"),           // clear screen, cursor home
+            ("\x1b[31mred\x1b[0m", "red"),            // colours
+            ("x\x1bcy", "xy"),                        // RIS: reset the terminal
+            ("bell\x07", "bell"),                     // bare BEL
+            ("8-bit \u{9b}2J csi", "8-bit 2J csi"),   // C1 CSI: its parameters are left as text
+            ("\x1bP1$qm\x1b\\dcs", "dcs"),            // DCS
+            ("del\x7f nul\0 bs\x08", "del nul bs"),
+            ("user \u{202e}gnp.exe", "user gnp.exe"), // right-to-left override
+        ];
+        for (input, expected) in hostile {
+            assert_eq!(printable(input), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn text_newlines_and_tabs_stay_and_returns_become_newlines() {
+        assert_eq!(printable("a\tb\nc — ünïcode ✓\n"), "a\tb\nc — ünïcode ✓\n");
+        assert_eq!(printable("10%\r50%\r100%\r\ndone\r\n"), "10%\n50%\n100%\ndone\n");
+        assert_eq!(printable("secret\rpublic"), "secret\npublic", "nothing is printed over");
+    }
+
+    #[test]
+    fn nothing_a_terminal_acts_on_survives_random_bytes() {
+        // Every byte value, in every position of a short sequence.
+        for a in 0..=255u8 {
+            for b in [0x1b, 0x07, 0x9b, b'[', b'\r', b'x'] {
+                let text = String::from_utf8_lossy(&[a, b, a, b'q']).into_owned();
+                let shown = printable(&text);
+                assert!(shown.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'), "{text:?} -> {shown:?}");
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ use evalflow_worker::api;
 use evalflow_worker::config::Config;
 use evalflow_worker::lock::{EngineInfo, LockState, lock_for_engine};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::token::ApiToken;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{LOCK_WAIT, supervisor};
@@ -21,7 +22,9 @@ use crate::signals;
 /// Serves `data_dir` on `listen`.
 pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> Result<ExitCode> {
     if !listen.ip().is_loopback() {
-        bail!("--listen {listen}: the API has no authentication, so it listens on loopback only (127.0.0.1 or ::1)");
+        bail!(
+            "--listen {listen}: the API is for this machine's operator, so it listens on loopback only (127.0.0.1 or ::1)"
+        );
     }
     let lock =
         match lock_for_engine(data_dir, LOCK_WAIT).with_context(|| format!("cannot lock {}", data_dir.display()))? {
@@ -39,6 +42,9 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
             ),
         };
     let config = Config::load(data_dir)?;
+    // Made before the engine announces itself: a client that finds the
+    // announcement finds the token.
+    let token = ApiToken::load_or_create(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
             "cannot listen on {listen}: another process uses that address; choose another with \
@@ -53,8 +59,11 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     println!("evalflow engine (pid {}) serving {} at {}", info.pid, data_dir.display(), info.api);
     let shutdown = CancellationToken::new();
     let watchdog = tokio::spawn(stop_on_signal_or_failure(node.clone(), shutdown.clone()));
-    api::serve(node.clone(), info, listener, shutdown).await?;
+    api::serve(node.clone(), info, token, listener, shutdown).await?;
+    // Waited for, not only aborted: the task may still hold the node (it
+    // drops it only after cancelling `shutdown`, which ends `serve` at once).
     watchdog.abort();
+    let _ = watchdog.await;
     let failed = node.stopped();
     if let Some(requests) = node.requests() {
         eprintln!("{}", requests.summary());

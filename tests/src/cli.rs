@@ -113,6 +113,23 @@ impl Drop for Process {
     }
 }
 
+/// A competition made with `evalflow init` in `dir`, with a public stage of
+/// ten files (`f0.txt`..`f9.txt`, labels alternating 0 and 1).
+pub fn competition(dir: &Path) -> Cli {
+    let cli = Cli::new(dir);
+    cli.ok(&["init", &dir.to_string_lossy()]);
+    let test = dir.join("data/public/test");
+    let mut labels = String::from("filename,label\n");
+    for i in 0..10 {
+        let file = test.join(format!("f{i}.txt"));
+        std::fs::write(&file, format!("{i}\n")).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+        labels.push_str(&format!("f{i}.txt,{}\n", i % 2));
+    }
+    let labels_file = dir.join("data/public/labels.csv");
+    std::fs::write(&labels_file, labels).unwrap_or_else(|e| panic!("cannot write {}: {e}", labels_file.display()));
+    cli
+}
+
 /// Polls `check` every 100 ms until it holds, failing the test after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -12,15 +12,7 @@ use crate::cli::{Cli, wait_until};
 /// A competition in `dir` with a public stage of ten files and tight local
 /// limits: 4 jobs at once, 64 MiB and 2,000 files a job, 1 MiB submissions.
 pub fn competition(dir: &Path) -> Cli {
-    let cli = Cli::new(dir);
-    cli.ok(&["init", dir.to_str().unwrap()]);
-    let test = dir.join("data/public/test");
-    let mut labels = String::from("filename,label\n");
-    for i in 0..10 {
-        fs::write(test.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
-        labels.push_str(&format!("f{i}.txt,{}\n", i % 2));
-    }
-    fs::write(dir.join("data/public/labels.csv"), labels).unwrap();
+    let cli = crate::cli::competition(dir);
     let config = fs::read_to_string(dir.join("evalflow.toml")).unwrap();
     let config = config
         .replace("max_concurrent_jobs = 2", "max_concurrent_jobs = 4")

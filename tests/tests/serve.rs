@@ -6,24 +6,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use evalflow_tests::cli::{Cli, wait_until};
+use evalflow_tests::cli::{Cli, competition, wait_until};
 use evalflow_worker::lock::EngineInfo;
 use evalflow_worker::views::{RunView, StatusView};
 use evalflow_workflow::StateTag;
-
-/// A competition with a public stage of ten files.
-fn competition(dir: &Path) -> Cli {
-    let cli = Cli::new(dir);
-    Cli::new(dir).ok(&["init", dir.to_str().unwrap()]);
-    let test = dir.join("data/public/test");
-    let mut labels = String::from("filename,label\n");
-    for i in 0..10 {
-        fs::write(test.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
-        labels.push_str(&format!("f{i}.txt,{}\n", i % 2));
-    }
-    fs::write(dir.join("data/public/labels.csv"), labels).unwrap();
-    cli
-}
 
 fn submission(root: &Path, id: &str, command: &str, program: &str) -> String {
     let dir = root.join(id);

@@ -18,6 +18,12 @@
 //!
 //! [local]
 //! max_concurrent_jobs = 2
+//!
+//! [api]                              # the engine's HTTP API; these are the defaults
+//! header_read_timeout_secs = 10      # also how long a kept-alive connection may idle
+//! request_timeout_secs = 60
+//! connections_max = 64
+//! body_max_mib = 64
 //! ```
 
 use std::collections::BTreeMap;
@@ -75,6 +81,14 @@ pub enum ConfigError {
         /// What is wrong.
         error: SignatureError,
     },
+    /// The `[api]` table is not usable.
+    #[error("{path}: [api]: {problem}")]
+    Api {
+        /// The file.
+        path: String,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The `[aws]` table is not usable.
     #[error("{path}: [aws]: {problem}")]
     Aws {
@@ -110,6 +124,8 @@ struct ConfigFile {
     local: LocalConfig,
     #[serde(default)]
     causes: CausesConfig,
+    #[serde(default)]
+    api: ApiConfig,
     aws: Option<AwsConfig>,
 }
 
@@ -356,6 +372,44 @@ impl LocalConfig {
     }
 }
 
+/// The `[api]` table: the limits of the engine's HTTP API, which bound what
+/// one client can hold (a connection slot, the engine's attention).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// How long a client may take to send a request's headers, counted from
+    /// when the server waits for them: also how long a kept-alive connection
+    /// may stay idle, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// How long one request may take, reading its body included, in seconds.
+    pub request_timeout_secs: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections_max: usize,
+    /// The largest request body, in MiB (a submit of many runs is the largest).
+    pub body_max_mib: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { header_read_timeout_secs: 10, request_timeout_secs: 60, connections_max: 64, body_max_mib: 64 }
+    }
+}
+
+impl ApiConfig {
+    fn check(&self) -> Result<(), String> {
+        let zero = [
+            ("header_read_timeout_secs", self.header_read_timeout_secs == 0),
+            ("request_timeout_secs", self.request_timeout_secs == 0),
+            ("connections_max", self.connections_max == 0),
+            ("body_max_mib", self.body_max_mib == 0),
+        ];
+        match zero.iter().find(|(_, is_zero)| *is_zero) {
+            Some((name, _)) => Err(format!("{name} is 0: give it at least 1, or leave it out for the default")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A loaded, checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -371,6 +425,8 @@ pub struct Config {
     pub local: LocalConfig,
     /// The organizer's log signatures.
     pub causes: CausesConfig,
+    /// The limits of the engine's HTTP API.
+    pub api: ApiConfig,
     /// The AWS deployment, when the competition runs there.
     pub aws: Option<AwsConfig>,
 }
@@ -403,8 +459,9 @@ impl Config {
         }
         Signatures::new(&file.causes.signature)
             .map_err(|error| ConfigError::Signature { path: shown.clone(), error })?;
-        let (competition, local, causes, aws) = (file.competition, file.local, file.causes, file.aws);
-        Ok(Config { data_dir, competition, stages, policy, local, causes, aws })
+        file.api.check().map_err(|problem| ConfigError::Api { path: shown.clone(), problem })?;
+        let ConfigFile { competition, local, causes, api, aws, .. } = file;
+        Ok(Config { data_dir, competition, stages, policy, local, causes, api, aws })
     }
 
     /// The directory of the sled store.
@@ -573,6 +630,8 @@ price_per_hour_usd = 0.5
         assert!(stage.contains("[stages.public] test_set") && stage.contains("nope"), "{stage}");
         let policy = load(&GOOD.replace("time_limit_secs = 10", "time_limit_secs = 0")).unwrap_err().to_string();
         assert!(policy.contains("[policy]: time_limit_secs = 0"), "{policy}");
+        let api = load(&format!("{GOOD}[api]\nconnections_max = 0\n")).unwrap_err().to_string();
+        assert!(api.contains("[api]: connections_max is 0: give it at least 1"), "{api}");
         let syntax = load("[competition\n").unwrap_err().to_string();
         assert!(syntax.contains("line 1"), "{syntax}");
     }

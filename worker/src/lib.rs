@@ -15,6 +15,7 @@ pub mod lock;
 pub mod node;
 pub mod sqs;
 pub mod submit;
+pub mod token;
 pub mod views;
 pub mod watcher;
 

@@ -23,7 +23,7 @@ use evalflow_workflow::engine::InputError;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
     Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
-    RunState, SledStore, Stage, StateTag, StoreError, WorkflowStore, replay,
+    RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
 };
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
@@ -405,8 +405,18 @@ impl Node {
         .await
     }
 
-    /// Submits runs; the same submission again is a no-op.
+    /// Submits runs; the same submission again is a no-op. The specs are
+    /// checked first, whoever sent them ([`crate::submit::check_specs`]: a
+    /// directory only as `evalflow submit` keeps it, with its digest), and
+    /// none is submitted if one is refused.
     pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>, ControlError> {
+        let (config, now) = (self.config.clone(), Timestamp::now());
+        let specs = self
+            .read(move |_| match crate::submit::check_specs(&config, &specs, now) {
+                Ok(()) => Ok(specs),
+                Err(refused) => Err(ControlError::BadRequest(refused.to_string())),
+            })
+            .await?;
         let mut views = Vec::with_capacity(specs.len());
         for chunk in specs.chunks(BULK_GROUP) {
             let outcomes = self.engine.apply(chunk.iter().cloned().map(Input::Submit).collect()).await?;

@@ -1,12 +1,17 @@
 //! Turning what an organizer submits into run specs: one submission, or a
 //! manifest of many (JSON lines). A submitted directory is checked, then
 //! kept in the data directory, so the run does not depend on the original.
+//!
+//! The engine trusts no path a client gives: [`check_specs`] accepts a
+//! directory only where [`prepare`] keeps it, `DIR/submissions/<id>`, and
+//! only with the digest of what is there.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use evalflow_activities::fsutil::{copy_dir, dir_digest};
 use evalflow_activities::submission::Manifest;
-use evalflow_workflow::{RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
+use evalflow_workflow::{RunId, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -35,6 +40,8 @@ pub struct SubmissionRequest {
 
 /// The longest image reference accepted.
 const IMAGE_MAX_LEN: usize = 512;
+/// How far in the future a spec's `submitted_at` may be (clocks differ a little), in seconds.
+const SUBMITTED_AHEAD_MAX_SECS: u64 = 300;
 
 /// A submission that cannot be accepted.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,14 @@ pub enum SubmitError {
         id: SubmissionId,
         /// What this competition takes.
         problem: &'static str,
+    },
+    /// A run spec the engine refuses: not as `evalflow submit` prepares it.
+    #[error("run {run}: {problem}")]
+    Refused {
+        /// The run.
+        run: RunId,
+        /// Which rule it breaks.
+        problem: String,
     },
     /// No test set for the stage.
     #[error("submission {id}: evalflow.toml has no [stages.{stage}]: add its test_set and labels")]
@@ -186,7 +201,11 @@ fn prepare_directory(
     let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
     let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
     let bytes_max = config.local.submission_max_bytes();
-    let kept = config.submissions_dir().join(id.as_str());
+    let submissions = config.submissions_dir();
+    std::fs::create_dir_all(&submissions).map_err(|e| invalid(format!("{}: {e}", submissions.display())))?;
+    // As the engine checks it: see `check_specs`.
+    let submissions = submissions.canonicalize().map_err(|e| invalid(format!("{}: {e}", submissions.display())))?;
+    let kept = submissions.join(id.as_str());
     let digest_of =
         |dir: &Path, bytes_max| dir_digest(dir, bytes_max).map_err(|e| invalid(format!("{}: {e}", dir.display())));
     let digest = if kept.exists() {
@@ -198,8 +217,8 @@ fn prepare_directory(
     } else {
         // Copied first, then digested: the digest is of what is kept, even
         // if the source changes meanwhile.
-        clear_staging(&config.submissions_dir(), id);
-        let staging = config.submissions_dir().join(format!(".new-{id}-{}", std::process::id()));
+        clear_staging(&submissions, id);
+        let staging = submissions.join(format!(".new-{id}-{}", std::process::id()));
         let kept_copy = copy_dir(path, &staging, bytes_max)
             .map_err(|e| invalid(format!("cannot copy it: {e}")))
             .and_then(|()| digest_of(&staging, u64::MAX))
@@ -214,4 +233,149 @@ fn prepare_directory(
     };
     let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };
     Ok(RunSpec::new(id.clone(), request.team.clone(), request.stage, manifest.cpu_only, source, now))
+}
+
+/// Checks run specs before the engine takes them, whoever sent them: each
+/// run is named `<submission>-<stage>`, was not submitted more than
+/// [`SUBMITTED_AHEAD_MAX_SECS`] after `now`, and a directory source is the
+/// submission's directory in this data directory (the canonical
+/// `DIR/submissions/<id>`, itself no link) holding the contents its digest
+/// names. Images are taken as they are. Reads each directory once.
+pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result<(), SubmitError> {
+    // Resolved once, and only needed for directories (an AWS competition has none).
+    let submissions = config.submissions_dir().canonicalize();
+    let mut digests: HashMap<&str, String> = HashMap::new();
+    for spec in specs {
+        let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
+        let run = RunId::new(&spec.submission, spec.stage);
+        if spec.run != run {
+            return Err(refused(format!(
+                "a run of submission {} on {} must be named {run}",
+                spec.submission, spec.stage
+            )));
+        }
+        let ahead_secs = spec.submitted_at.since(now).as_secs();
+        if ahead_secs > SUBMITTED_AHEAD_MAX_SECS {
+            return Err(refused(format!(
+                "submitted_at is {ahead_secs} s ahead of this engine's clock (at most {SUBMITTED_AHEAD_MAX_SECS} s): \
+                 check the submitting machine's clock"
+            )));
+        }
+        let SubmissionSource::Directory { path, digest } = &spec.source else { continue };
+        let found = match digests.get(path.as_str()) {
+            Some(found) => found.clone(),
+            None => kept_digest(&submissions, &spec.submission, path).map_err(refused)?,
+        };
+        if found != *digest {
+            return Err(refused(format!(
+                "its digest {digest} is not that of the contents of {path} ({found}): \
+                 submit the directory with `evalflow submit`, which computes it"
+            )));
+        }
+        digests.insert(path, found);
+    }
+    Ok(())
+}
+
+/// The digest of `path`, which must be where [`prepare`] keeps `submission`
+/// in the (canonical) `submissions` directory.
+fn kept_digest(
+    submissions: &std::io::Result<PathBuf>,
+    submission: &SubmissionId,
+    path: &str,
+) -> Result<String, String> {
+    let rule = "the engine takes only directories that `evalflow submit` kept in its submissions directory";
+    let kept = match submissions {
+        Ok(dir) => dir.join(submission.as_str()),
+        Err(e) => {
+            return Err(format!(
+                "its directory {path} cannot be there: the submissions directory is missing ({e}): {rule}"
+            ));
+        }
+    };
+    if Path::new(path) != kept {
+        return Err(format!("its directory is {path}, not {}: {rule}", kept.display()));
+    }
+    match std::fs::symlink_metadata(&kept) {
+        Ok(meta) if meta.file_type().is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory: {rule}", kept.display())),
+        Err(e) => return Err(format!("{} cannot be read ({e}): {rule}", kept.display())),
+    }
+    dir_digest(&kept, u64::MAX).map_err(|e| format!("{}: {e}", kept.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[competition]
+name = "t"
+[stages.public]
+test_set = "test"
+labels = "labels.csv"
+[policy]
+time_limit_secs = 10
+[[policy.profile]]
+name = "g4"
+host_memory_mib = 128
+gpu_memory_mib = 1
+vcpus = 1
+price_per_hour_usd = 0.5
+"#;
+
+    fn competition() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("test")).unwrap();
+        std::fs::write(dir.path().join("labels.csv"), "filename,label\n").unwrap();
+        std::fs::write(dir.path().join(crate::config::CONFIG_FILE), CONFIG).unwrap();
+        let config = Config::load(dir.path()).unwrap();
+        (dir, config)
+    }
+
+    fn prepared(config: &Config, id: &str) -> RunSpec {
+        let source = config.data_dir.join("incoming").join(id);
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("submission.toml"), "command = [\"true\"]\n").unwrap();
+        let request = SubmissionRequest {
+            id: SubmissionId::new(id).unwrap(),
+            team: TeamId::new("team").unwrap(),
+            stage: Stage::Public,
+            path: Some(source),
+            image: None,
+            cpu_only: false,
+        };
+        prepare(config, &request, Timestamp(1000)).unwrap()
+    }
+
+    #[test]
+    fn what_prepare_makes_passes_the_engines_check() {
+        let (_dir, config) = competition();
+        let specs = [prepared(&config, "a"), prepared(&config, "b")];
+        check_specs(&config, &specs, Timestamp(1000)).unwrap();
+        let image = SubmissionSource::Image { uri: "img".into() };
+        let image = RunSpec { source: image, ..specs[0].clone() };
+        check_specs(&config, &[image], Timestamp(1000)).unwrap();
+    }
+
+    #[test]
+    fn a_kept_directory_swapped_for_a_link_is_refused() {
+        let (_dir, config) = competition();
+        let spec = prepared(&config, "a");
+        let kept = config.submissions_dir().join("a");
+        let elsewhere = config.data_dir.join("elsewhere");
+        std::fs::rename(&kept, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &kept).unwrap();
+        let err = check_specs(&config, &[spec], Timestamp(1000)).unwrap_err().to_string();
+        assert!(err.starts_with("run a-public: ") && err.contains("is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_run_named_for_another_submission_or_stage_is_refused() {
+        let (_dir, config) = competition();
+        let spec = prepared(&config, "a");
+        let renamed = RunSpec { run: RunId::new(&SubmissionId::new("b").unwrap(), Stage::Public), ..spec };
+        let err = check_specs(&config, &[renamed], Timestamp(1000)).unwrap_err().to_string();
+        assert!(err.starts_with("run b-public: a run of submission a on public must be named a-public"), "{err}");
+    }
 }
