@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const ROOT: &str = "/sys/fs/cgroup";
+/// The CPU quota's period, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// Why a job's control group could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum JobCgroup {
         memory: PathBuf,
         /// The group in the pids hierarchy.
         pids: PathBuf,
+        /// The group in the cpu hierarchy, where the host has one.
+        cpu: Option<PathBuf>,
     },
     /// cgroup v2: one group.
     V2 {
@@ -70,7 +74,9 @@ fn number(path: &Path) -> Option<u64> {
 impl JobCgroup {
     /// Creates the group `name` with the job's limits. A group left by a
     /// supervisor that died (its processes died with it) is removed first.
-    pub fn create(name: &str, memory_limit_mib: u64, pids_max: u32) -> Result<JobCgroup, CgroupError> {
+    /// Its CPU time is capped at `vcpus` CPUs, and as a group of its own it
+    /// takes its fair share of a busy host, however many threads it runs.
+    pub fn create(name: &str, memory_limit_mib: u64, pids_max: u32, vcpus: u32) -> Result<JobCgroup, CgroupError> {
         let leftover = JobCgroup::at(name);
         if leftover.dirs().iter().any(|dir| dir.exists()) {
             leftover.kill_all();
@@ -88,7 +94,17 @@ impl JobCgroup {
             // Without swap accounting the file is absent; with it, no swapping past the limit.
             let _ = fs::write(memory.join("memory.memsw.limit_in_bytes"), &memory_bytes);
             write(&pids.join("pids.max"), &pids_max.to_string())?;
-            return Ok(JobCgroup::V1 { memory, pids });
+            let cpu = match v1_own_group("cpu") {
+                Some(parent) if parent.join("cpu.cfs_quota_us").exists() => {
+                    let cpu = parent.join(name);
+                    fs::create_dir_all(&cpu).map_err(|e| error(&cpu, e))?;
+                    write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write(&cpu.join("cpu.cfs_quota_us"), &(u64::from(vcpus.max(1)) * CPU_PERIOD_US).to_string())?;
+                    Some(cpu)
+                }
+                _ => None,
+            };
+            return Ok(JobCgroup::V1 { memory, pids, cpu });
         }
         let root = Path::new(ROOT);
         let controllers = fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| error(root, e))?;
@@ -97,13 +113,19 @@ impl JobCgroup {
         }
         let base = root.join("evalflow");
         fs::create_dir_all(&base).map_err(|e| error(&base, e))?;
-        write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
-        write(&base.join("cgroup.subtree_control"), "+memory +pids")?;
+        let cpu = controllers.split_whitespace().any(|c| c == "cpu");
+        let enable = if cpu { "+memory +pids +cpu" } else { "+memory +pids" };
+        write(&root.join("cgroup.subtree_control"), enable)?;
+        write(&base.join("cgroup.subtree_control"), enable)?;
         let dir = base.join(name);
         fs::create_dir_all(&dir).map_err(|e| error(&dir, e))?;
         write(&dir.join("memory.max"), &memory_bytes)?;
         let _ = fs::write(dir.join("memory.swap.max"), "0");
         write(&dir.join("pids.max"), &pids_max.to_string())?;
+        if cpu {
+            let quota = u64::from(vcpus.max(1)) * CPU_PERIOD_US;
+            write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+        }
         Ok(JobCgroup::V2 { dir })
     }
 
@@ -111,7 +133,8 @@ impl JobCgroup {
     fn at(name: &str) -> JobCgroup {
         match (v1_own_group("memory"), v1_own_group("pids")) {
             (Some(memory), Some(pids)) if memory.join("memory.limit_in_bytes").exists() => {
-                JobCgroup::V1 { memory: memory.join(name), pids: pids.join(name) }
+                let cpu = v1_own_group("cpu").map(|cpu| cpu.join(name));
+                JobCgroup::V1 { memory: memory.join(name), pids: pids.join(name), cpu }
             }
             _ => JobCgroup::V2 { dir: Path::new(ROOT).join("evalflow").join(name) },
         }
@@ -121,7 +144,7 @@ impl JobCgroup {
     /// does not claim: those of jobs whose supervisor died before it could.
     pub fn remove_leftovers(prefix: &str, is_live: impl Fn(&str) -> bool) {
         let parents: Vec<PathBuf> = match JobCgroup::at("") {
-            JobCgroup::V1 { memory, pids } => vec![memory, pids],
+            JobCgroup::V1 { memory, pids, cpu } => [Some(memory), Some(pids), cpu].into_iter().flatten().collect(),
             JobCgroup::V2 { dir } => vec![dir],
         };
         let mut names = std::collections::BTreeSet::new();
@@ -140,7 +163,9 @@ impl JobCgroup {
 
     fn dirs(&self) -> Vec<&PathBuf> {
         match self {
-            JobCgroup::V1 { memory, pids } => vec![memory, pids],
+            JobCgroup::V1 { memory, pids, cpu } => {
+                [Some(memory), Some(pids), cpu.as_ref()].into_iter().flatten().collect()
+            }
             JobCgroup::V2 { dir } => vec![dir],
         }
     }
@@ -148,7 +173,9 @@ impl JobCgroup {
     /// The `cgroup.procs` files a process writes `0` to, to join the group.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         match self {
-            JobCgroup::V1 { memory, pids } => vec![memory.join("cgroup.procs"), pids.join("cgroup.procs")],
+            JobCgroup::V1 { memory, pids, cpu } => {
+                [Some(memory), Some(pids), cpu.as_ref()].into_iter().flatten().map(|d| d.join("cgroup.procs")).collect()
+            }
             JobCgroup::V2 { dir } => vec![dir.join("cgroup.procs")],
         }
     }
@@ -180,13 +207,15 @@ impl JobCgroup {
 
     /// The pids of the group's processes.
     pub fn members(&self) -> Vec<i32> {
-        self.procs_files()
+        let members: std::collections::BTreeSet<i32> = self
+            .procs_files()
             .iter()
             .flat_map(|file| {
                 fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>()
             })
             .filter_map(|line| line.trim().parse().ok())
-            .collect()
+            .collect();
+        members.into_iter().collect()
     }
 
     /// Sends `signal` to every process of the group.
@@ -224,5 +253,32 @@ impl JobCgroup {
                 tracing::warn!("could not remove {}: {e}", dir.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_group_caps_memory_processes_and_cpu() {
+        let name = format!("evalflow-test-{}", std::process::id());
+        let Ok(group) = JobCgroup::create(&name, 64, 16, 3) else {
+            return; // not root, or no cgroups here: the host checks say so at start-up
+        };
+        let read = |dir: &Path, file: &str| fs::read_to_string(dir.join(file)).unwrap().trim().to_owned();
+        match &group {
+            JobCgroup::V1 { memory, pids, cpu } => {
+                assert_eq!(read(memory, "memory.limit_in_bytes"), (64 << 20).to_string());
+                assert_eq!(read(pids, "pids.max"), "16");
+                if let Some(cpu) = cpu {
+                    assert_eq!(read(cpu, "cpu.cfs_quota_us"), "300000", "3 CPUs of a 100 ms period");
+                }
+            }
+            JobCgroup::V2 { dir } => assert_eq!(read(dir, "memory.max"), (64 << 20).to_string()),
+        }
+        assert_eq!(group.procs_files().len(), group.dirs().len());
+        group.remove();
+        assert!(group.dirs().iter().all(|dir| !dir.exists()));
     }
 }

@@ -88,7 +88,7 @@ impl LocalRunner {
         cgroup::JobCgroup::remove_leftovers(&job::host_prefix(&jobs_dir), |job| {
             JobPaths::new(&jobs_dir, job).supervised().unwrap_or(true)
         });
-        let probe = cgroup::JobCgroup::create(&format!("evalflow-probe-{}", std::process::id()), 64, 16)
+        let probe = cgroup::JobCgroup::create(&format!("evalflow-probe-{}", std::process::id()), 64, 16, 1)
             .map_err(|e| SandboxError::NoCgroups(e.to_string()))?;
         probe.remove();
         Ok(())

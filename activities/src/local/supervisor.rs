@@ -101,14 +101,15 @@ fn execute(paths: &JobPaths, request: &JobRequest) -> JobStatus {
         Ok(argv) => argv,
         Err(detail) => return cannot_start(detail),
     };
-    let cgroup = match JobCgroup::create(&paths.host_name(), request.memory_limit_mib, request.limits.pids_max) {
-        Ok(cgroup) => Some(cgroup),
-        Err(e) if !sandboxed => {
-            tracing::warn!("{e}: running without memory and process limits");
-            None
-        }
-        Err(e) => return interrupted(e.to_string()),
-    };
+    let cgroup =
+        match JobCgroup::create(&paths.host_name(), request.memory_limit_mib, request.limits.pids_max, request.vcpus) {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) if !sandboxed => {
+                tracing::warn!("{e}: running without memory and process limits");
+                None
+            }
+            Err(e) => return interrupted(e.to_string()),
+        };
     let status = run(paths, request, &argv, cgroup.as_ref(), uid.as_ref().map(JobUid::get));
     if let Some(cgroup) = cgroup {
         cgroup.kill_all();
