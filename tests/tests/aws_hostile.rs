@@ -157,7 +157,7 @@ async fn oversized_predictions_are_refused_after_reading_one_byte_more_than_the_
     assert_eq!(shown(&predictions), format!("too large: {size} bytes"));
     let rejection = scoring::score(&predictions, &store_labels()).unwrap_err();
     assert!(matches!(rejection, Rejection::TooLarge { .. }), "{rejection}");
-    assert!(rejection.to_string().contains("the limit is"), "{rejection}");
+    assert!(rejection.to_string().contains("write a smaller file"), "{rejection}");
     let seen = spy.seen.lock().unwrap().clone();
     assert_eq!(seen, [("GET".to_owned(), Some(format!("bytes=0-{limit}")))], "one ranged GET");
     let received = *spy.largest_response.lock().unwrap();
