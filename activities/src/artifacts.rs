@@ -105,6 +105,44 @@ impl Labels {
     }
 }
 
+/// The most test files a stage's check reads.
+const TEST_FILES_MAX: u64 = 10_000_000;
+
+/// Checks a stage's test set and labels against each other, before any job
+/// runs: the labels parse, the test set has files, and every test file has
+/// exactly one label. The problem is the organizer's to fix, in words.
+pub fn check_stage_files(test_set: &Path, labels: &Path) -> Result<usize, String> {
+    let bytes = fs::read(labels).map_err(|e| format!("cannot read labels file {}: {e}", labels.display()))?;
+    let labels = Labels::parse(&bytes, &labels.display().to_string()).map_err(|e| e.to_string())?;
+    let mut files = std::collections::BTreeSet::new();
+    untrusted::walk(test_set, TEST_FILES_MAX, |entry| {
+        if entry.kind != rustix::fs::FileType::Directory {
+            files.insert(entry.path.to_string_lossy().into_owned());
+        }
+    })
+    .map_err(|e| format!("test set {}: {e}", test_set.display()))?;
+    if files.is_empty() {
+        return Err(format!("test set {} has no files: put the stage's test files in it", test_set.display()));
+    }
+    let unlabelled: Vec<&String> = files.iter().filter(|f| labels.file(f).is_none()).collect();
+    if let Some(first) = unlabelled.first() {
+        return Err(format!(
+            "{} of the {} test files have no label, for example {first:?}: add them to the labels file",
+            unlabelled.len(),
+            files.len()
+        ));
+    }
+    let absent: Vec<&str> = labels.files().filter(|f| !files.contains(*f)).collect();
+    if let Some(first) = absent.first() {
+        return Err(format!(
+            "{} labelled files are not in the test set {}, for example {first:?}: remove their labels or add the files",
+            absent.len(),
+            test_set.display()
+        ));
+    }
+    Ok(files.len())
+}
+
 /// A score as published: what the leaderboard is built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishedResult {

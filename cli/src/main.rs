@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::Selection;
 use evalflow_worker::config::Config;
-use evalflow_worker::submit::{SubmissionRequest, prepare, read_manifest};
+use evalflow_worker::submit::{SubmissionRequest, check_stages, prepare, read_manifest};
 use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 
 use crate::backend::{Backend, connect};
@@ -277,6 +277,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                 _ => bail!("give --id, --team and a directory (or --image), or --manifest"),
             };
             let config = Config::load(dir)?;
+            check_stages(&config, &requests)?;
             let now = Timestamp::now();
             let specs = requests.iter().map(|r| prepare(&config, r, now)).collect::<Result<Vec<_>, _>>()?;
             let views = backend.submit(specs).await?;

@@ -153,3 +153,36 @@ fn a_data_directory_held_by_a_silent_engine_is_named_with_its_process() {
     assert!(err.contains(&expected), "{err}");
     assert!(err.contains(&format!("stop it (kill {pid})")), "{err}");
 }
+
+#[test]
+fn a_stage_whose_labels_and_test_set_disagree_is_refused_before_any_job_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let good = submission(&dir.path().join("good"), "command = [\"python3\", \"main.py\"]\n");
+    let labels = cli.data_dir.join("data/public/labels.csv");
+    let test = cli.data_dir.join("data/public/test");
+    let cases = [
+        ("filename,label\na.txt,1\n", Some("b.txt"), "1 of the 2 test files have no label, for example \"b.txt\""),
+        ("filename,label\na.txt,1\nz.txt,0\n", None, "1 labelled files are not in the test set"),
+        ("filename,label\na.txt,2\n", None, "label Some(\"2\") is not 0 or 1"),
+        ("file,label\na.txt,1\n", None, "the header must be filename,label"),
+        ("filename,label\na.txt,1\na.txt,0\n", None, "\"a.txt\" is labelled twice"),
+    ];
+    for (text, extra, problem) in cases {
+        fs::write(&labels, text).unwrap();
+        if let Some(extra) = extra {
+            fs::write(test.join(extra), "2\n").unwrap();
+        }
+        let err = cli.fails(&["submit", "--id", "s1", "--team", "t", &good]);
+        assert!(err.contains("stage public is not ready, so nothing was submitted") && err.contains(problem), "{err}");
+        assert!(err.contains("not the team's"), "{err}");
+        if let Some(extra) = extra {
+            fs::remove_file(test.join(extra)).unwrap();
+        }
+    }
+    fs::remove_file(test.join("a.txt")).unwrap();
+    fs::write(&labels, "filename,label\na.txt,1\n").unwrap();
+    assert!(cli.fails(&["submit", "--id", "s1", "--team", "t", &good]).contains("has no files"));
+    let runs: Vec<RunView> = cli.json(&["runs", "--json"]);
+    assert!(runs.is_empty(), "nothing was submitted: {runs:?}");
+}

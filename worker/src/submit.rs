@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use evalflow_activities::artifacts::check_stage_files;
 use evalflow_activities::fsutil::{copy_dir, dir_digest};
 use evalflow_activities::submission::Manifest;
 use evalflow_workflow::{RunId, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
@@ -102,6 +103,17 @@ pub enum SubmitError {
         /// Which rule it breaks.
         problem: String,
     },
+    /// The stage's test set and labels do not agree: the organizer's to fix.
+    #[error(
+        "stage {stage} is not ready, so nothing was submitted: {problem} \
+         (a mistake in the competition's files, not the team's)"
+    )]
+    StageNotReady {
+        /// The stage.
+        stage: Stage,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
     /// No test set for the stage.
     #[error("submission {id}: evalflow.toml has no [stages.{stage}]: add its test_set and labels")]
     NoStage {
@@ -123,6 +135,23 @@ fn clear_staging(dir: &Path, id: &SubmissionId) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Checks, once per stage submitted to, that the stage's test set and
+/// labels agree (on this machine; on AWS they are in S3): a mistake of the
+/// organizer's is refused before any job runs, and never becomes a team's
+/// failure.
+pub fn check_stages(config: &Config, requests: &[SubmissionRequest]) -> Result<(), SubmitError> {
+    if config.aws.is_some() {
+        return Ok(());
+    }
+    let stages: std::collections::BTreeSet<Stage> = requests.iter().map(|r| r.stage).collect();
+    for stage in stages {
+        let Some(files) = config.stages.get(&stage) else { continue }; // prepare names it
+        check_stage_files(&files.test_set, &files.labels)
+            .map_err(|problem| SubmitError::StageNotReady { stage, problem })?;
+    }
+    Ok(())
 }
 
 /// Reads a manifest: one JSON object per line, `{"id", "team", "stage",
