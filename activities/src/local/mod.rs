@@ -123,8 +123,14 @@ impl JobRunner for LocalRunner {
                 match end_of(&paths) {
                     Ok(Some((outcome, usage))) => ended.push(EndedJob { job, outcome, usage }),
                     Ok(None) => {}
-                    Err(e) if !paths.dir().exists() => {
-                        let detail = Detail::new(format!("its job directory {} is gone", paths.dir().display()));
+                    // A job whose end cannot be read, and whose supervisor is gone, would
+                    // stay running for ever: it is an interruption of the host's.
+                    Err(e) if !paths.dir().exists() || !paths.supervised().unwrap_or(true) => {
+                        let detail = if paths.dir().exists() {
+                            Detail::new(format!("its status cannot be read ({e})"))
+                        } else {
+                            Detail::new(format!("its job directory {} is gone", paths.dir().display()))
+                        };
                         let usage = JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None };
                         tracing::warn!("{e}: {detail}");
                         ended.push(EndedJob { job, outcome: JobOutcome::Interrupted { detail }, usage });
@@ -249,4 +255,40 @@ fn end_of(paths: &JobPaths) -> Result<Option<(JobOutcome, JobUsage)>, ActivityEr
         return lost("the job's supervisor never started", None);
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evalflow_workflow::{Attempt, Stage};
+
+    #[tokio::test]
+    async fn a_job_whose_status_cannot_be_read_is_interrupted_not_running_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LocalRunnerConfig {
+            jobs_dir: dir.path().to_path_buf(),
+            supervisor: Vec::new(),
+            test_sets: BTreeMap::new(),
+            isolation: Isolation::Sandbox,
+            limits: Limits { pids_max: 1, disk_max_mib: 1, files_max: 1, kill_grace_secs: 1 },
+            signatures: Vec::new(),
+        };
+        let runner = LocalRunner::new(config);
+        let run = RunId::parse("garbled-public").unwrap();
+        let paths = runner.job_paths(&run, Attempt(1));
+        fs::create_dir_all(paths.dir()).unwrap();
+        fs::write(paths.status(), b"{\"outcome\": tru").unwrap();
+        let job = RunningJob {
+            run: run.clone(),
+            stage: Stage::Public,
+            attempt: Attempt(1),
+            job: JobId::new("ef-garbled-public-a1").unwrap(),
+            since: Timestamp::now(),
+        };
+        let ended = runner.check(&[job]).await.unwrap();
+        let [EndedJob { outcome: JobOutcome::Interrupted { detail }, .. }] = &ended[..] else {
+            panic!("not interrupted: {ended:?}")
+        };
+        assert!(detail.as_str().starts_with("its status cannot be read"), "{detail}");
+    }
 }
