@@ -112,7 +112,11 @@ struct Signature {
 
 /// The table of signatures, the built-in ones first.
 #[derive(Debug, Clone)]
-pub struct Signatures(Vec<Signature>);
+pub struct Signatures {
+    table: Vec<Signature>,
+    /// [`FATAL_LINE`], compiled.
+    fatal_line: Regex,
+}
 
 /// The built-in signatures: (name, resource, pattern, fatal).
 const BUILTIN: &[(&str, Exhausted, &str, bool)] = &[
@@ -165,14 +169,20 @@ impl Signatures {
             })?;
             Ok(Signature { name: config.name, resource: config.resource, pattern, fatal: config.fatal })
         });
-        Ok(Signatures(compiled.collect::<Result<_, _>>()?))
+        let table = compiled.collect::<Result<_, _>>()?;
+        let fatal_line = Regex::new(FATAL_LINE).map_err(|e| SignatureError {
+            name: "fatal-line".into(),
+            pattern: FATAL_LINE.into(),
+            problem: e.to_string(),
+        })?;
+        Ok(Signatures { table, fatal_line })
     }
 
     /// Why a failed job died, if its log shows it ran out of something.
     pub fn cause(&self, log: &str) -> Option<Cause> {
         let region = fatal_region(log);
         let found = |fatal: bool| {
-            self.0.iter().filter(|s| s.fatal == fatal).find_map(|signature| {
+            self.table.iter().filter(|s| s.fatal == fatal).find_map(|signature| {
                 let line = region.iter().find(|line| signature.pattern.is_match(line))?;
                 Some(Cause { resource: signature.resource, rule: signature.name.clone(), line: evidence(line) })
             })
@@ -180,8 +190,7 @@ impl Signatures {
         if let Some(cause) = found(true) {
             return Some(cause);
         }
-        let fatal_line = Regex::new(FATAL_LINE).ok()?;
-        let died_of_something_else = region.iter().any(|line| fatal_line.is_match(line));
+        let died_of_something_else = region.iter().any(|line| self.fatal_line.is_match(line));
         if died_of_something_else { None } else { found(false) }
     }
 }

@@ -32,7 +32,7 @@ use crate::backend::{Backend, connect};
 #[derive(Debug, Parser)]
 #[command(name = "evalflow", version, about = "Re-run and score competition submissions as durable state machines")]
 struct Cli {
-    /// The competition's directory, holding evalflow.toml and its state [default: ., or evalflow-demo for demo].
+    /// The competition's directory, holding evalflow.toml and its state [default: ., or evalflow-demo for demo (/var/tmp/evalflow-demo when job sandboxes cannot reach the current directory)].
     #[arg(long, global = true, env = "EVALFLOW_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[command(subcommand)]

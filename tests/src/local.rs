@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use evalflow_worker::views::RunView;
 
-use crate::cli::{Cli, wait_until};
+use crate::cli::{Cli, Process, wait_until};
 
 /// A competition in `dir` with a public stage of ten files and tight local
 /// limits: 4 jobs at once, 64 MiB and 2,000 files a job, 1 MiB submissions.
@@ -19,6 +19,14 @@ pub fn competition(dir: &Path) -> Cli {
         .replace("disk_max_mib = 256", "disk_max_mib = 64\nfiles_max = 2000\nsubmission_max_mib = 1");
     fs::write(dir.join("evalflow.toml"), config).unwrap();
     cli
+}
+
+/// `serve` on `cli`'s competition, once it has announced its API.
+pub fn serve(cli: &Cli) -> Process {
+    let engine = cli.spawn(&["serve"]);
+    let info = cli.data_dir.join("state/engine.json");
+    wait_until("the engine announces its API", Duration::from_secs(30), || info.exists());
+    engine
 }
 
 /// Submits `program` (after [`PRELUDE`]) as `main.py` of submission `id`.

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use evalflow_tests::cli::wait_until;
-use evalflow_tests::local::{competition, run_view, submit, wait_ended};
+use evalflow_tests::local::{competition, run_view, serve, submit, wait_ended};
 use evalflow_workflow::StateTag;
 
 /// Raises the framework's own exception on a GPU smaller than p3's, as an
@@ -21,9 +20,7 @@ fn dies_on_g4(module: &str, class: &str, message: &str) -> String {
 fn framework_out_of_memory_escalates_and_a_mention_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));
-    let mut serve = cli.spawn(&["serve"]);
-    let info = cli.data_dir.join("state/engine.json");
-    wait_until("the engine announces its API", Duration::from_secs(30), || info.exists());
+    let _engine = serve(&cli);
     let subs = dir.path().join("subs");
     let torch = dies_on_g4("torch", "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB");
     let jax = dies_on_g4(
@@ -53,5 +50,4 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
     );
     let mention = run_view(&cli, "mention");
     assert_eq!((mention.failure.as_deref(), mention.attempts), (Some("crashed"), 1), "{mention:?}");
-    let _ = serve.kill();
 }

@@ -23,12 +23,15 @@ use evalflow_workflow::StateTag;
 /// A value only the engine's environment holds.
 const SECRET: &str = "hunter2-only-the-engine-knows";
 
-/// `serve`, started through a shell that leaves fd 7 open on `inherited`
-/// and with the secret in its environment.
-fn serve(cli: &Cli, inherited: &Path) -> Process {
+/// `serve`, started through a shell that leaves fd 7 open on a file of
+/// the engine's (next to the data directory) and with the secret in its
+/// environment.
+fn serve(cli: &Cli) -> Process {
+    let inherited = cli.data_dir.with_extension("inherited");
+    fs::write(&inherited, "an fd of the engine's").unwrap();
     let child = Command::new("sh")
         .args(["-c", "exec 7<\"$0\"; exec \"$@\""])
-        .arg(inherited)
+        .arg(&inherited)
         .arg(evalflow_bin())
         .arg("--data-dir")
         .arg(&cli.data_dir)
@@ -61,9 +64,7 @@ fn assert_refused(cli: &Cli, id: &str, why: &str) {
 fn predictions_are_read_beneath_the_job_through_no_link_and_capped() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));
-    let inherited = dir.path().join("inherited");
-    fs::write(&inherited, "an fd of the engine's").unwrap();
-    let mut engine = serve(&cli, &inherited);
+    let mut engine = serve(&cli);
     let labels = cli.data_dir.join("data/public/labels.csv");
     let subs = dir.path().join("subs");
     let probes: [(&str, String); 9] = [
@@ -147,9 +148,7 @@ halves()
 fn the_sandbox_inherits_nothing_and_its_system_calls_are_filtered() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));
-    let inherited = dir.path().join("inherited");
-    fs::write(&inherited, "an fd of the engine's").unwrap();
-    let _engine = serve(&cli, &inherited);
+    let _engine = serve(&cli);
     submit(&cli, &dir.path().join("subs"), "inherit", INHERIT);
     wait_ended(&cli, &["inherit"], Duration::from_secs(60));
     let run = run_view(&cli, "inherit");
@@ -170,9 +169,7 @@ fn the_sandbox_inherits_nothing_and_its_system_calls_are_filtered() {
 fn limits_have_no_blind_spots_and_a_stop_gives_its_grace() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));
-    let inherited = dir.path().join("inherited");
-    fs::write(&inherited, "").unwrap();
-    let _engine = serve(&cli, &inherited);
+    let _engine = serve(&cli);
     let subs = dir.path().join("subs");
     let many = "for i in range(3000):\n    open(os.path.join(OUT, 'f%d' % i), 'w').close()\nhalves()\ntime.sleep(5)";
     let deep = "halves()\nos.chdir(OUT)\nfor i in range(80):\n    os.mkdir('d' * 200)\n    os.chdir('d' * 200)\n\
@@ -221,9 +218,7 @@ fn logs(cli: &Cli, id: &str) -> String {
 fn tenants_are_apart_on_the_host_and_a_private_parent_is_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));
-    let inherited = dir.path().join("inherited");
-    fs::write(&inherited, "").unwrap();
-    let engine = serve(&cli, &inherited);
+    let engine = serve(&cli);
     let subs = dir.path().join("subs");
     for id in ["one", "two", "three"] {
         submit(&cli, &subs, id, "halves()\ntime.sleep(2)");
@@ -259,10 +254,8 @@ fn tenants_are_apart_on_the_host_and_a_private_parent_is_refused_up_front() {
 #[test]
 fn two_competitions_with_the_same_run_ids_do_not_touch_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    let inherited = dir.path().join("inherited");
-    fs::write(&inherited, "").unwrap();
     let (a, b) = (competition(&dir.path().join("a")), competition(&dir.path().join("b")));
-    let (_serve_a, _serve_b) = (serve(&a, &inherited), serve(&b, &inherited));
+    let (_serve_a, _serve_b) = (serve(&a), serve(&b));
     for cli in [&a, &b] {
         submit(cli, &dir.path().join("subs"), "twin", "time.sleep(4)\nhalves()");
     }

@@ -486,15 +486,14 @@ impl Config {
     /// labels 0600. Says so when it changes a mode.
     pub fn make_private(&self) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let mut private = vec![(self.data_dir.clone(), 0o711)];
-        for dir in ["state", "submissions", "results", "leaderboard"] {
-            private.push((self.data_dir.join(dir), 0o700));
-        }
-        private.push((self.jobs_dir(), 0o711));
-        private.extend(self.stages.values().map(|stage| (stage.labels.clone(), 0o600)));
-        for (dir, _) in &private[1..6] {
+        let mut dirs: Vec<(PathBuf, u32)> =
+            ["state", "submissions", "results", "leaderboard"].map(|d| (self.data_dir.join(d), 0o700)).into();
+        dirs.push((self.jobs_dir(), 0o711));
+        for (dir, _) in &dirs {
             std::fs::create_dir_all(dir)?;
         }
+        let labels = self.stages.values().map(|stage| (stage.labels.clone(), 0o600));
+        let private = std::iter::once((self.data_dir.clone(), 0o711)).chain(dirs).chain(labels);
         for (path, mode) in private {
             let current = match std::fs::metadata(&path) {
                 Ok(metadata) => metadata.permissions().mode() & 0o777,
@@ -584,11 +583,10 @@ fn check_stage(path: &str, stage: Stage, files: &StageConfig) -> Result<(), Conf
     Ok(())
 }
 
+/// A minimal `evalflow.toml` for unit tests: a public stage in `test` and
+/// `labels.csv`, one profile.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
+pub(crate) const TEST_CONFIG: &str = r#"
 [competition]
 name = "t"
 [stages.public]
@@ -603,6 +601,12 @@ gpu_memory_mib = 1
 vcpus = 1
 price_per_hour_usd = 0.5
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = TEST_CONFIG;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();

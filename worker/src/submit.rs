@@ -337,21 +337,7 @@ fn kept_digest(
 mod tests {
     use super::*;
 
-    const CONFIG: &str = r#"
-[competition]
-name = "t"
-[stages.public]
-test_set = "test"
-labels = "labels.csv"
-[policy]
-time_limit_secs = 10
-[[policy.profile]]
-name = "g4"
-host_memory_mib = 128
-gpu_memory_mib = 1
-vcpus = 1
-price_per_hour_usd = 0.5
-"#;
+    const CONFIG: &str = crate::config::TEST_CONFIG;
 
     fn competition() -> (tempfile::TempDir, Config) {
         let dir = tempfile::tempdir().unwrap();

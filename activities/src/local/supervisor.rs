@@ -530,6 +530,16 @@ mod tests {
     #[test]
     fn parents_are_read_past_a_hostile_command_name() {
         assert_eq!(parent_of(std::process::id() as i32), Some(std::os::unix::process::parent_id() as i32));
+        // The command name is the program's file name: one that forges the fields after it.
+        let dir = tempfile::tempdir().unwrap();
+        let forged = dir.path().join(") R 1 1");
+        fs::copy("/bin/sleep", &forged).unwrap();
+        let mut child = std::process::Command::new(&forged).arg("5").spawn().unwrap();
+        let pid = child.id() as i32;
+        let seen = parent_of(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen, Some(std::process::id() as i32), "not fooled by the name");
         assert!(!program_pids(&[2], 2).contains(&2), "bubblewrap itself is not the program");
     }
 }
