@@ -24,7 +24,7 @@ pub mod submission;
 pub mod untrusted;
 
 use async_trait::async_trait;
-use evalflow_workflow::{Attempt, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage, Timestamp};
+use evalflow_workflow::{Attempt, Evidence, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage, Timestamp};
 
 pub use artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
 
@@ -103,6 +103,8 @@ pub struct EndedJob {
     pub outcome: JobOutcome,
     /// What it used.
     pub usage: JobUsage,
+    /// What the runner saw of its end.
+    pub evidence: Evidence,
 }
 
 /// Runs submissions' jobs somewhere: this machine, or AWS Batch.

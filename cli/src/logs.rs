@@ -1,5 +1,6 @@
-//! `evalflow logs`: how a run's job ended and the end of its output, read
-//! from its job directory.
+//! `evalflow logs`: how a run's job ended, the evidence for it, and the end
+//! of its output: read from its job directory, or on AWS from its
+//! CloudWatch Logs stream.
 //!
 //! What a job printed is the submission's, so it is shown as text only
 //! ([`printable`]): a submission cannot retitle the operator's terminal,
@@ -9,9 +10,13 @@
 use std::fs;
 
 use anyhow::{Result, bail};
+use evalflow_activities::aws::logs::{LOG_GROUP, TAIL_BYTES_MAX, TAIL_EVENTS, stream_of};
 use evalflow_activities::local::job::{JobPaths, tail};
 use evalflow_worker::config::Config;
-use evalflow_workflow::{Attempt, RunId, job_name};
+use evalflow_worker::views::outcome_words;
+use evalflow_workflow::{Attempt, Event, Evidence, JobId, RunId, job_name};
+
+use crate::backend::Backend;
 
 /// Prints the job of `run`'s `attempt` (the latest when `None`).
 pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
@@ -26,10 +31,11 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
     println!("job {} ({})", job_name(run, attempt), paths.dir().display());
     match paths.read_status()? {
         Some(status) => {
-            println!("ended: {}", evalflow_worker::views::outcome_words(&status.outcome));
+            println!("ended: {}", outcome_words(&status.outcome));
             if let Some(note) = &status.note {
                 println!("note: {}", printable(note));
             }
+            print_evidence(&status.evidence);
             if let Some(peak) = status.usage.peak_memory_mib {
                 println!("peak memory: {peak} MiB");
             }
@@ -40,6 +46,81 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
     println!("--- stdout (last 4 KiB) ---\n{}", printable(&tail(&paths.stdout())));
     println!("--- stderr (last 4 KiB) ---\n{}", printable(&tail(&paths.stderr())));
     Ok(())
+}
+
+/// Prints, on AWS, how the job of `run`'s `attempt` (the latest when
+/// `None`) ended and the end of its CloudWatch Logs stream.
+pub async fn print_aws(config: &Config, backend: &Backend, run: &RunId, attempt: Option<u32>) -> Result<()> {
+    let history = backend.history(run).await?;
+    let latest = history.iter().filter_map(|e| job_of(&e.data).map(|(attempt, _)| attempt.0)).max();
+    let Some(attempt) = attempt.or(latest).map(Attempt) else { bail!("run {run} has no job yet") };
+    let mut job = None;
+    let mut ended = None;
+    for entry in &history {
+        match &entry.data {
+            Event::JobLaunched { attempt: a, job: j } if *a == attempt => job = Some(j.clone()),
+            Event::JobEnded { attempt: a, job: j, outcome, evidence, .. } if *a == attempt => {
+                job = Some(j.clone());
+                ended = Some((outcome.clone(), evidence.clone()));
+            }
+            _ => {}
+        }
+    }
+    let Some(job) = job else { bail!("run {run} has no job for attempt {attempt}") };
+    println!("job {job} (attempt {attempt} of run {run})");
+    let (logs, batch) = evalflow_worker::aws::log_readers(config).await?;
+    let recorded = ended.as_ref().and_then(|(_, evidence)| evidence.log_stream.as_ref().map(|s| s.to_string()));
+    match &ended {
+        Some((outcome, evidence)) => {
+            println!("ended: {}", outcome_words(outcome));
+            print_evidence(evidence);
+        }
+        None => println!("running"),
+    }
+    let stream = match recorded {
+        Some(stream) => Some(stream),
+        None => stream_of(&batch, job.as_str()).await?,
+    };
+    let Some(stream) = stream else {
+        println!("no log stream yet: AWS Batch names one when the job's container starts");
+        return Ok(());
+    };
+    let lines = logs.tail(&stream).await?;
+    println!(
+        "--- {LOG_GROUP} {stream} (the newest {} events; at most {TAIL_EVENTS} events, {} KiB) ---",
+        lines.len(),
+        TAIL_BYTES_MAX / 1024
+    );
+    for line in lines {
+        println!("{}", printable(&line.message));
+    }
+    Ok(())
+}
+
+/// The attempt and job an event names, if it names a job.
+fn job_of(event: &Event) -> Option<(Attempt, &JobId)> {
+    match event {
+        Event::JobLaunched { attempt, job } | Event::JobEnded { attempt, job, .. } => Some((*attempt, job)),
+        _ => None,
+    }
+}
+
+/// The evidence for a job's end, one fact a line; job-written text made printable.
+fn print_evidence(evidence: &Evidence) {
+    if let Some(words) = evidence.words() {
+        println!("evidence: {}", printable(&words));
+    }
+    let facts = [
+        ("exit code", evidence.exit_code.map(|c| c.to_string())),
+        ("signal", evidence.signal.map(|s| s.to_string())),
+        ("status reason", evidence.status_reason.as_ref().map(|r| printable(r.as_str()))),
+        ("log stream", evidence.log_stream.as_ref().map(|s| printable(s.as_str()))),
+    ];
+    for (name, value) in facts {
+        if let Some(value) = value {
+            println!("{name}: {value}");
+        }
+    }
 }
 
 fn latest_attempt(config: &Config, run: &RunId) -> Result<Attempt> {

@@ -255,7 +255,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         Command::Logs { run, attempt } => {
-            logs::print(&Config::load(&dir())?, &run, attempt)?;
+            let config = Config::load(&dir())?;
+            match config.aws {
+                None => logs::print(&config, &run, attempt)?,
+                Some(_) => {
+                    let backend = connect(&dir()).await?;
+                    let printed = logs::print_aws(&config, &backend, &run, attempt).await;
+                    backend.close().await?;
+                    printed?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         command => {

@@ -70,6 +70,40 @@ impl Moto {
         aws_sdk_batch::Client::new(&self.sdk().await)
     }
 
+    /// A CloudWatch Logs client.
+    pub async fn logs(&self) -> aws_sdk_cloudwatchlogs::Client {
+        aws_sdk_cloudwatchlogs::Client::new(&self.sdk().await)
+    }
+
+    /// Writes `lines` to the log stream `stream` of Batch's log group, as a
+    /// job's container would have (the group and stream are made if missing).
+    pub async fn put_job_log(&self, stream: &str, lines: &[&str]) {
+        let logs = self.logs().await;
+        let group = evalflow_activities::aws::logs::LOG_GROUP;
+        // Tests share the server: the group may be there already.
+        let _ = logs.create_log_group().log_group_name(group).send().await;
+        logs.create_log_stream()
+            .log_group_name(group)
+            .log_stream_name(stream)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("CreateLogStream {stream}: {e:?}"));
+        let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        for (chunk_index, chunk) in lines.chunks(5000).enumerate() {
+            let events = chunk.iter().enumerate().map(|(i, line)| {
+                let at = start + (chunk_index * 5000 + i) as i64;
+                aws_sdk_cloudwatchlogs::types::InputLogEvent::builder().timestamp(at).message(*line).build().unwrap()
+            });
+            logs.put_log_events()
+                .log_group_name(group)
+                .log_stream_name(stream)
+                .set_log_events(Some(events.collect()))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("PutLogEvents {stream}: {e:?}"));
+        }
+    }
+
     /// An SQS client.
     pub async fn sqs(&self) -> aws_sdk_sqs::Client {
         aws_sdk_sqs::Client::new(&self.sdk().await)

@@ -72,6 +72,7 @@ impl JobRunner for ScriptedBatch {
                 job: job.clone(),
                 outcome: script(job.run.parts().0.as_str(), job.attempt),
                 usage: JobUsage { started_at: Some(job.since), ended_at: now, peak_memory_mib: None },
+                evidence: Default::default(),
             })
             .collect())
     }

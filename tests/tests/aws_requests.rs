@@ -4,7 +4,9 @@
 use evalflow_activities::JobRunner;
 use evalflow_activities::RunningJob;
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings, DESCRIBE_JOBS_MAX};
+use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::requests::RequestCounter;
+use evalflow_activities::causes::Signatures;
 use evalflow_tests::aws::{AwsCompetition, Tuning};
 use evalflow_workflow::{Attempt, JobId, RunId, Stage, Timestamp, job_name};
 
@@ -40,7 +42,9 @@ async fn checking_running_jobs_takes_one_describe_jobs_per_hundred() {
         queues: vec![queue],
         output_key: competition.output_key(),
     };
-    let runner = BatchRunner::from_sdk(&competition.moto.sdk().await, &requests, settings);
+    let sdk = competition.moto.sdk().await;
+    let logs = BatchLogs::from_sdk(&sdk, &requests, Signatures::new(&[]).unwrap());
+    let runner = BatchRunner::from_sdk(&sdk, &requests, logs, settings);
     let mut previous = 0;
     for running in [1, 99, 100, 101, 250] {
         let ended = runner.check(&jobs[..running]).await.unwrap();

@@ -10,9 +10,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
+use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::{Endpoint, sdk_config};
+use evalflow_activities::causes::Signatures;
 use evalflow_activities::{JobRunner, LaunchRequest};
 use evalflow_workflow::{Attempt, Policy, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
 
@@ -69,7 +71,8 @@ async fn throttled_batch_calls_are_retried_until_they_succeed() {
         queues: vec!["q-g4".into()],
         output_key: OutputKey::load_or_create(&keys.path().join("output.key")).unwrap().0,
     };
-    let runner = BatchRunner::from_sdk(&sdk, &requests, settings);
+    let logs = BatchLogs::from_sdk(&sdk, &requests, Signatures::new(&[]).unwrap());
+    let runner = BatchRunner::from_sdk(&sdk, &requests, logs, settings);
     let policy = Policy::from_toml(
         "time_limit_secs = 600\n[[profile]]\nname = \"g4\"\nhost_memory_mib = 1000\ngpu_memory_mib = 1000\n\
          vcpus = 4\nprice_per_hour_usd = 0.5\nbatch_job_queue = \"q-g4\"\n",

@@ -38,9 +38,25 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         let run = run_view(&cli, id);
         assert_eq!((run.state, run.attempts), (StateTag::Published, 2), "{id}: {run:?}");
         assert_eq!(run.profile.as_ref().map(|p| p.as_str()), Some("p3"), "{id}");
+        let first = &run.attempt_details[0];
+        assert_eq!((first.profile.as_str(), first.exit_code), ("g4", Some(1)), "{id}: {first:?}");
+        assert!(first.cost_usd > 0.0, "{id}: the failed attempt is paid for");
         let history = cli.ok(&["history", &format!("{id}-public")]);
-        assert!(history.contains("attempt 1: out of GPU memory"), "{id}: {history}");
+        assert!(history.contains("attempt 1: out of GPU memory on g4: "), "{id}: {history}");
     }
+    let torch = run_view(&cli, "torch");
+    let first = &torch.attempt_details[0];
+    assert_eq!(first.rule.as_deref(), Some("pytorch-oom"));
+    assert_eq!(
+        first.summary.as_deref(),
+        Some(
+            "out of GPU memory on g4: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB \
+             [pytorch-oom]"
+        ),
+        "why the run moved to p3, in one line of `runs --json`"
+    );
+    let history = cli.ok(&["history", "jax-public"]);
+    assert!(history.contains("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"), "{history}");
     let logs = cli.ok(&["logs", "torch-public", "--attempt", "1"]);
     assert!(
         logs.contains(
@@ -48,6 +64,9 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         ),
         "the evidence is shown: {logs}"
     );
+    assert!(logs.contains("evidence: torch.OutOfMemoryError: CUDA out of memory") && logs.contains("exit code: 1"));
     let mention = run_view(&cli, "mention");
     assert_eq!((mention.failure.as_deref(), mention.attempts), (Some("crashed"), 1), "{mention:?}");
+    let only = &mention.attempt_details[0];
+    assert_eq!((only.rule.as_deref(), only.exit_code), (None, Some(1)), "no rule matched a mere mention: {only:?}");
 }

@@ -21,16 +21,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
+use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::outputs::{OutputKey, OutputKeyError};
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
-use evalflow_activities::aws::{Endpoint, s3_client, sdk_config};
+use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
 use evalflow_activities::{ArtifactStore, JobRunner};
 
 use crate::activity::{Activities, gave_up};
 use crate::config::Config;
 use crate::engine_thread::EngineHandle;
-use crate::sqs::{BATCH_MAX, QueueError, Queues, Received, heartbeat_interval, parse_event_message};
+use crate::sqs::{
+    BATCH_MAX, Carried, QueueError, Queues, Received, heartbeat_interval, job_ended, parse_event_message,
+};
 
 /// What the AWS deployment acts with, for the engine and for the workers.
 pub struct AwsParts {
@@ -40,6 +43,8 @@ pub struct AwsParts {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// SQS.
     pub queues: Arc<Queues>,
+    /// CloudWatch Logs, where Batch jobs' logs are.
+    pub logs: BatchLogs,
     /// The AWS requests made so far.
     pub requests: RequestCounter,
 }
@@ -71,6 +76,7 @@ async fn connect_with(
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
     let requests = RequestCounter::default();
+    let logs = BatchLogs::from_sdk(&sdk, &requests, config.signatures());
     let runner = match runner {
         Some(runner) => runner,
         None => {
@@ -84,7 +90,7 @@ async fn connect_with(
                 queues,
                 output_key: output_key.clone(),
             };
-            Arc::new(BatchRunner::from_sdk(&sdk, &requests, settings))
+            Arc::new(BatchRunner::from_sdk(&sdk, &requests, logs.clone(), settings))
         }
     };
     let labels =
@@ -92,7 +98,16 @@ async fn connect_with(
     let artifacts = Arc::new(S3Artifacts::new(s3_client(&sdk, &requests), aws.bucket.clone(), labels, output_key));
     let sqs = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(requests.clone()).build();
     let queues = Arc::new(Queues::open(aws_sdk_sqs::Client::from_conf(sqs), aws).await?);
-    Ok(AwsParts { runner, artifacts, queues, requests })
+    Ok(AwsParts { runner, artifacts, queues, logs, requests })
+}
+
+/// What `evalflow logs` reads a Batch job's log with: CloudWatch Logs, and
+/// Batch to find a running job's stream.
+pub async fn log_readers(config: &Config) -> Result<(BatchLogs, aws_sdk_batch::Client), ConnectError> {
+    let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
+    let sdk = sdk_config(&Endpoint { region: aws.region.clone(), url: aws.endpoint_url.clone() }).await;
+    let requests = RequestCounter::default();
+    Ok((BatchLogs::from_sdk(&sdk, &requests, config.signatures()), batch_client(&sdk, &requests)))
 }
 
 /// Why the AWS deployment cannot be reached.
@@ -140,10 +155,12 @@ pub async fn publish_tasks(
 }
 
 /// Applies the events queue's messages until `shutdown`, deleting each
-/// message once what it carries is durable. A message that is not an event
-/// is left alone: after `max_receive_count` receives it moves to the
-/// dead-letter queue, where `evalflow status` shows it.
-pub async fn consume_events(queues: Arc<Queues>, engine: EngineHandle, shutdown: CancellationToken) {
+/// message once what it carries is durable. A failed Batch job's end is read
+/// with its log (`logs`); when the log cannot be read now, the message comes
+/// back later. A message that is not an event is left alone: after
+/// `max_receive_count` receives it moves to the dead-letter queue, where
+/// `evalflow status` shows it.
+pub async fn consume_events(queues: Arc<Queues>, logs: BatchLogs, engine: EngineHandle, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let received = tokio::select! {
@@ -164,10 +181,18 @@ pub async fn consume_events(queues: Arc<Queues>, engine: EngineHandle, shutdown:
         let mut done = Vec::new();
         for message in messages {
             match parse_event_message(&message.body) {
-                Ok(carried) => {
+                Ok(Carried::Inputs(carried)) => {
                     inputs.extend(carried);
                     done.push(message.receipt);
                 }
+                Ok(Carried::Batch { run, attempt, job, detail }) => match logs.ended(&detail).await {
+                    Ok(end) => {
+                        inputs.extend(end.map(|end| job_ended(run, attempt, job, end)));
+                        done.push(message.receipt);
+                    }
+                    Err(e) => tracing::warn!("job {job}: its end is read again later: {e}"),
+                },
+                Ok(Carried::Nothing) => done.push(message.receipt),
                 Err(e) => {
                     tracing::warn!("events queue: a message that is not an event ({e}): left for the dead-letter queue")
                 }

@@ -464,6 +464,11 @@ impl Config {
         Ok(Config { data_dir, competition, stages, policy, local, causes, api, aws })
     }
 
+    /// The log signatures: the built-in ones, then the organizer's (checked when loaded).
+    pub fn signatures(&self) -> Signatures {
+        Signatures::new(&self.causes.signature).unwrap_or_else(|e| unreachable!("checked at load: {e}"))
+    }
+
     /// The directory of the sled store.
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join("state").join("store")

@@ -281,7 +281,7 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
 #[cfg(test)]
 mod tests {
     use evalflow_workflow::store::SledOptions;
-    use evalflow_workflow::{Detail, Envelope, Event, JobId, JobOutcome, JobUsage};
+    use evalflow_workflow::{Detail, Envelope, Event, Evidence, JobId, JobOutcome, JobUsage};
 
     use super::*;
     use crate::testing;
@@ -319,7 +319,11 @@ mod tests {
             self.event(&run, Envelope::answering(launched, launch.version)).await;
             let usage = JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None };
             let outcome = JobOutcome::Interrupted { detail: Detail::new("spot") };
-            self.event(&run, Envelope::unfenced(Event::JobEnded { attempt, job, outcome, usage })).await;
+            self.event(
+                &run,
+                Envelope::unfenced(Event::JobEnded { attempt, job, outcome, usage, evidence: Evidence::default() }),
+            )
+            .await;
             run
         }
 

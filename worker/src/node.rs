@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use evalflow_activities::artifacts::FsArtifacts;
+use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_activities::local::sandbox::{Isolation, SandboxError};
@@ -144,6 +145,8 @@ struct Setup {
     artifacts: Arc<dyn ArtifactStore>,
     /// The SQS queues, on AWS.
     queues: Option<Arc<Queues>>,
+    /// CloudWatch Logs, on AWS.
+    logs: Option<BatchLogs>,
     /// The AWS requests made, on AWS.
     requests: Option<RequestCounter>,
     watch: Watch,
@@ -172,6 +175,7 @@ impl Setup {
             runner: Arc::new(runner),
             artifacts: Arc::new(FsArtifacts::new(&config.data_dir, labels)),
             queues: None,
+            logs: None,
             requests: None,
             watch: Watch { interval: WATCH_INTERVAL, quiet_for: Duration::ZERO },
             resend_after: LOCAL_RESEND_AFTER,
@@ -186,6 +190,7 @@ impl Setup {
             runner: parts.runner,
             artifacts: parts.artifacts,
             queues: Some(parts.queues),
+            logs: Some(parts.logs),
             requests: Some(parts.requests),
             watch: Watch {
                 interval: Duration::from_secs(aws.reconcile_interval_secs),
@@ -231,8 +236,8 @@ impl Node {
         let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
-            match &setup.queues {
-                None => {
+            match (&setup.queues, &setup.logs) {
+                (None, _) | (_, None) => {
                     let worker = local_worker::run(
                         activities,
                         dispatches,
@@ -242,10 +247,11 @@ impl Node {
                     );
                     loops.push(tokio::spawn(worker));
                 }
-                Some(queues) => {
+                (Some(queues), Some(logs)) => {
                     loops.push(tokio::spawn(crate::aws::publish_tasks(queues.clone(), dispatches, shutdown.clone())));
                     for _ in 0..EVENT_CONSUMERS {
-                        let consumer = crate::aws::consume_events(queues.clone(), engine.clone(), shutdown.clone());
+                        let consumer =
+                            crate::aws::consume_events(queues.clone(), logs.clone(), engine.clone(), shutdown.clone());
                         loops.push(tokio::spawn(consumer));
                     }
                 }

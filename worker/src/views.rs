@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use evalflow_workflow::cost::{Billing, CostReport, run_cost_usd};
+use evalflow_workflow::cost::{Billing, CostReport, attempt_cost, run_cost_usd};
 use evalflow_workflow::{
-    Disposition, Event, HistoryEntry, JobId, JobOutcome, Policy, ProfileName, Run, RunId, RunState, Stage, StateTag,
-    SubmissionId, TeamId,
+    AttemptEnd, AttemptRecord, Detail, Disposition, Event, Evidence, HistoryEntry, JobId, JobOutcome, JobUsage, Policy,
+    ProfileName, Run, RunId, RunState, RunStatus, Stage, StateTag, SubmissionId, TeamId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,8 @@ pub struct RunView {
     pub cost_usd: f64,
     /// The last job.
     pub job: Option<JobId>,
+    /// Each attempt: where it ran, how it ended and the evidence for it.
+    pub attempt_details: Vec<AttemptView>,
     /// The run's version.
     pub version: u64,
     /// When it was submitted, in ms since the epoch.
@@ -66,10 +68,86 @@ impl RunView {
             score: status.state.score().map(|s| s.value()),
             cost_usd: run_cost_usd(status, policy, billing),
             job: status.attempts.last().and_then(|a| a.job.clone()),
+            attempt_details: status.attempts.iter().map(|a| AttemptView::new(a, policy, billing)).collect(),
             version: status.version,
             submitted_at_ms: spec.submitted_at.as_millis(),
             updated_at_ms: status.updated_at.as_millis(),
         }
+    }
+}
+
+/// One attempt of a run: where it ran, how it ended, and why evalflow
+/// judged it so.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// Its number, from 1.
+    pub attempt: u32,
+    /// The profile it ran on.
+    pub profile: ProfileName,
+    /// The runner's job (on AWS, the Batch job id).
+    pub job: Option<JobId>,
+    /// How it ended, in words, once it did.
+    pub outcome: Option<String>,
+    /// The rule that decided the outcome (`pytorch-oom`, `cgroup-oom-kill`, `batch:OutOfMemoryError` ...).
+    pub rule: Option<String>,
+    /// What the rule matched: the log's fatal line, Batch's reason.
+    pub matched: Option<String>,
+    /// `out of GPU memory on g4: torch.OutOfMemoryError: ...`: the end and its evidence in one line.
+    pub summary: Option<String>,
+    /// The program's exit code.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+    /// The runner's status reason (AWS Batch's `statusReason`).
+    pub status_reason: Option<String>,
+    /// Its CloudWatch Logs stream, on AWS.
+    pub log_stream: Option<String>,
+    /// How long it ran, in seconds.
+    pub running_secs: Option<f64>,
+    /// Its peak memory, when measured.
+    pub peak_memory_mib: Option<u64>,
+    /// What it cost, in US dollars.
+    pub cost_usd: f64,
+}
+
+impl AttemptView {
+    /// The view of `record`.
+    pub fn new(record: &AttemptRecord, policy: &Policy, billing: Billing) -> AttemptView {
+        let evidence = record.evidence.clone().unwrap_or_default();
+        let text = |d: Option<Detail>| d.map(|d| d.as_str().to_owned());
+        let outcome = record.end.as_ref().map(end_words);
+        AttemptView {
+            attempt: record.attempt.0,
+            profile: record.profile.clone(),
+            job: record.job.clone(),
+            summary: outcome.as_ref().map(|words| summary(words, &record.profile, &evidence)),
+            outcome,
+            rule: text(evidence.rule),
+            matched: text(evidence.matched),
+            exit_code: evidence.exit_code,
+            signal: evidence.signal,
+            status_reason: text(evidence.status_reason),
+            log_stream: text(evidence.log_stream),
+            running_secs: record.usage.as_ref().map(JobUsage::running_secs),
+            peak_memory_mib: record.usage.as_ref().and_then(|u| u.peak_memory_mib),
+            cost_usd: attempt_cost(record, policy, billing).map_or(0.0, |(_, usd)| usd),
+        }
+    }
+}
+
+/// `<how it ended> on <profile>: <what the rule matched> [<rule>]`.
+fn summary(outcome: &str, profile: &ProfileName, evidence: &Evidence) -> String {
+    match evidence.words() {
+        Some(words) => format!("{outcome} on {profile}: {words}"),
+        None => format!("{outcome} on {profile}"),
+    }
+}
+
+fn end_words(end: &AttemptEnd) -> String {
+    match end {
+        AttemptEnd::Job(outcome) => outcome_words(outcome),
+        AttemptEnd::LaunchFailed => "could not be launched".into(),
+        AttemptEnd::Cancelled => "cancelled".into(),
     }
 }
 
@@ -112,21 +190,27 @@ impl EventView {
                 Disposition::Acknowledged => "acknowledged".to_owned(),
                 Disposition::Ignored(why) => format!("ignored: {why}"),
             },
-            detail: describe(&entry.input.event, state),
+            detail: describe(&entry.input.event, &entry.status),
             data: entry.input.event.clone(),
         }
     }
 }
 
 /// An event in a few words.
-fn describe(event: &Event, after: &RunState) -> String {
+fn describe(event: &Event, after: &RunStatus) -> String {
     match event {
         Event::Submitted(spec) => format!("team {} on {}", spec.team, spec.stage),
         Event::JobLaunched { attempt, job } => format!("attempt {attempt}: job {job}"),
         Event::LaunchFailed { attempt, error } => format!("attempt {attempt}: {error}"),
-        Event::JobEnded { attempt, outcome, usage, .. } => {
+        Event::JobEnded { attempt, outcome, usage, evidence, .. } => {
             let peak = usage.peak_memory_mib.map(|m| format!(", peak {m} MiB")).unwrap_or_default();
-            format!("attempt {attempt}: {}, ran {:.1} s{peak}", outcome_words(outcome), usage.running_secs())
+            let ran = format!("ran {:.1} s{peak}", usage.running_secs());
+            match after.attempt(*attempt) {
+                Some(record) => {
+                    format!("attempt {attempt}: {}; {ran}", summary(&outcome_words(outcome), &record.profile, evidence))
+                }
+                None => format!("attempt {attempt}: {}, {ran}", outcome_words(outcome)),
+            }
         }
         Event::PredictionsScored { score, .. } => format!("log loss {:.4}", score.value()),
         Event::PredictionsRejected { reason, .. } => reason.to_string(),
@@ -134,10 +218,12 @@ fn describe(event: &Event, after: &RunState) -> String {
         Event::JobTerminated { attempt, job: Some(job) } => format!("attempt {attempt}: job {job} stopped"),
         Event::JobTerminated { attempt, job: None } => format!("attempt {attempt}: its jobs stopped"),
         Event::Withdrawn { attempt } => format!("attempt {attempt}: its score kept off the leaderboard"),
-        Event::Admitted | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => match after {
-            RunState::Failed { reason, .. } => reason.to_string(),
-            _ => String::new(),
-        },
+        Event::Admitted | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => {
+            match &after.state {
+                RunState::Failed { reason, .. } => reason.to_string(),
+                _ => String::new(),
+            }
+        }
     }
 }
 

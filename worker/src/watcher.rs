@@ -86,7 +86,7 @@ pub async fn run(runner: Arc<dyn JobRunner>, engine: EngineHandle, watch: Watch,
 
 /// The event of a job's end.
 pub fn job_ended(ended: EndedJob) -> Input {
-    let EndedJob { job, outcome, usage } = ended;
-    let event = Event::JobEnded { attempt: job.attempt, job: job.job, outcome, usage };
+    let EndedJob { job, outcome, usage, evidence } = ended;
+    let event = Event::JobEnded { attempt: job.attempt, job: job.job, outcome, usage, evidence };
     Input::Event { run: job.run, envelope: Envelope::unfenced(event) }
 }

@@ -102,6 +102,7 @@ mod tests {
                 peak_memory_mib: None,
             }),
             end: None,
+            evidence: None,
         }
     }
 

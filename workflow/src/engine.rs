@@ -389,7 +389,7 @@ mod tests {
     use super::*;
     use crate::ids::{Attempt, Stage, SubmissionId, TeamId};
     use crate::machine::JobOutcome;
-    use crate::run::{Detail, JobUsage, SubmissionSource};
+    use crate::run::{Detail, Evidence, JobUsage, SubmissionSource};
     use crate::store::MemoryStore;
 
     fn spec(name: &str, submitted_at: u64) -> RunSpec {
@@ -461,8 +461,16 @@ mod tests {
             envelope: Envelope::answering(Event::JobLaunched { attempt: Attempt(1), job: job.clone() }, version),
         };
         let usage = JobUsage { started_at: None, ended_at: Timestamp(3), peak_memory_mib: None };
-        let end =
-            event("b-public", Event::JobEnded { attempt: Attempt(1), job, outcome: JobOutcome::Succeeded, usage });
+        let end = event(
+            "b-public",
+            Event::JobEnded {
+                attempt: Attempt(1),
+                job,
+                outcome: JobOutcome::Succeeded,
+                usage,
+                evidence: Evidence::default(),
+            },
+        );
         let applied = engine.apply(vec![launch, end, event("b-public", Event::CancelRequested)], Timestamp(3)).unwrap();
         assert!(applied.dispatches.is_empty(), "scoring was owed, then cancelled in the same group");
     }

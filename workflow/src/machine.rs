@@ -38,8 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{Attempt, JobId, ProfileName, RunId};
 use crate::policy::{Policy, Resource};
 use crate::run::{
-    AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, IgnoreReason, JobUsage, Run, RunSpec, RunStatus,
-    StateTag, Termination,
+    AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, Evidence, IgnoreReason, JobUsage, Run, RunSpec,
+    RunStatus, StateTag, Termination,
 };
 use crate::time::Timestamp;
 
@@ -425,6 +425,8 @@ pub enum Event {
         outcome: JobOutcome,
         /// What it used.
         usage: JobUsage,
+        /// What the runner saw of its end.
+        evidence: Evidence,
     },
     /// The predictions were scored.
     PredictionsScored {
@@ -632,7 +634,9 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
         Event::Admitted => machine.admitted(),
         Event::JobLaunched { attempt, job } => Ok(machine.job_launched(*attempt, job)),
         Event::LaunchFailed { attempt, error } => Ok(machine.launch_failed(*attempt, error)),
-        Event::JobEnded { attempt, job, outcome, usage } => Ok(machine.job_ended(*attempt, job, outcome, usage)),
+        Event::JobEnded { attempt, job, outcome, usage, evidence } => {
+            Ok(machine.job_ended(*attempt, job, outcome, usage, evidence))
+        }
         Event::PredictionsScored { attempt, score } => Ok(machine.scored(*attempt, *score)),
         Event::PredictionsRejected { attempt, reason } => Ok(machine.rejected(*attempt, reason)),
         Event::Published { attempt } => Ok(machine.published(*attempt)),
@@ -739,6 +743,7 @@ impl Step<'_> {
             job: None,
             usage: None,
             end: None,
+            evidence: None,
         };
         self.apply(RunState::Launching { profile: profile.clone(), attempt, not_before }, |status| {
             edit(status);
@@ -789,7 +794,14 @@ impl Step<'_> {
         }
     }
 
-    fn job_ended(&self, attempt: Attempt, job: &JobId, outcome: &JobOutcome, usage: &JobUsage) -> Transition {
+    fn job_ended(
+        &self,
+        attempt: Attempt,
+        job: &JobId,
+        outcome: &JobOutcome,
+        usage: &JobUsage,
+        evidence: &Evidence,
+    ) -> Transition {
         let profile = match (&self.status().state, self.awaiting(attempt)) {
             (RunState::Launching { .. }, Some((profile, None))) => profile,
             (RunState::Running { .. }, Some((profile, Some(running)))) if running == job => profile,
@@ -798,6 +810,9 @@ impl Step<'_> {
         let record_end = |status: &mut RunStatus| {
             set_job(status, attempt, job);
             end_attempt(status, attempt, AttemptEnd::Job(outcome.clone()), Some(usage.clone()));
+            if let Some(record) = record_mut(status, attempt) {
+                record.evidence = Some(evidence.clone());
+            }
         };
         let fail = |reason| self.apply(RunState::Failed { reason, resume: None }, record_end);
         match outcome {
@@ -1064,7 +1079,7 @@ mod tests {
 
         fn end(&mut self, outcome: JobOutcome) -> Transition {
             let RunState::Running { attempt, job, .. } = self.state().clone() else { panic!("not running") };
-            self.feed(Event::JobEnded { attempt, job, outcome, usage: usage() })
+            self.feed(Event::JobEnded { attempt, job, outcome, usage: usage(), evidence: Evidence::default() })
         }
 
         fn running(cpu_only: bool) -> Harness {
@@ -1245,7 +1260,13 @@ mod tests {
     fn a_job_end_that_overtakes_the_launch_report_still_counts() {
         let mut h = Harness::new(false);
         h.feed(Event::Admitted);
-        h.feed(Event::JobEnded { attempt: Attempt(1), job: job("j1"), outcome: JobOutcome::Succeeded, usage: usage() });
+        h.feed(Event::JobEnded {
+            attempt: Attempt(1),
+            job: job("j1"),
+            outcome: JobOutcome::Succeeded,
+            usage: usage(),
+            evidence: Evidence::default(),
+        });
         assert_eq!(*h.state(), RunState::Predicted { profile: pn("g4"), attempt: Attempt(1), job: job("j1") });
         let version = h.run.status.version;
         let late =
@@ -1456,11 +1477,21 @@ mod tests {
             Envelope::answering(Event::PredictionsScored { attempt: Attempt(1), score: Score::new(0.1).unwrap() }, 1);
         let t = h.try_step(stale).unwrap();
         assert_eq!(t.disposition, Disposition::Ignored(IgnoreReason::StaleVersion { expected: 1, actual: 3 }));
-        let other_job =
-            Event::JobEnded { attempt: Attempt(1), job: job("other"), outcome: JobOutcome::Succeeded, usage: usage() };
+        let other_job = Event::JobEnded {
+            attempt: Attempt(1),
+            job: job("other"),
+            outcome: JobOutcome::Succeeded,
+            usage: usage(),
+            evidence: Evidence::default(),
+        };
         assert_eq!(h.feed(other_job).disposition, Disposition::Ignored(IgnoreReason::NotAwaited));
-        let other_attempt =
-            Event::JobEnded { attempt: Attempt(7), job: job("j1"), outcome: JobOutcome::Succeeded, usage: usage() };
+        let other_attempt = Event::JobEnded {
+            attempt: Attempt(7),
+            job: job("j1"),
+            outcome: JobOutcome::Succeeded,
+            usage: usage(),
+            evidence: Evidence::default(),
+        };
         assert_eq!(h.feed(other_attempt).disposition, Disposition::Ignored(IgnoreReason::NotAwaited));
         assert!(matches!(h.state(), RunState::Running { .. }));
     }
@@ -1479,7 +1510,13 @@ mod tests {
     fn every_event(h: &Harness) -> Vec<Event> {
         let attempt = h.run.status.attempts.last().map_or(Attempt(1), |r| r.attempt);
         let j = h.run.status.attempts.last().and_then(|r| r.job.clone()).unwrap_or_else(|| job("j1"));
-        let ended = |outcome| Event::JobEnded { attempt, job: j.clone(), outcome, usage: usage() };
+        let ended = |outcome| Event::JobEnded {
+            attempt,
+            job: j.clone(),
+            outcome,
+            usage: usage(),
+            evidence: Evidence::default(),
+        };
         vec![
             Event::Submitted(h.run.spec.clone()),
             Event::Admitted,

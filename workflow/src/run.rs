@@ -123,6 +123,42 @@ impl JobUsage {
     }
 }
 
+/// What the runner saw of a job that ended: the grounds for its outcome,
+/// kept with the attempt, so that "why did this run move to P3, or fail" is
+/// answered by one command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The rule that decided the outcome: a log signature (`pytorch-oom`),
+    /// `cgroup-oom-kill`, `exit-code-86`, a Batch reason (`batch:OutOfMemoryError`).
+    pub rule: Option<Detail>,
+    /// What the rule matched: the log's fatal line, the runner's reason.
+    pub matched: Option<Detail>,
+    /// The program's exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// The runner's reason for the job's status (AWS Batch's `statusReason`).
+    pub status_reason: Option<Detail>,
+    /// Where its log is, beyond its job directory (a CloudWatch Logs stream).
+    pub log_stream: Option<Detail>,
+}
+
+impl Evidence {
+    /// This evidence, with the rule that decided the outcome and what it matched.
+    pub fn decided(self, rule: &str, matched: impl Into<String>) -> Evidence {
+        Evidence { rule: Some(Detail::new(rule)), matched: Some(Detail::new(matched)), ..self }
+    }
+
+    /// `rule: matched`, the words `history` and `logs` show; `None` when no rule decided.
+    pub fn words(&self) -> Option<String> {
+        let rule = self.rule.as_ref()?;
+        Some(match &self.matched {
+            Some(matched) => format!("{matched} [{rule}]"),
+            None => format!("[{rule}]"),
+        })
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -150,6 +186,8 @@ pub struct AttemptRecord {
     pub usage: Option<JobUsage>,
     /// How it ended, once it did.
     pub end: Option<AttemptEnd>,
+    /// What the runner saw of its end.
+    pub evidence: Option<Evidence>,
 }
 
 /// A `TerminateJob` the run still owes: issued on cancel, or for a job

@@ -5,7 +5,7 @@
 use crate::engine::{Dispatch, Input};
 use crate::ids::JobId;
 use crate::machine::{Command, Event, JobOutcome, Score};
-use crate::run::{Envelope, JobUsage};
+use crate::run::{Envelope, Evidence, JobUsage};
 use crate::time::Timestamp;
 
 /// Answers commands instantly; `outcome` decides how each launched job ends.
@@ -31,7 +31,7 @@ impl<F: FnMut(&Dispatch) -> JobOutcome> InstantWorld<F> {
                 let outcome = (self.outcome)(dispatch);
                 vec![
                     answer(Event::JobLaunched { attempt: *attempt, job: job.clone() }),
-                    unfenced(Event::JobEnded { attempt: *attempt, job, outcome, usage }),
+                    unfenced(Event::JobEnded { attempt: *attempt, job, outcome, usage, evidence: Evidence::default() }),
                 ]
             }
             Command::ScorePredictions { attempt, .. } => {

@@ -105,7 +105,7 @@ impl Seed {
             0 => Event::Admitted,
             1 | 2 => Event::JobLaunched { attempt, job },
             3 => Event::LaunchFailed { attempt, error: Detail::new("bad") },
-            4 | 5 => Event::JobEnded { attempt, job, outcome, usage },
+            4 | 5 => Event::JobEnded { attempt, job, outcome, usage, evidence: Evidence::default() },
             6 => Event::PredictionsScored { attempt, score: Score::new(self.score).unwrap() },
             7 => Event::PredictionsRejected { attempt, reason: Detail::new("row 1") },
             8 => Event::Published { attempt },

@@ -24,13 +24,14 @@ use aws_sdk_batch::types::{
     ContainerOverrides, JobDefinitionType, JobTimeout, KeyValuePair, KeyValuesPair, ResourceRequirement, ResourceType,
 };
 use evalflow_workflow::{
-    Attempt, Detail, JobId, JobOutcome, JobUsage, Profile, RunId, Stage, SubmissionId, SubmissionSource,
+    Attempt, Detail, Evidence, JobId, JobOutcome, JobUsage, Profile, RunId, Stage, SubmissionId, SubmissionSource,
 };
 use evalflow_workflow::{Timestamp, job_name};
 
 use aws_config::retry::RetryConfig;
 
-use super::classify::{BatchJob, classify};
+use super::classify::BatchJob;
+use super::logs::BatchLogs;
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::submission::GPU_OOM_EXIT_CODE;
@@ -72,22 +73,24 @@ pub struct BatchSettings {
 #[derive(Debug, Clone)]
 pub struct BatchRunner {
     client: aws_sdk_batch::Client,
+    logs: BatchLogs,
     settings: Arc<BatchSettings>,
 }
 
 impl BatchRunner {
-    /// A runner with `client`.
-    pub fn new(client: aws_sdk_batch::Client, settings: BatchSettings) -> BatchRunner {
-        BatchRunner { client, settings: Arc::new(settings) }
+    /// A runner with `client`, reading failed jobs' logs with `logs`.
+    pub fn new(client: aws_sdk_batch::Client, logs: BatchLogs, settings: BatchSettings) -> BatchRunner {
+        BatchRunner { client, logs, settings: Arc::new(settings) }
     }
 
     /// A runner with a client for `sdk`, counting its requests in `requests`.
     pub fn from_sdk(
         sdk: &aws_config::SdkConfig,
         requests: &super::requests::RequestCounter,
+        logs: BatchLogs,
         settings: BatchSettings,
     ) -> BatchRunner {
-        BatchRunner::new(super::batch_client(sdk, requests), settings)
+        BatchRunner::new(super::batch_client(sdk, requests), logs, settings)
     }
 
     /// The id of the newest job named `name` on `queue`, if any.
@@ -340,12 +343,18 @@ impl JobRunner for BatchRunner {
                 described.jobs().iter().filter_map(|d| Some((d.job_id()?, BatchJob::from(d)))).collect();
             for job in chunk {
                 let end = match details.get(job.job.as_str()) {
-                    Some(detail) => classify(detail),
+                    Some(detail) => match self.logs.ended(detail).await {
+                        Ok(end) => end,
+                        Err(e) => {
+                            tracing::warn!("job {}: its end is read again later: {e}", job.job);
+                            None
+                        }
+                    },
                     // Batch forgets jobs some days after they end; one it never knew is lost.
                     None => Some(lost(job)),
                 };
-                if let Some((outcome, usage)) = end {
-                    ended.push(EndedJob { job: job.clone(), outcome, usage });
+                if let Some((outcome, usage, evidence)) = end {
+                    ended.push(EndedJob { job: job.clone(), outcome, usage, evidence });
                 }
             }
         }
@@ -353,10 +362,12 @@ impl JobRunner for BatchRunner {
     }
 }
 
-fn lost(job: &RunningJob) -> (JobOutcome, JobUsage) {
-    let detail = Detail::new(format!("AWS Batch does not know job {} any more", job.job));
+fn lost(job: &RunningJob) -> (JobOutcome, JobUsage, Evidence) {
+    let said = format!("AWS Batch does not know job {} any more", job.job);
+    let evidence = Evidence::default().decided("batch-forgot-the-job", said.clone());
     (
-        JobOutcome::Interrupted { detail },
+        JobOutcome::Interrupted { detail: Detail::new(said) },
         JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None },
+        evidence,
     )
 }

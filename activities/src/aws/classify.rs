@@ -4,7 +4,7 @@
 //! tell OOM from timeout (both often exit 137) from Spot reclaim from image
 //! pull failures, so it goes by the reason strings first.
 
-use evalflow_workflow::{Detail, JobOutcome, JobUsage, Resource, Timestamp};
+use evalflow_workflow::{Detail, Evidence, JobOutcome, JobUsage, Resource, Timestamp};
 use serde::Deserialize;
 
 use crate::submission::GPU_OOM_EXIT_CODE;
@@ -53,12 +53,17 @@ pub struct BatchContainer {
     pub exit_code: Option<i32>,
     /// Why it stopped (`OutOfMemoryError: Container killed due to memory usage`).
     pub reason: Option<String>,
+    /// Its CloudWatch Logs stream, in the group `/aws/batch/job`.
+    pub log_stream_name: Option<String>,
 }
 
 impl From<&aws_sdk_batch::types::JobDetail> for BatchJob {
     fn from(job: &aws_sdk_batch::types::JobDetail) -> Self {
-        let container =
-            |exit_code, reason: Option<&str>| BatchContainer { exit_code, reason: reason.map(str::to_owned) };
+        let container = |exit_code, reason: Option<&str>, stream: Option<&str>| BatchContainer {
+            exit_code,
+            reason: reason.map(str::to_owned),
+            log_stream_name: stream.map(str::to_owned),
+        };
         BatchJob {
             job_id: job.job_id().unwrap_or_default().to_owned(),
             job_name: job.job_name().unwrap_or_default().to_owned(),
@@ -68,13 +73,13 @@ impl From<&aws_sdk_batch::types::JobDetail> for BatchJob {
                 .attempts()
                 .iter()
                 .map(|a| BatchAttempt {
-                    container: a.container().map(|c| container(c.exit_code(), c.reason())),
+                    container: a.container().map(|c| container(c.exit_code(), c.reason(), c.log_stream_name())),
                     status_reason: a.status_reason().map(str::to_owned),
                     started_at: a.started_at(),
                     stopped_at: a.stopped_at(),
                 })
                 .collect(),
-            container: job.container().map(|c| container(c.exit_code(), c.reason())),
+            container: job.container().map(|c| container(c.exit_code(), c.reason(), c.log_stream_name())),
             started_at: job.started_at(),
             stopped_at: job.stopped_at(),
         }
@@ -122,6 +127,22 @@ impl BatchJob {
         last.or_else(|| self.container.as_ref().and_then(|c| c.exit_code))
     }
 
+    /// The CloudWatch Logs stream of its last attempt.
+    pub fn log_stream(&self) -> Option<&str> {
+        let last = self.attempts.last().and_then(|a| a.container.as_ref()).and_then(|c| c.log_stream_name.as_deref());
+        last.or_else(|| self.container.as_ref().and_then(|c| c.log_stream_name.as_deref()))
+    }
+
+    /// What Batch reports of the job's end, before any rule decides.
+    fn evidence(&self) -> Evidence {
+        Evidence {
+            exit_code: self.exit_code(),
+            status_reason: self.status_reason.as_deref().map(Detail::new),
+            log_stream: self.log_stream().map(Detail::new),
+            ..Evidence::default()
+        }
+    }
+
     /// What the job used: its running time (no peak memory from Batch).
     fn usage(&self) -> JobUsage {
         let last = self.attempts.last();
@@ -136,37 +157,44 @@ impl BatchJob {
     }
 }
 
-/// How the job ended; `None` while it has not.
-pub fn classify(job: &BatchJob) -> Option<(JobOutcome, JobUsage)> {
-    let outcome = match job.status.as_str() {
-        "SUCCEEDED" => JobOutcome::Succeeded,
+/// How the job ended, as Batch tells it; `None` while it has not. A failed
+/// job that Batch says only exited non-zero may still have died of GPU
+/// memory: its log tells ([`crate::aws::logs`]).
+pub fn classify(job: &BatchJob) -> Option<(JobOutcome, JobUsage, Evidence)> {
+    let (outcome, evidence) = match job.status.as_str() {
+        "SUCCEEDED" => (JobOutcome::Succeeded, job.evidence()),
         "FAILED" => failed(job),
         _ => return None,
     };
-    Some((outcome, job.usage()))
+    Some((outcome, job.usage(), evidence))
 }
 
-fn failed(job: &BatchJob) -> JobOutcome {
+fn failed(job: &BatchJob) -> (JobOutcome, Evidence) {
     for (prefix, rule) in RULES {
         let Some(reason) = job.reasons().find(|r| starts_with_ignoring_case(r, prefix)) else { continue };
         let detail = || Detail::new(reason);
-        return match rule {
+        let outcome = match rule {
             Rule::OutOfMemory => JobOutcome::OutOfMemory { resource: Resource::HostMemory },
             Rule::TimedOut => JobOutcome::TimedOut,
             Rule::Interrupted => JobOutcome::Interrupted { detail: detail() },
             Rule::CannotStart => JobOutcome::CannotStart { detail: detail() },
         };
+        return (outcome, job.evidence().decided(&format!("batch:{prefix}"), reason));
     }
     match job.exit_code() {
-        Some(GPU_OOM_EXIT_CODE) => JobOutcome::OutOfMemory { resource: Resource::GpuMemory },
-        Some(code) => JobOutcome::Crashed { exit_code: Some(code) },
+        Some(GPU_OOM_EXIT_CODE) => {
+            let evidence = job.evidence().decided("exit-code-86", format!("exit code {GPU_OOM_EXIT_CODE}"));
+            (JobOutcome::OutOfMemory { resource: Resource::GpuMemory }, evidence)
+        }
+        Some(code) => (JobOutcome::Crashed { exit_code: Some(code) }, job.evidence()),
         None => {
             // No exit code and no reason we know: most likely the machine's
             // fault, not the submission's. Retrying is bounded; failing a
             // submission for an unknown reason is not fair.
             let reason = job.reasons().next().unwrap_or("no reason given");
             tracing::warn!(job = %job.job_name, "unclassified Batch failure, treated as an interruption: {reason}");
-            JobOutcome::Interrupted { detail: Detail::new(format!("unclassified: {reason}")) }
+            let outcome = JobOutcome::Interrupted { detail: Detail::new(format!("unclassified: {reason}")) };
+            (outcome, job.evidence())
         }
     }
 }
@@ -287,7 +315,7 @@ mod tests {
     #[test]
     fn usage_comes_from_the_attempt() {
         let event: BatchEvent = serde_json::from_str(&event("SUCCEEDED", "", Some(0), None)).unwrap();
-        let (_, usage) = classify(&event.detail).unwrap();
+        let (_, usage, _) = classify(&event.detail).unwrap();
         assert_eq!(usage.running_secs(), 600.0);
     }
 
@@ -312,7 +340,8 @@ mod tests {
                     .build(),
             )
             .build();
-        let (outcome, usage) = classify(&BatchJob::from(&detail)).unwrap();
+        let (outcome, usage, evidence) = classify(&BatchJob::from(&detail)).unwrap();
+        assert_eq!(evidence.rule.as_ref().map(Detail::as_str), Some("batch:OutOfMemoryError"));
         assert_eq!(outcome, JobOutcome::OutOfMemory { resource: Resource::HostMemory });
         assert_eq!(usage.running_secs(), 60.0);
     }

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod bootstrap;
 pub mod classify;
+pub mod logs;
 pub mod outputs;
 pub mod requests;
 pub mod s3;

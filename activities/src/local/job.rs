@@ -15,10 +15,10 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use evalflow_workflow::{Attempt, JobOutcome, JobUsage, ProfileName, RunId, Timestamp};
+use evalflow_workflow::{Attempt, Evidence, JobOutcome, JobUsage, ProfileName, RunId, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::causes::{Cause, SignatureConfig};
+use crate::causes::SignatureConfig;
 
 /// How much of each of stdout and stderr a status keeps, in bytes.
 pub const TAIL_BYTES: u64 = 4096;
@@ -104,9 +104,8 @@ pub struct JobStatus {
     pub signal: Option<i32>,
     /// Why the supervisor stopped it, if it did.
     pub note: Option<String>,
-    /// What its log shows it died of, if it ran out of something.
-    #[serde(default)]
-    pub cause: Option<Cause>,
+    /// What decided the outcome, and what it matched.
+    pub evidence: Evidence,
     /// The end of its standard output.
     pub stdout_tail: String,
     /// The end of its standard error.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use evalflow_workflow::{
-    Attempt, Detail, JobId, JobOutcome, JobUsage, RunId, Stage, SubmissionSource, Timestamp, job_name,
+    Attempt, Detail, Evidence, JobId, JobOutcome, JobUsage, RunId, Stage, SubmissionSource, Timestamp, job_name,
 };
 
 use self::job::{JobPaths, JobRequest, Limits, Started, read_json};
@@ -121,7 +121,7 @@ impl JobRunner for LocalRunner {
                 let paths = JobPaths::new(&config.jobs_dir, &job_name(&job.run, job.attempt));
                 // One job that cannot be read must not hide the others' ends.
                 match end_of(&paths) {
-                    Ok(Some((outcome, usage))) => ended.push(EndedJob { job, outcome, usage }),
+                    Ok(Some((outcome, usage, evidence))) => ended.push(EndedJob { job, outcome, usage, evidence }),
                     Ok(None) => {}
                     // A job whose end cannot be read, and whose supervisor is gone, would
                     // stay running for ever: it is an interruption of the host's.
@@ -133,7 +133,8 @@ impl JobRunner for LocalRunner {
                         };
                         let usage = JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None };
                         tracing::warn!("{e}: {detail}");
-                        ended.push(EndedJob { job, outcome: JobOutcome::Interrupted { detail }, usage });
+                        let evidence = Evidence::default().decided("status-unreadable", e.to_string());
+                        ended.push(EndedJob { job, outcome: JobOutcome::Interrupted { detail }, usage, evidence });
                     }
                     Err(e) => tracing::warn!("cannot read job {}: {e}", paths.dir().display()),
                 }
@@ -231,20 +232,21 @@ fn terminate(paths: &JobPaths, grace: Duration) -> Result<(), ActivityError> {
 }
 
 /// How the job ended, if it did.
-fn end_of(paths: &JobPaths) -> Result<Option<(JobOutcome, JobUsage)>, ActivityError> {
+fn end_of(paths: &JobPaths) -> Result<Option<(JobOutcome, JobUsage, Evidence)>, ActivityError> {
     if let Some(status) = paths.read_status()? {
-        return Ok(Some((status.outcome, status.usage)));
+        return Ok(Some((status.outcome, status.usage, status.evidence)));
     }
     if paths.supervised()? {
         return Ok(None);
     }
     // Its supervisor is gone: the status may have been written just before.
     if let Some(status) = paths.read_status()? {
-        return Ok(Some((status.outcome, status.usage)));
+        return Ok(Some((status.outcome, status.usage, status.evidence)));
     }
     let lost = |detail: &str, started_at| {
         let usage = JobUsage { started_at, ended_at: Timestamp::now(), peak_memory_mib: None };
-        Ok(Some((JobOutcome::Interrupted { detail: Detail::new(detail) }, usage)))
+        let evidence = Evidence::default().decided("supervisor-gone", detail);
+        Ok(Some((JobOutcome::Interrupted { detail: Detail::new(detail) }, usage, evidence)))
     };
     if let Some(started) = read_json::<Started>(&paths.started())? {
         return lost("the job's supervisor died before the job ended", Some(started.at));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use evalflow_workflow::{Detail, JobOutcome, JobUsage, Limit, Resource, Timestamp};
+use evalflow_workflow::{Detail, Evidence, JobOutcome, JobUsage, Limit, Resource, Timestamp};
 
 use super::cgroup::JobCgroup;
 use super::job::{JobPaths, JobRequest, JobStatus, Limits, Started, read_json, tail};
@@ -81,7 +81,7 @@ fn ended_early(outcome: JobOutcome) -> JobStatus {
         exit_code: None,
         signal: None,
         note: None,
-        cause: None,
+        evidence: Evidence::default(),
         stdout_tail: String::new(),
         stderr_tail: String::new(),
     }
@@ -217,7 +217,14 @@ fn run(
         sandbox_failed: sandbox_failure(paths, request, exit),
         cause: log_cause(request, exit, &stderr_tail, &stdout_tail),
     };
-    let (outcome, note) = classify(&end, request);
+    let Verdict { outcome, note, rule, matched } = classify(&end, request);
+    let evidence = Evidence {
+        rule: rule.map(Detail::new),
+        matched: matched.map(Detail::new),
+        exit_code: exit.code(),
+        signal: exit.signal(),
+        ..Evidence::default()
+    };
     JobStatus {
         outcome,
         usage: JobUsage {
@@ -228,7 +235,7 @@ fn run(
         exit_code: exit.code(),
         signal: exit.signal(),
         note,
-        cause: end.cause,
+        evidence,
         stdout_tail,
         stderr_tail,
     }
@@ -405,49 +412,78 @@ struct End {
     cause: Option<Cause>,
 }
 
+/// What a job's end means, and the rule that decided it.
+#[derive(Debug, Clone, PartialEq)]
+struct Verdict {
+    outcome: JobOutcome,
+    /// What the supervisor has to say about it.
+    note: Option<String>,
+    /// The rule that decided the outcome, when one did (a plain exit decides by itself).
+    rule: Option<String>,
+    /// What the rule matched: the log's line, or else the note.
+    matched: Option<String>,
+}
+
+impl Verdict {
+    fn new(outcome: JobOutcome, rule: &str, note: Option<String>) -> Verdict {
+        Verdict { outcome, matched: note.clone(), note, rule: Some(rule.to_owned()) }
+    }
+}
+
 /// What the job's end means. bubblewrap reports a program killed by signal
 /// `n` as exit code `128 + n`.
-fn classify(end: &End, request: &JobRequest) -> (JobOutcome, Option<String>) {
-    let disk = |note: &str| (JobOutcome::LimitExceeded { limit: Limit::Disk }, Some(format!("stopped: {note}")));
+fn classify(end: &End, request: &JobRequest) -> Verdict {
+    let disk = |note: &str| {
+        Verdict::new(JobOutcome::LimitExceeded { limit: Limit::Disk }, "disk-limit", Some(format!("stopped: {note}")))
+    };
     match &end.stop {
         Some(Stop::TimedOut) => {
-            return (JobOutcome::TimedOut, Some(format!("stopped at the time limit of {} s", request.time_limit_secs)));
+            let note = format!("stopped at the time limit of {} s", request.time_limit_secs);
+            return Verdict::new(JobOutcome::TimedOut, "time-limit", Some(note));
         }
         Some(Stop::Processes) => {
             let note = format!("stopped: it tried to run more than {} processes", request.limits.pids_max);
-            return (JobOutcome::LimitExceeded { limit: Limit::Processes }, Some(note));
+            return Verdict::new(JobOutcome::LimitExceeded { limit: Limit::Processes }, "pids-limit", Some(note));
         }
         Some(Stop::Disk(note)) => return disk(note),
         Some(Stop::Terminated) => {
-            return (JobOutcome::Interrupted { detail: Detail::new("terminated on request") }, None);
+            let outcome = JobOutcome::Interrupted { detail: Detail::new("terminated on request") };
+            return Verdict::new(outcome, "terminated", None);
         }
         None => {}
     }
     if end.oom_killed {
         let note = format!("killed by the kernel at the memory limit of {} MiB", request.memory_limit_mib);
-        return (JobOutcome::OutOfMemory { resource: Resource::HostMemory }, Some(note));
+        return Verdict::new(JobOutcome::OutOfMemory { resource: Resource::HostMemory }, "cgroup-oom-kill", Some(note));
     }
     if let Some(note) = &end.disk {
         return disk(note); // also when the program ignored EFBIG and exited by itself
     }
     if let Some(said) = &end.sandbox_failed {
         let detail = Detail::new(format!("the sandbox could not start: {said}"));
-        return (JobOutcome::Interrupted { detail }, None);
+        return Verdict::new(JobOutcome::Interrupted { detail }, "sandbox-failed", None);
     }
     if let Some(cause) = &end.cause {
         let note = format!("its log shows it ran out of {} ({}): {}", cause.resource.as_str(), cause.rule, cause.line);
-        return (JobOutcome::OutOfMemory { resource: cause.resource.resource() }, Some(note));
+        let outcome = JobOutcome::OutOfMemory { resource: cause.resource.resource() };
+        return Verdict { matched: Some(cause.line.clone()), ..Verdict::new(outcome, &cause.rule, Some(note)) };
     }
     let exit = end.exit;
     let signal = exit.signal().or_else(|| exit.code().filter(|c| (129..=192).contains(c)).map(|c| c - 128));
-    let outcome = match (exit.code(), signal) {
-        (Some(0), _) => JobOutcome::Succeeded,
-        (Some(GPU_OOM_EXIT_CODE), _) => JobOutcome::OutOfMemory { resource: Resource::GpuMemory },
-        (_, Some(libc::SIGXFSZ)) => JobOutcome::LimitExceeded { limit: Limit::Disk },
-        (_, Some(_)) => JobOutcome::Crashed { exit_code: None },
-        (code, None) => JobOutcome::Crashed { exit_code: code },
-    };
-    (outcome, None)
+    let plain = |outcome| Verdict { outcome, note: None, rule: None, matched: None };
+    match (exit.code(), signal) {
+        (Some(0), _) => plain(JobOutcome::Succeeded),
+        (Some(GPU_OOM_EXIT_CODE), _) => {
+            let note = format!("it exited with code {GPU_OOM_EXIT_CODE}, the documented code of a GPU out-of-memory");
+            Verdict::new(JobOutcome::OutOfMemory { resource: Resource::GpuMemory }, "exit-code-86", Some(note))
+        }
+        (_, Some(libc::SIGXFSZ)) => {
+            let note = "it was killed by SIGXFSZ, writing past the file size limit".to_owned();
+            Verdict::new(JobOutcome::LimitExceeded { limit: Limit::Disk }, "file-size-limit", Some(note))
+        }
+        (_, Some(_)) => plain(JobOutcome::Crashed { exit_code: None }),
+        (code, None) => plain(JobOutcome::Crashed { exit_code: code }),
+    }
 }
 
 #[cfg(test)]
@@ -482,7 +518,7 @@ mod tests {
     }
 
     fn outcome(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> JobOutcome {
-        classify(&end(exit, stop, oom_killed), &request()).0
+        classify(&end(exit, stop, oom_killed), &request()).outcome
     }
 
     #[test]
@@ -505,7 +541,8 @@ mod tests {
     fn what_the_supervisor_stopped_is_reported_as_the_limit_it_broke() {
         let killed = ExitStatus::from_raw(libc::SIGKILL);
         assert_eq!(outcome(killed, Some(Stop::TimedOut), true), JobOutcome::TimedOut, "time first, even with an OOM");
-        let (outcome, note) = classify(&end(killed, Some(Stop::Processes), false), &request());
+        let Verdict { outcome, note, rule, .. } = classify(&end(killed, Some(Stop::Processes), false), &request());
+        assert_eq!(rule.as_deref(), Some("pids-limit"));
         assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Processes });
         assert_eq!(note.as_deref(), Some("stopped: it tried to run more than 128 processes"));
         assert!(matches!(self::outcome(killed, Some(Stop::Terminated), false), JobOutcome::Interrupted { .. }));
@@ -514,7 +551,7 @@ mod tests {
     #[test]
     fn over_the_disk_limit_is_the_limit_even_after_a_clean_exit() {
         let ended = End { disk: Some("it wrote more than 256 MiB".into()), ..end(exited(0), None, false) };
-        let (outcome, note) = classify(&ended, &request());
+        let Verdict { outcome, note, .. } = classify(&ended, &request());
         assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Disk }, "a program that ignored EFBIG");
         assert_eq!(note.as_deref(), Some("stopped: it wrote more than 256 MiB"));
     }
@@ -523,7 +560,9 @@ mod tests {
     fn a_sandbox_that_could_not_start_is_not_the_submissions_crash() {
         let said = "bwrap: Can't find source path /x: No such file or directory".to_owned();
         let ended = End { sandbox_failed: Some(said), ..end(exited(1), None, false) };
-        let JobOutcome::Interrupted { detail } = classify(&ended, &request()).0 else { panic!("not interrupted") };
+        let JobOutcome::Interrupted { detail } = classify(&ended, &request()).outcome else {
+            panic!("not interrupted")
+        };
         assert!(detail.as_str().starts_with("the sandbox could not start: bwrap: "), "{detail}");
     }
 

@@ -73,7 +73,13 @@ fn job_end(engine: &Engine<SledStore>, run: &evalflow_workflow::RunId) -> Input 
     let Some((attempt, _, Some(job))) = stored.run.status.state.placement() else { panic!("{run} is not running") };
     let now = Timestamp::now();
     let usage = evalflow_workflow::JobUsage { started_at: Some(now), ended_at: now, peak_memory_mib: None };
-    let event = Event::JobEnded { attempt, job: job.clone(), outcome: JobOutcome::Succeeded, usage };
+    let event = Event::JobEnded {
+        attempt,
+        job: job.clone(),
+        outcome: JobOutcome::Succeeded,
+        usage,
+        evidence: Default::default(),
+    };
     Input::Event { run: run.clone(), envelope: Envelope::unfenced(event) }
 }
 

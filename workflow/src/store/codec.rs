@@ -9,7 +9,7 @@ use crate::run::{HistoryEntry, RunSpec};
 
 /// The record format this build reads and writes. Bump it, and teach
 /// [`decode`] the old one, whenever a stored type changes shape.
-pub(crate) const SCHEMA_VERSION: u8 = 1;
+pub(crate) const SCHEMA_VERSION: u8 = 2;
 
 /// A record that can check its own invariants.
 pub(crate) trait Record: Serialize + DeserializeOwned {

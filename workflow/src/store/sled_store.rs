@@ -293,7 +293,10 @@ mod tests {
         let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
         assert_eq!(
             err.to_string(),
-            format!("the store's records have schema version {}; this evalflow reads version 1", SCHEMA_VERSION + 1)
+            format!(
+                "the store's records have schema version {}; this evalflow reads version {SCHEMA_VERSION}",
+                SCHEMA_VERSION + 1
+            )
         );
     }
 
