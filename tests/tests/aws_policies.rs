@@ -146,3 +146,14 @@ fn the_worker_and_engine_policies_grant_no_wildcard_s3_access() {
         }
     }
 }
+
+#[test]
+fn the_engine_reads_only_batchs_job_logs() {
+    let engine = policy("engine-policy.json");
+    let reads: Vec<Statement> =
+        statements(&engine, "Allow").into_iter().filter(|s| s.actions.iter().any(|a| a.starts_with("logs:"))).collect();
+    let [read] = reads.as_slice() else { panic!("one statement reads logs") };
+    assert_eq!(read.actions, ["logs:GetLogEvents"], "the classifier and `evalflow logs` read, never write");
+    let group = format!("log-group:{}:log-stream:*", evalflow_activities::aws::logs::LOG_GROUP);
+    assert!(read.resources.iter().all(|r| r.ends_with(&group)), "only Batch's group: {:?}", read.resources);
+}
