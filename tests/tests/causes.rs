@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use evalflow_tests::local::{competition, run_view, serve, submit, wait_ended};
+use evalflow_tests::cli::wait_until;
+use evalflow_tests::local::{competition, run_view, runs, serve, submit, wait_ended};
 use evalflow_workflow::StateTag;
 
 /// Raises the framework's own exception on a GPU smaller than p3's, as an
@@ -65,6 +66,27 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         "the evidence is shown: {logs}"
     );
     assert!(logs.contains("evidence: torch.OutOfMemoryError: CUDA out of memory") && logs.contains("exit code: 1"));
+    // The private re-run of the final pick starts where the public run succeeded.
+    let private = cli.data_dir.join("data/private");
+    std::fs::create_dir_all(private.join("test")).unwrap();
+    for i in 0..10 {
+        std::fs::write(private.join(format!("test/f{i}.txt")), format!("{i}\n")).unwrap();
+    }
+    let labels: String = (0..10).map(|i| format!("f{i}.txt,{}\n", 1 - i % 2)).collect();
+    std::fs::write(private.join("labels.csv"), format!("filename,label\n{labels}")).unwrap();
+    cli.ok(&["submit", "--id", "torch", "--team", "torch", "--stage", "private", subs.join("torch").to_str().unwrap()]);
+    wait_until("torch's private run ends", Duration::from_secs(60), || {
+        runs(&cli).iter().any(|r| r.id.as_str() == "torch-private" && r.state.is_terminal())
+    });
+    let rerun = runs(&cli).into_iter().find(|r| r.id.as_str() == "torch-private").unwrap();
+    assert_eq!((rerun.state, rerun.attempts), (StateTag::Published, 1), "no failed g4 attempt again: {rerun:?}");
+    assert_eq!(rerun.attempt_details[0].profile.as_str(), "p3");
+    let history = cli.ok(&["history", "torch-private"]);
+    assert!(
+        history.contains("starts on p3: torch-public ran out of GPU memory on g4 and succeeded on p3"),
+        "the placement's reason: {history}"
+    );
+
     let mention = run_view(&cli, "mention");
     assert_eq!((mention.failure.as_deref(), mention.attempts), (Some("crashed"), 1), "{mention:?}");
     let only = &mention.attempt_details[0];

@@ -218,7 +218,8 @@ fn describe(event: &Event, after: &RunStatus) -> String {
         Event::JobTerminated { attempt, job: Some(job) } => format!("attempt {attempt}: job {job} stopped"),
         Event::JobTerminated { attempt, job: None } => format!("attempt {attempt}: its jobs stopped"),
         Event::Withdrawn { attempt } => format!("attempt {attempt}: its score kept off the leaderboard"),
-        Event::Admitted | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => {
+        Event::Admitted { start: Some(start) } => format!("starts on {}: {}", start.profile, start.reason),
+        Event::Admitted { start: None } | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => {
             match &after.state {
                 RunState::Failed { reason, .. } => reason.to_string(),
                 _ => String::new(),

@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::ids::RunId;
-use crate::machine::{Command, Event, TransitionError, step};
+use crate::ids::{RunId, Stage};
+use crate::machine::{Command, Event, LearnedStart, TransitionError, learned_start, step};
 use crate::policy::Policy;
 use crate::run::{Disposition, Envelope, HistoryEntry, Run, RunSpec, RunStatus, StateTag};
 use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, WorkflowStore};
@@ -341,10 +341,30 @@ impl<S: WorkflowStore> Engine<S> {
         candidates.sort();
         candidates.truncate(free);
         for (_, run) in &candidates {
-            let admit = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::Admitted) };
+            let start = self.learned_start(group, run)?;
+            let admit = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::Admitted { start }) };
             self.apply_one(group, admit, now)?;
         }
         Ok(candidates.len())
+    }
+}
+
+impl<S: WorkflowStore> Engine<S> {
+    /// Where `run` should start, learned from its submission's runs on the
+    /// other stages ([`learned_start`]), as this group leaves them.
+    fn learned_start(&self, group: &Group, run: &RunId) -> Result<Option<LearnedStart>, EngineError> {
+        let (submission, stage) = run.parts();
+        for other in Stage::ALL.into_iter().filter(|s| *s != stage) {
+            let sibling = RunId::new(&submission, other);
+            let learned = match group.runs.get(&sibling) {
+                Some(working) => learned_start(&working.stored.run),
+                None => self.store.load(&sibling)?.and_then(|stored| learned_start(&stored.run)),
+            };
+            if learned.is_some() {
+                return Ok(learned);
+            }
+        }
+        Ok(None)
     }
 }
 

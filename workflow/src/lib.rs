@@ -31,8 +31,8 @@ pub mod time;
 pub use engine::{Dispatch, Engine, EngineError, Input, Outcome};
 pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name, parse_job_name};
 pub use machine::{
-    Activity, Command, Event, FailureReason, JobOutcome, Limit, Resume, RunState, Score, Transition, TransitionError,
-    step,
+    Activity, Command, Event, FailureReason, JobOutcome, LearnedStart, Limit, Resume, RunState, Score, Transition,
+    TransitionError, learned_start, step,
 };
 pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPolicy};
 pub use replay::{ReplayError, replay};

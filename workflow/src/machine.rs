@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! (new)     --(Submitted)------------------------> Queued  (the same submission again is ignored)
-//! Queued    --(Admitted)------------------------> Launching{cheapest profile of the ladder}   [LaunchJob]
+//! Queued    --(Admitted{start})-----------------> Launching{start, or the ladder's cheapest}  [LaunchJob]
 //!                                                  | Failed{NoEligibleProfile | AttemptsExhausted}
 //! Launching --(JobLaunched{job})-----------------> Running{job}
 //! Launching --(LaunchFailed{error})--------------> Failed{CannotStart}
@@ -393,6 +393,41 @@ impl std::fmt::Display for FailureReason {
     }
 }
 
+/// Where a run starts, learned from another stage of its submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedStart {
+    /// The profile to start on.
+    pub profile: ProfileName,
+    /// Why, in words: which run ran out of what, where, and where it then succeeded.
+    pub reason: Detail,
+}
+
+/// Where another run of `sibling`'s submission should start: the profile
+/// `sibling` succeeded on after running out of memory on a smaller one (the
+/// private re-run of a final pick need not pay for the failed G4 attempt
+/// again). `None` when it never ran out, or has not succeeded since.
+pub fn learned_start(sibling: &Run) -> Option<LearnedStart> {
+    let attempts = &sibling.status.attempts;
+    let ended = |a: &AttemptRecord| match &a.end {
+        Some(AttemptEnd::Job(outcome)) => Some(outcome.clone()),
+        _ => None,
+    };
+    let succeeded = attempts.iter().rev().find(|a| ended(a) == Some(JobOutcome::Succeeded))?;
+    let mut before = attempts.iter().rev().filter(|a| a.attempt < succeeded.attempt);
+    let (ran_out, resource) = before.find_map(|a| match ended(a) {
+        Some(JobOutcome::OutOfMemory { resource }) => Some((a, resource)),
+        _ => None,
+    })?;
+    let reason = format!(
+        "{} ran out of {} on {} and succeeded on {}",
+        sibling.spec.run,
+        resource.words(),
+        ran_out.profile,
+        succeeded.profile
+    );
+    Some(LearnedStart { profile: succeeded.profile.clone(), reason: Detail::new(reason) })
+}
+
 /// What happened to a run. Past tense: events are facts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -400,7 +435,11 @@ pub enum Event {
     /// The run was submitted. Always the first entry of a history.
     Submitted(RunSpec),
     /// The scheduler gave the run a launch slot.
-    Admitted,
+    Admitted {
+        /// Where to start instead of the ladder's cheapest profile, learned
+        /// from another stage of the same submission.
+        start: Option<LearnedStart>,
+    },
     /// The runner launched (or adopted) the attempt's job.
     JobLaunched {
         /// The attempt launched.
@@ -480,7 +519,7 @@ impl Event {
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Submitted(_) => "submitted",
-            Event::Admitted => "admitted",
+            Event::Admitted { .. } => "admitted",
             Event::JobLaunched { .. } => "job_launched",
             Event::LaunchFailed { .. } => "launch_failed",
             Event::JobEnded { .. } => "job_ended",
@@ -631,7 +670,7 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
     }
     match &input.event {
         Event::Submitted(spec) => machine.submitted_again(spec),
-        Event::Admitted => machine.admitted(),
+        Event::Admitted { start } => machine.admitted(start.as_ref()),
         Event::JobLaunched { attempt, job } => Ok(machine.job_launched(*attempt, job)),
         Event::LaunchFailed { attempt, error } => Ok(machine.launch_failed(*attempt, error)),
         Event::JobEnded { attempt, job, outcome, usage, evidence } => {
@@ -701,9 +740,16 @@ impl Step<'_> {
         }
     }
 
-    fn admitted(&self) -> Result<Transition, TransitionError> {
+    fn admitted(&self, start: Option<&LearnedStart>) -> Result<Transition, TransitionError> {
         match &self.status().state {
-            RunState::Queued => Ok(self.launch(self.policy.first_profile(self.run.spec.cpu_only).map(|p| &p.name))),
+            RunState::Queued => {
+                let cpu_only = self.run.spec.cpu_only;
+                // A profile since removed, or of the other ladder, is not learned from.
+                let learned = start
+                    .filter(|s| self.policy.profile(&s.profile).is_some_and(|p| p.cpu_only == cpu_only))
+                    .map(|s| &s.profile);
+                Ok(self.launch(learned.or(self.policy.first_profile(cpu_only).map(|p| &p.name))))
+            }
             RunState::Launching { .. }
             | RunState::Running { .. }
             | RunState::Predicted { .. }
@@ -1084,7 +1130,7 @@ mod tests {
 
         fn running(cpu_only: bool) -> Harness {
             let mut h = Harness::new(cpu_only);
-            h.feed(Event::Admitted);
+            h.feed(Event::Admitted { start: None });
             h.launch("j1");
             h
         }
@@ -1129,15 +1175,43 @@ mod tests {
     #[test]
     fn admission_launches_on_the_cheapest_profile_of_the_ladder() {
         let mut h = Harness::new(false);
-        let t = h.feed(Event::Admitted);
+        let t = h.feed(Event::Admitted { start: None });
         assert_eq!(t.disposition, Disposition::Applied);
         assert_eq!(*h.state(), RunState::Launching { profile: pn("g4"), attempt: Attempt(1), not_before: None });
         assert_eq!(t.commands, [Command::LaunchJob { attempt: Attempt(1), profile: pn("g4"), not_before: None }]);
         assert_eq!(t.status.version, 2);
 
         let mut cpu = Harness::new(true);
-        cpu.feed(Event::Admitted);
+        cpu.feed(Event::Admitted { start: None });
         assert!(matches!(cpu.state(), RunState::Launching { profile, .. } if *profile == pn("cpu")));
+    }
+
+    #[test]
+    fn a_start_learned_on_another_stage_is_where_the_run_starts() {
+        let mut public = Harness::running(false);
+        assert_eq!(learned_start(&public.run), None, "nothing learned while it runs");
+        public.end(oom(Resource::GpuMemory));
+        assert_eq!(learned_start(&public.run), None, "nor before it succeeded somewhere");
+        public.launch("j2");
+        public.end(JobOutcome::Succeeded);
+        let learned = learned_start(&public.run).unwrap();
+        assert_eq!(learned.profile, pn("p3"));
+        assert_eq!(learned.reason.as_str(), "sub-public ran out of GPU memory on g4 and succeeded on p3");
+
+        let mut private = Harness::new(false);
+        private.feed(Event::Admitted { start: Some(learned.clone()) });
+        assert_eq!(*private.state(), RunState::Launching { profile: pn("p3"), attempt: Attempt(1), not_before: None });
+
+        // A profile of the other ladder, or one no longer configured, is not learned from.
+        for profile in ["cpu", "gone"] {
+            let mut h = Harness::new(false);
+            h.feed(Event::Admitted { start: Some(LearnedStart { profile: pn(profile), ..learned.clone() }) });
+            assert!(matches!(h.state(), RunState::Launching { profile, .. } if *profile == pn("g4")), "{profile}");
+        }
+
+        let mut crashed = Harness::running(false);
+        crashed.end(JobOutcome::Crashed { exit_code: Some(1) });
+        assert_eq!(learned_start(&crashed.run), None, "only an escalation that worked teaches");
     }
 
     #[test]
@@ -1148,7 +1222,7 @@ mod tests {
              price_per_hour_usd = 1.0\n",
         )
         .unwrap();
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         assert!(matches!(
             h.state(),
             RunState::Failed { reason: FailureReason::NoEligibleProfile { cpu_only: true }, .. }
@@ -1158,7 +1232,7 @@ mod tests {
     #[test]
     fn admitting_a_run_that_is_not_queued_is_an_error() {
         let mut h = Harness::running(false);
-        let err = h.try_step(Envelope::unfenced(Event::Admitted)).unwrap_err();
+        let err = h.try_step(Envelope::unfenced(Event::Admitted { start: None })).unwrap_err();
         assert!(matches!(err, TransitionError::NotQueued { state: StateTag::Running, .. }));
     }
 
@@ -1173,7 +1247,7 @@ mod tests {
     #[test]
     fn a_launch_failure_fails_the_run_as_cannot_start() {
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         h.answer(Event::LaunchFailed { attempt: Attempt(1), error: Detail::new("no submission.toml") });
         let RunState::Failed { reason: FailureReason::CannotStart { detail }, resume: None } = h.state() else {
             panic!("{:?}", h.state())
@@ -1259,7 +1333,7 @@ mod tests {
     #[test]
     fn a_job_end_that_overtakes_the_launch_report_still_counts() {
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         h.feed(Event::JobEnded {
             attempt: Attempt(1),
             job: job("j1"),
@@ -1315,7 +1389,7 @@ mod tests {
         assert!(matches!(t.commands.as_slice(), [Command::Publish { attempt: Attempt(1), .. }]));
 
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         h.answer(Event::ActivityFailed { attempt: Attempt(1), activity: Activity::Launch, error: Detail::new("api") });
         h.feed(Event::RetryRequested);
         assert_eq!(*h.state(), RunState::Queued, "a failed launch starts over");
@@ -1339,7 +1413,7 @@ mod tests {
     #[test]
     fn cancelling_a_launch_terminates_by_name_and_an_orphan_launch_is_terminated_too() {
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         let launch_version = h.run.status.version;
         let t = h.feed(Event::CancelRequested);
         assert_eq!(t.commands, [Command::TerminateJob { attempt: Attempt(1), job: None }]);
@@ -1356,7 +1430,7 @@ mod tests {
     #[test]
     fn a_second_job_of_the_running_attempt_is_terminated_and_acknowledged_alone() {
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         let launch_version = h.run.status.version;
         h.launch("j1");
         // A raced launch reports another job for the same attempt.
@@ -1375,7 +1449,7 @@ mod tests {
     #[test]
     fn a_launch_given_up_owes_the_termination_of_whatever_it_made() {
         let mut h = Harness::new(false);
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         let t = h.answer(Event::ActivityFailed {
             attempt: Attempt(1),
             activity: Activity::Launch,
@@ -1391,7 +1465,7 @@ mod tests {
             Harness::new(false),
             {
                 let mut h = Harness::new(false);
-                h.feed(Event::Admitted);
+                h.feed(Event::Admitted { start: None });
                 h
             },
             Harness::running(false),
@@ -1446,7 +1520,7 @@ mod tests {
         for mut h in [Harness::failed(), Harness::cancelled()] {
             h.feed(Event::RetryRequested);
             assert_eq!(*h.state(), RunState::Queued);
-            h.feed(Event::Admitted);
+            h.feed(Event::Admitted { start: None });
             assert!(matches!(h.state(), RunState::Launching { attempt: Attempt(2), .. }), "a new job name");
         }
         let mut h = Harness::running(false);
@@ -1458,12 +1532,12 @@ mod tests {
     fn the_launch_bound_ends_endless_escalation_and_retries() {
         let mut h = Harness::new(false);
         for _ in 0..8 {
-            h.feed(Event::Admitted);
+            h.feed(Event::Admitted { start: None });
             h.launch("j");
             h.end(JobOutcome::Crashed { exit_code: Some(1) });
             h.feed(Event::RetryRequested);
         }
-        h.feed(Event::Admitted);
+        h.feed(Event::Admitted { start: None });
         assert_eq!(
             *h.state(),
             RunState::Failed { reason: FailureReason::AttemptsExhausted { attempts: 8 }, resume: None }
@@ -1519,7 +1593,7 @@ mod tests {
         };
         vec![
             Event::Submitted(h.run.spec.clone()),
-            Event::Admitted,
+            Event::Admitted { start: None },
             Event::JobLaunched { attempt, job: j.clone() },
             Event::JobLaunched { attempt, job: job("stray") },
             Event::LaunchFailed { attempt, error: Detail::new("x") },

@@ -102,7 +102,7 @@ impl Seed {
         let usage = JobUsage { started_at: Some(Timestamp(1)), ended_at: Timestamp(2), peak_memory_mib: Some(5) };
         let activity = [Activity::Launch, Activity::Score, Activity::Publish][usize::from(self.detail % 3)];
         let event = match self.kind {
-            0 => Event::Admitted,
+            0 => Event::Admitted { start: None },
             1 | 2 => Event::JobLaunched { attempt, job },
             3 => Event::LaunchFailed { attempt, error: Detail::new("bad") },
             4 | 5 => Event::JobEnded { attempt, job, outcome, usage, evidence: Evidence::default() },
