@@ -107,6 +107,26 @@ pub struct EndedJob {
     pub evidence: Evidence,
 }
 
+/// A job believed running that has not started yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingJob {
+    /// Which job.
+    pub job: RunningJob,
+    /// The runner's status for it (`RUNNABLE` ...).
+    pub status: String,
+    /// The runner's reason, if it gives one.
+    pub reason: Option<String>,
+}
+
+/// What a look at the jobs believed running found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// The jobs that ended.
+    pub ended: Vec<EndedJob>,
+    /// The jobs that have not started yet, and why.
+    pub waiting: Vec<WaitingJob>,
+}
+
 /// Runs submissions' jobs somewhere: this machine, or AWS Batch.
 #[async_trait]
 pub trait JobRunner: Send + Sync {
@@ -118,6 +138,7 @@ pub trait JobRunner: Send + Sync {
     /// started or already ended is fine.
     async fn terminate(&self, run: &RunId, attempt: Attempt, job: Option<&JobId>) -> Result<(), ActivityError>;
 
-    /// Looks at jobs believed running and returns those that ended.
-    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError>;
+    /// Looks at jobs believed running: those that ended, and those that
+    /// have not started yet.
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError>;
 }

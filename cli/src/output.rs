@@ -4,7 +4,7 @@ use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
-use evalflow_workflow::Timestamp;
+use evalflow_workflow::{StateTag, Timestamp};
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON.
@@ -41,6 +41,20 @@ pub fn status(view: &StatusView) {
     }
     table.add_row(vec![Cell::new("total"), right(view.total)]);
     println!("{table}");
+    let queued = view.counts.get(&StateTag::Queued).copied().unwrap_or(0);
+    if queued > 0 && view.active >= view.max_active {
+        println!(
+            "{queued} queued runs wait for a launch slot: {} of {} in use (max_concurrent_jobs, or [aws] max_active_jobs)",
+            view.active, view.max_active
+        );
+    }
+    for waiting in &view.waiting_long {
+        let reason = waiting.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        println!(
+            "{} has waited {} s for its job to start ({}{reason})",
+            waiting.run, waiting.waited_secs, waiting.status
+        );
+    }
     if let Some(dead) = view.dead_letters {
         println!(
             "dead letters: {} tasks, {} events (messages that kept failing: see the worker and engine logs)",
@@ -51,7 +65,8 @@ pub fn status(view: &StatusView) {
 
 /// `evalflow runs`.
 pub fn runs(views: &[RunView]) {
-    let mut table = table(&["run", "team", "state", "profile", "attempts", "score", "cost $", "failure"]);
+    let mut table =
+        table(&["run", "team", "state", "profile", "attempts", "score", "cost $", "failure, or waiting for"]);
     for run in views {
         table.add_row(vec![
             Cell::new(&run.id),
@@ -61,7 +76,7 @@ pub fn runs(views: &[RunView]) {
             right(run.attempts),
             right(score(run.score)),
             right(format!("{:.6}", run.cost_usd)),
-            Cell::new(run.reason.as_deref().unwrap_or_default()),
+            Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default()),
         ]);
     }
     println!("{table}");
@@ -157,7 +172,7 @@ pub fn failures(views: &[RunView]) {
         table.add_row(vec![
             Cell::new(&run.id),
             Cell::new(run.failure.as_deref().unwrap_or_default()),
-            Cell::new(run.reason.as_deref().unwrap_or_default()),
+            Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default()),
             Cell::new(run.profile.as_ref().map(ToString::to_string).unwrap_or_default()),
             right(run.attempts),
         ]);

@@ -1,7 +1,8 @@
 //! On AWS, Batch says of a PyTorch program that died of GPU memory only that
 //! it exited 1: evalflow reads the fatal error from the job's CloudWatch Logs
 //! stream (moto's CloudWatch Logs, with the events a real job would have
-//! written), moves the run to p3, and `evalflow logs` shows the stream.
+//! written), moves the run to p3, and `evalflow logs` shows the stream. A
+//! job waiting for capacity is flagged by `status`, with Batch's reason.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use evalflow_activities::aws::classify::BatchJob;
 use evalflow_activities::aws::logs::{BatchLogs, TAIL_EVENTS};
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::causes::Signatures;
-use evalflow_activities::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+use evalflow_activities::{ActivityError, Checked, JobRunner, LaunchRequest, RunningJob};
 use evalflow_tests::aws::{AwsCompetition, Tuning};
 use evalflow_tests::moto::{Moto, unique_prefix};
 use evalflow_worker::activity::Activities;
@@ -121,9 +122,29 @@ impl JobRunner for QuietBatch {
         Ok(())
     }
 
-    async fn check(&self, _jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
-        Ok(Vec::new())
+    async fn check(&self, _jobs: &[RunningJob]) -> Result<Checked, ActivityError> {
+        Ok(Checked::default())
     }
+}
+
+const CAPACITY: &str = "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested for \
+                        instance type [g4dn.xlarge]";
+
+/// The EventBridge event Batch sends when `run`'s `attempt` waits for capacity.
+fn runnable_event(run: &str, attempt: u32) -> String {
+    serde_json::json!({
+        "version": "0",
+        "detail-type": "Batch Job State Change",
+        "source": "aws.batch",
+        "detail": {
+            "jobName": format!("ef-{run}-a{attempt}"),
+            "jobId": format!("job-{run}-a{attempt}"),
+            "status": "RUNNABLE",
+            "statusReason": CAPACITY,
+            "attempts": [],
+        }
+    })
+    .to_string()
 }
 
 /// The EventBridge event Batch sends when `job` of `run`'s `attempt` stops.
@@ -158,6 +179,11 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     let dir = tempfile::tempdir().unwrap();
     let tuning = Tuning { visibility_timeout_secs: 10, reconcile_after_secs: 3600, resend_after_secs: 2 };
     let competition = AwsCompetition::create(&dir.path().join("c"), "awslogs", tuning).await;
+    let toml = competition.cli.data_dir.join("evalflow.toml");
+    let flagged_at_once = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("reconcile_interval_secs = 1", "reconcile_interval_secs = 1\nflag_waiting_after_secs = 0");
+    std::fs::write(&toml, flagged_at_once).unwrap();
     let cli = competition.cli.clone();
     tokio::task::spawn_blocking(move || cli.ok(&["aws", "bootstrap"])).await.unwrap();
     competition.upload_labels().await;
@@ -203,6 +229,15 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     node.submit(vec![spec]).await.unwrap();
     let run = RunId::parse("gpu-public").unwrap();
     wait_for("attempt 1 runs", async || node.run(&run).await.unwrap().state == StateTag::Running).await;
+    // It waits for capacity first: status flags it with Batch's reason.
+    send(runnable_event("gpu-public", 1)).await;
+    wait_for("status flags the wait", async || !node.status().await.unwrap().waiting_long.is_empty()).await;
+    let flagged = node.status().await.unwrap().waiting_long.remove(0);
+    assert_eq!((flagged.run, flagged.status.as_str()), (run.clone(), "RUNNABLE"));
+    assert_eq!(flagged.reason.as_deref(), Some(CAPACITY));
+    let view = node.run(&run).await.unwrap();
+    assert!(view.waiting.as_deref().unwrap().starts_with("RUNNABLE for "), "{view:?}");
+    assert!(view.waiting.as_deref().unwrap().ends_with(CAPACITY), "{view:?}");
     send(batch_event("gpu-public", 1, "FAILED", 1, &stream)).await;
     wait_for("attempt 2 runs", async || {
         let view = node.run(&run).await.unwrap();
@@ -222,6 +257,10 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     assert_eq!(first.log_stream.as_deref(), Some(stream.as_str()));
     assert_eq!(first.status_reason.as_deref(), Some("Essential container in task exited"));
     assert!(first.summary.as_deref().unwrap().starts_with("out of GPU memory on g4: torch.OutOfMemoryError: CUDA"));
+    let history = node.history(&run).await.unwrap();
+    let noted = history.iter().find(|e| e.event == "job_waiting").unwrap();
+    assert_eq!((noted.disposition.as_str(), noted.state), ("noted", StateTag::Running));
+    assert_eq!(noted.detail, format!("attempt 1: RUNNABLE: {CAPACITY}"));
 
     stop.cancel();
     worker.await.unwrap();

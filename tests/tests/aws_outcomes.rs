@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use evalflow_activities::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+use evalflow_activities::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob};
 use evalflow_tests::aws::{AwsCompetition, Tuning};
 use evalflow_worker::activity::Activities;
 use evalflow_worker::aws::{WorkerSettings, connect, work};
@@ -63,9 +63,9 @@ impl JobRunner for ScriptedBatch {
         }
     }
 
-    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError> {
         let now = Timestamp::now();
-        Ok(jobs
+        let ended = jobs
             .iter()
             .filter(|job| job.run.parts().0.as_str() != "cancelme")
             .map(|job| EndedJob {
@@ -74,7 +74,8 @@ impl JobRunner for ScriptedBatch {
                 usage: JobUsage { started_at: Some(job.since), ended_at: now, peak_memory_mib: None },
                 evidence: Default::default(),
             })
-            .collect())
+            .collect();
+        Ok(Checked { ended, waiting: Vec::new() })
     }
 }
 

@@ -47,7 +47,7 @@ async fn checking_running_jobs_takes_one_describe_jobs_per_hundred() {
     let runner = BatchRunner::from_sdk(&sdk, &requests, logs, settings);
     let mut previous = 0;
     for running in [1, 99, 100, 101, 250] {
-        let ended = runner.check(&jobs[..running]).await.unwrap();
+        let ended = runner.check(&jobs[..running]).await.unwrap().ended;
         assert_eq!(ended.len(), running, "moto's jobs have all ended");
         let calls = requests.snapshot().get("Batch.DescribeJobs").copied().unwrap_or(0) - previous;
         previous += calls;

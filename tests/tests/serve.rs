@@ -128,3 +128,26 @@ fn a_port_in_use_is_named_with_the_fix() {
     let err = cli.fails(&["serve", "--listen", "0.0.0.0:0"]);
     assert!(err.contains("listens on loopback only"), "{err}");
 }
+
+#[test]
+fn a_run_waiting_for_a_launch_slot_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("competition")); // 2 jobs at once
+    let _serve = cli.spawn(&["serve"]);
+    let info_path = cli.data_dir.join("state/engine.json");
+    wait_until("the engine announces its API", Duration::from_secs(30), || info_path.exists());
+    let subs = dir.path().join("subs");
+    for (id, seconds) in [("first", "7781"), ("second", "7782"), ("third", "7783")] {
+        let path = submission(&subs, id, &format!("[\"sleep\", \"{seconds}\"]"), "");
+        cli.ok(&["submit", "--id", id, "--team", id, &path]);
+    }
+    wait_until("two jobs run", Duration::from_secs(60), || sleeping("7781") && sleeping("7782"));
+    let third = run_view(&cli, "third-public");
+    assert_eq!((third.state, third.waiting.as_deref()), (StateTag::Queued, Some("waiting for a launch slot")));
+    assert_eq!(run_view(&cli, "first-public").waiting, None, "a running local job waits for nothing");
+    let status = cli.ok(&["status"]);
+    assert!(status.contains("1 queued runs wait for a launch slot: 2 of 2 in use"), "{status}");
+    cli.ok(&["cancel", "--state", "queued"]);
+    cli.ok(&["cancel", "--state", "running"]);
+    assert!(!sleeping("7781") && !sleeping("7782") && !sleeping("7783"));
+}

@@ -32,7 +32,7 @@ use crate::activity::{Activities, gave_up};
 use crate::config::Config;
 use crate::engine_thread::EngineHandle;
 use crate::sqs::{
-    BATCH_MAX, Carried, QueueError, Queues, Received, heartbeat_interval, job_ended, parse_event_message,
+    BATCH_MAX, Carried, QueueError, Queues, Received, heartbeat_interval, job_ended, job_waiting, parse_event_message,
 };
 
 /// What the AWS deployment acts with, for the engine and for the workers.
@@ -183,6 +183,10 @@ pub async fn consume_events(queues: Arc<Queues>, logs: BatchLogs, engine: Engine
             match parse_event_message(&message.body) {
                 Ok(Carried::Inputs(carried)) => {
                     inputs.extend(carried);
+                    done.push(message.receipt);
+                }
+                Ok(Carried::Batch { run, attempt, job, detail }) if detail.waiting() => {
+                    inputs.push(job_waiting(run, attempt, job, &detail));
                     done.push(message.receipt);
                 }
                 Ok(Carried::Batch { run, attempt, job, detail }) => match logs.ended(&detail).await {

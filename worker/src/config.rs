@@ -189,6 +189,10 @@ pub struct AwsConfig {
     /// How often the reconciler looks.
     #[serde(default = "default_reconcile_interval_secs")]
     pub reconcile_interval_secs: u64,
+    /// A run whose job has waited this long to start (RUNNABLE, for want of
+    /// capacity) is flagged by `evalflow status`, with Batch's reason.
+    #[serde(default = "default_flag_waiting_after_secs")]
+    pub flag_waiting_after_secs: u64,
     /// A command owed this long (a task lost, given up or dead-lettered) is sent again.
     #[serde(default = "default_resend_after_secs")]
     pub resend_after_secs: u64,
@@ -225,6 +229,9 @@ fn default_max_receive_count() -> u32 {
 }
 fn default_reconcile_after_secs() -> u64 {
     600
+}
+fn default_flag_waiting_after_secs() -> u64 {
+    1800
 }
 fn default_reconcile_interval_secs() -> u64 {
     60

@@ -36,7 +36,10 @@ use crate::engine_thread::{self, EngineHandle, EngineStopped};
 use crate::local_worker;
 use crate::lock::DataDirLock;
 use crate::sqs::Queues;
-use crate::views::{ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StatusView};
+use crate::views::{
+    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StatusView, Wait, WaitingView,
+    waiting,
+};
 use crate::watcher::{self, Watch};
 
 /// Activities carried out at once by an engine node.
@@ -203,6 +206,22 @@ impl Setup {
     }
 }
 
+/// The runs of `running` whose job has waited more than `secs` to start, longest first.
+fn waiting_longer_than(store: &SledStore, running: &[RunId], secs: u64) -> Result<Vec<WaitingView>, ControlError> {
+    let now = Timestamp::now();
+    let mut flagged = Vec::new();
+    for id in running {
+        let Some(stored) = store.load(id)? else { continue };
+        if let Some(Wait::Start { status, reason, secs: waited }) = waiting(&stored.run.status, now)
+            && waited > secs
+        {
+            flagged.push(WaitingView { run: id.clone(), waited_secs: waited, status, reason });
+        }
+    }
+    flagged.sort_by(|a, b| b.waited_secs.cmp(&a.waited_secs).then_with(|| a.run.cmp(&b.run)));
+    Ok(flagged)
+}
+
 impl Node {
     /// Opens the store under the data directory's lock and starts the node:
     /// on this machine, or on AWS when the configuration has an `[aws]` table.
@@ -319,6 +338,17 @@ impl Node {
     /// Runs per state.
     pub async fn status(&self) -> Result<StatusView, ControlError> {
         let counts = self.store.counts()?;
+        let (max_active, flag_after) = match &self.config.aws {
+            Some(aws) => (aws.max_active_jobs, Some(aws.flag_waiting_after_secs)),
+            None => (self.config.local.max_concurrent_jobs, None), // a local job starts at once
+        };
+        let waiting_long = match flag_after {
+            Some(after) => {
+                let running: Vec<RunId> = self.engine.running().await?.into_iter().map(|job| job.run).collect();
+                self.read(move |store| waiting_longer_than(store, &running, after)).await?
+            }
+            None => Vec::new(),
+        };
         Ok(StatusView {
             competition: self.config.competition.name.clone(),
             data_dir: self.config.data_dir.display().to_string(),
@@ -334,6 +364,8 @@ impl Node {
                 }
                 None => None,
             },
+            max_active: max_active as u64,
+            waiting_long,
         })
     }
 
@@ -527,7 +559,9 @@ fn action(outcome: Outcome, done: &str) -> ActionView {
     match outcome {
         Outcome::Recorded { run, state, disposition, .. } => {
             let message = match disposition {
-                Disposition::Applied | Disposition::Acknowledged => format!("{done}: now {state}"),
+                Disposition::Applied | Disposition::Acknowledged | Disposition::Noted => {
+                    format!("{done}: now {state}")
+                }
                 Disposition::Ignored(IgnoreReason::Duplicate) => format!("already {done}: {state}"),
                 Disposition::Ignored(why) => format!("ignored ({why}): {state}"),
             };

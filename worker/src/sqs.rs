@@ -22,7 +22,7 @@ use aws_sdk_sqs::types::{
 use evalflow_activities::aws::classify::{BatchEvent, BatchJob, JOB_STATE_CHANGE};
 use evalflow_activities::aws::describe;
 use evalflow_workflow::{
-    Attempt, Dispatch, Envelope, Event, Evidence, Input, JobId, JobOutcome, JobUsage, RunId, parse_job_name,
+    Attempt, Detail, Dispatch, Envelope, Event, Evidence, Input, JobId, JobOutcome, JobUsage, RunId, parse_job_name,
 };
 use serde::{Deserialize, Serialize};
 
@@ -331,6 +331,17 @@ pub fn parse_event_message(body: &str) -> Result<Carried, String> {
     let Some((run, attempt)) = parse_job_name(&event.detail.job_name) else { return Ok(Carried::Nothing) };
     let job = JobId::new(event.detail.job_id.clone()).map_err(|e| e.to_string())?;
     Ok(Carried::Batch { run, attempt, job, detail: Box::new(event.detail) })
+}
+
+/// The input a job that has not started makes: its status and Batch's reason.
+pub fn job_waiting(run: RunId, attempt: Attempt, job: JobId, detail: &BatchJob) -> Input {
+    let event = Event::JobWaiting {
+        attempt,
+        job,
+        status: Detail::new(&detail.status),
+        reason: detail.waiting_reason().map(Detail::new),
+    };
+    Input::Event { run, envelope: Envelope::unfenced(event) }
 }
 
 /// The input a job's end makes.

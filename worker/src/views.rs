@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use evalflow_workflow::cost::{Billing, CostReport, attempt_cost, run_cost_usd};
 use evalflow_workflow::{
     AttemptEnd, AttemptRecord, Detail, Disposition, Event, Evidence, HistoryEntry, JobId, JobOutcome, JobUsage, Policy,
-    ProfileName, Run, RunId, RunState, RunStatus, Stage, StateTag, SubmissionId, TeamId,
+    ProfileName, Run, RunId, RunState, RunStatus, Stage, StateTag, SubmissionId, TeamId, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,8 @@ pub struct RunView {
     pub job: Option<JobId>,
     /// Each attempt: where it ran, how it ended and the evidence for it.
     pub attempt_details: Vec<AttemptView>,
+    /// Why a live run is not moving, when it waits for something.
+    pub waiting: Option<String>,
     /// The run's version.
     pub version: u64,
     /// When it was submitted, in ms since the epoch.
@@ -69,11 +71,87 @@ impl RunView {
             cost_usd: run_cost_usd(status, policy, billing),
             job: status.attempts.last().and_then(|a| a.job.clone()),
             attempt_details: status.attempts.iter().map(|a| AttemptView::new(a, policy, billing)).collect(),
+            waiting: waiting(status, Timestamp::now()).map(|w| w.words()),
             version: status.version,
             submitted_at_ms: spec.submitted_at.as_millis(),
             updated_at_ms: status.updated_at.as_millis(),
         }
     }
+}
+
+/// What a live run waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// A launch slot: as many jobs as allowed are launching or running.
+    Slot,
+    /// The end of its backoff after an interruption.
+    Backoff {
+        /// Seconds left.
+        secs: u64,
+    },
+    /// Its job to start, for the runner's reason.
+    Start {
+        /// The runner's status (`RUNNABLE`).
+        status: String,
+        /// The runner's reason.
+        reason: Option<String>,
+        /// Seconds waited so far.
+        secs: u64,
+    },
+}
+
+impl Wait {
+    /// The wait in words.
+    pub fn words(&self) -> String {
+        match self {
+            Wait::Slot => "waiting for a launch slot".into(),
+            Wait::Backoff { secs } => format!("held {secs} s more, backing off after an interruption"),
+            Wait::Start { status, reason: Some(reason), secs } => format!("{status} for {}: {reason}", duration(*secs)),
+            Wait::Start { status, reason: None, secs } => format!("{status} for {}", duration(*secs)),
+        }
+    }
+}
+
+/// `42 s`, `12 min`, `3.5 h`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{:.1} h", secs as f64 / 3600.0),
+    }
+}
+
+/// What the run waits for at `now`, if anything.
+pub fn waiting(status: &RunStatus, now: Timestamp) -> Option<Wait> {
+    match &status.state {
+        RunState::Queued => Some(Wait::Slot),
+        RunState::Launching { not_before: Some(at), .. } if *at > now => {
+            Some(Wait::Backoff { secs: at.since(now).as_secs() })
+        }
+        RunState::Running { attempt, .. } => {
+            let record = status.attempt(*attempt)?;
+            let wait = record.waiting.as_ref()?;
+            Some(Wait::Start {
+                status: wait.status.to_string(),
+                reason: wait.reason.as_ref().map(ToString::to_string),
+                secs: now.since(record.launched_at).as_secs(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A run flagged by `evalflow status`: its job has waited long to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingView {
+    /// The run.
+    pub run: RunId,
+    /// Seconds since its attempt was launched.
+    pub waited_secs: u64,
+    /// The runner's status for the job.
+    pub status: String,
+    /// The runner's reason (Batch's `statusReason`).
+    pub reason: Option<String>,
 }
 
 /// One attempt of a run: where it ran, how it ended, and why evalflow
@@ -188,6 +266,7 @@ impl EventView {
             disposition: match &entry.disposition {
                 Disposition::Applied => "applied".to_owned(),
                 Disposition::Acknowledged => "acknowledged".to_owned(),
+                Disposition::Noted => "noted".to_owned(),
                 Disposition::Ignored(why) => format!("ignored: {why}"),
             },
             detail: describe(&entry.input.event, &entry.status),
@@ -212,6 +291,10 @@ fn describe(event: &Event, after: &RunStatus) -> String {
                 None => format!("attempt {attempt}: {}, {ran}", outcome_words(outcome)),
             }
         }
+        Event::JobWaiting { attempt, status, reason, .. } => match reason {
+            Some(reason) => format!("attempt {attempt}: {status}: {reason}"),
+            None => format!("attempt {attempt}: {status}"),
+        },
         Event::PredictionsScored { score, .. } => format!("log loss {:.4}", score.value()),
         Event::PredictionsRejected { reason, .. } => reason.to_string(),
         Event::ActivityFailed { activity, error, .. } => format!("{}: {error}", activity.as_str()),
@@ -259,6 +342,11 @@ pub struct StatusView {
     pub engine: Option<String>,
     /// Messages in the dead-letter queues, on AWS.
     pub dead_letters: Option<DeadLetters>,
+    /// Jobs launching or running at most at once.
+    pub max_active: u64,
+    /// Runs whose job has waited to start longer than `[aws]
+    /// flag_waiting_after_secs`, longest first.
+    pub waiting_long: Vec<WaitingView>,
 }
 
 /// Messages that kept failing, in the dead-letter queues.

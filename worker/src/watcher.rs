@@ -1,5 +1,6 @@
 //! The job watcher: asks the runner how running jobs are, and tells the
-//! engine about those that ended. Level-triggered: it starts from the runs in
+//! engine about those that ended, and why those that have not started wait
+//! (each new reason once). Level-triggered: it starts from the runs in
 //! the `running` state each time, so a job that ended while no engine ran is
 //! seen at the first look after a restart.
 //!
@@ -12,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use evalflow_activities::{EndedJob, JobRunner, RunningJob};
-use evalflow_workflow::{Attempt, Envelope, Event, Input, RunId, Timestamp};
+use evalflow_activities::{Checked, EndedJob, JobRunner, RunningJob, WaitingJob};
+use evalflow_workflow::{Attempt, Detail, Envelope, Event, Input, RunId, Timestamp};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine_thread::EngineHandle;
@@ -35,6 +36,8 @@ struct Seen {
     looked: HashMap<(RunId, Attempt), Instant>,
     /// Jobs whose end was reported and is not applied yet.
     reported: HashSet<(RunId, Attempt)>,
+    /// The last wait reported of each job: its status and reason.
+    waits: HashMap<(RunId, Attempt), (String, Option<String>)>,
 }
 
 impl Seen {
@@ -42,6 +45,27 @@ impl Seen {
         let live: HashSet<(RunId, Attempt)> = running.iter().map(key).collect();
         self.looked.retain(|k, _| live.contains(k));
         self.reported.retain(|k| live.contains(k));
+        self.waits.retain(|k, _| live.contains(k));
+    }
+
+    /// The events of the waits not reported yet in those words.
+    fn new_waits(&mut self, waiting: Vec<WaitingJob>) -> Vec<Input> {
+        let mut inputs = Vec::new();
+        for WaitingJob { job, status, reason } in waiting {
+            let wait = (status, reason);
+            if self.waits.get(&key(&job)) == Some(&wait) {
+                continue;
+            }
+            let event = Event::JobWaiting {
+                attempt: job.attempt,
+                job: job.job.clone(),
+                status: Detail::new(&wait.0),
+                reason: wait.1.as_deref().map(Detail::new),
+            };
+            self.waits.insert(key(&job), wait);
+            inputs.push(Input::Event { run: job.run, envelope: Envelope::unfenced(event) });
+        }
+        inputs
     }
 
     fn due(&self, job: &RunningJob, quiet_for: Duration) -> bool {
@@ -73,9 +97,11 @@ pub async fn run(runner: Arc<dyn JobRunner>, engine: EngineHandle, watch: Watch,
         let now = Instant::now();
         seen.looked.extend(due.iter().map(|j| (key(j), now)));
         match runner.check(&due).await {
-            Ok(ended) => {
+            Ok(Checked { ended, waiting }) => {
                 seen.reported.extend(ended.iter().map(|e| key(&e.job)));
-                if engine.send(ended.into_iter().map(job_ended).collect()).await.is_err() {
+                let mut inputs: Vec<Input> = ended.into_iter().map(job_ended).collect();
+                inputs.extend(seen.new_waits(waiting));
+                if engine.send(inputs).await.is_err() {
                     return;
                 }
             }

@@ -103,6 +103,7 @@ mod tests {
             }),
             end: None,
             evidence: None,
+            waiting: None,
         }
     }
 

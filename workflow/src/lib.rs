@@ -38,7 +38,7 @@ pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPoli
 pub use replay::{ReplayError, replay};
 pub use run::{
     AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, Evidence, HistoryEntry, IgnoreReason, JobUsage, Run,
-    RunSpec, RunStatus, StateTag, SubmissionSource, Termination,
+    RunSpec, RunStatus, StateTag, SubmissionSource, Termination, Waiting,
 };
 pub use store::{MemoryStore, SledStore, StateCounts, StoreError, WorkflowStore};
 pub use time::Timestamp;

@@ -20,6 +20,7 @@
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
 //! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run; Withdraw from Scored]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
+//! Running   --(JobWaiting{status, reason})-------> unchanged; why its job has not started is noted on the attempt
 //! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
 //! any       --(Withdrawn{attempt})---------------> unchanged; the owed Withdraw is acknowledged
 //! any       --(JobLaunched of a job the run does not hold)--> unchanged  [TerminateJob of that job]
@@ -39,7 +40,7 @@ use crate::ids::{Attempt, JobId, ProfileName, RunId};
 use crate::policy::{Policy, Resource};
 use crate::run::{
     AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, Evidence, IgnoreReason, JobUsage, Run, RunSpec,
-    RunStatus, StateTag, Termination,
+    RunStatus, StateTag, Termination, Waiting,
 };
 use crate::time::Timestamp;
 
@@ -467,6 +468,17 @@ pub enum Event {
         /// What the runner saw of its end.
         evidence: Evidence,
     },
+    /// The attempt's job has not started yet, for the runner's reason.
+    JobWaiting {
+        /// The attempt.
+        attempt: Attempt,
+        /// The job.
+        job: JobId,
+        /// The runner's status for it.
+        status: Detail,
+        /// The runner's reason.
+        reason: Option<Detail>,
+    },
     /// The predictions were scored.
     PredictionsScored {
         /// The attempt that produced them.
@@ -523,6 +535,7 @@ impl Event {
             Event::JobLaunched { .. } => "job_launched",
             Event::LaunchFailed { .. } => "launch_failed",
             Event::JobEnded { .. } => "job_ended",
+            Event::JobWaiting { .. } => "job_waiting",
             Event::PredictionsScored { .. } => "predictions_scored",
             Event::PredictionsRejected { .. } => "predictions_rejected",
             Event::Published { .. } => "published",
@@ -673,6 +686,7 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
         Event::Admitted { start } => machine.admitted(start.as_ref()),
         Event::JobLaunched { attempt, job } => Ok(machine.job_launched(*attempt, job)),
         Event::LaunchFailed { attempt, error } => Ok(machine.launch_failed(*attempt, error)),
+        Event::JobWaiting { attempt, job, status, reason } => Ok(machine.job_waiting(*attempt, job, status, reason)),
         Event::JobEnded { attempt, job, outcome, usage, evidence } => {
             Ok(machine.job_ended(*attempt, job, outcome, usage, evidence))
         }
@@ -790,6 +804,7 @@ impl Step<'_> {
             usage: None,
             end: None,
             evidence: None,
+            waiting: None,
         };
         self.apply(RunState::Launching { profile: profile.clone(), attempt, not_before }, |status| {
             edit(status);
@@ -889,6 +904,28 @@ impl Step<'_> {
             JobOutcome::CannotStart { detail } => fail(FailureReason::CannotStart { detail: detail.clone() }),
             JobOutcome::LimitExceeded { limit } => fail(FailureReason::LimitExceeded { limit: *limit }),
         }
+    }
+
+    /// Notes why the running attempt's job has not started; the same status
+    /// and reason again change nothing.
+    fn job_waiting(&self, attempt: Attempt, job: &JobId, status: &Detail, reason: &Option<Detail>) -> Transition {
+        let RunState::Running { attempt: current, job: running, .. } = &self.status().state else {
+            return self.ignore(IgnoreReason::NotAwaited);
+        };
+        if *current != attempt || running != job {
+            return self.ignore(IgnoreReason::NotAwaited);
+        }
+        let known = self.status().attempt(attempt).and_then(|r| r.waiting.as_ref());
+        if known.is_some_and(|w| w.status == *status && w.reason == *reason) {
+            return self.ignore(IgnoreReason::Duplicate);
+        }
+        let mut status_after = self.status().clone();
+        if let Some(record) = record_mut(&mut status_after, attempt) {
+            let since = known.filter(|w| w.status == *status).map_or(self.now, |w| w.since);
+            record.waiting = Some(Waiting { status: status.clone(), reason: reason.clone(), since });
+        }
+        status_after.updated_at = self.now;
+        self.finish(status_after, Disposition::Noted)
     }
 
     fn scored(&self, attempt: Attempt, score: Score) -> Transition {
@@ -1212,6 +1249,32 @@ mod tests {
         let mut crashed = Harness::running(false);
         crashed.end(JobOutcome::Crashed { exit_code: Some(1) });
         assert_eq!(learned_start(&crashed.run), None, "only an escalation that worked teaches");
+    }
+
+    #[test]
+    fn a_jobs_wait_is_noted_on_its_attempt_without_changing_the_state() {
+        let mut h = Harness::running(false);
+        let version = h.run.status.version;
+        let waiting = |status: &str, reason: Option<&str>| Event::JobWaiting {
+            attempt: Attempt(1),
+            job: job("j1"),
+            status: Detail::new(status),
+            reason: reason.map(Detail::new),
+        };
+        let capacity = "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested";
+        let t = h.feed(waiting("RUNNABLE", None));
+        assert_eq!((t.disposition, t.commands.len(), t.status.version), (Disposition::Noted, 0, version));
+        let since = h.run.status.attempts[0].waiting.as_ref().unwrap().since;
+        h.feed(waiting("RUNNABLE", Some(capacity)));
+        let noted = h.run.status.attempts[0].waiting.clone().unwrap();
+        assert_eq!((noted.status.as_str(), noted.reason.unwrap().as_str()), ("RUNNABLE", capacity));
+        assert_eq!(noted.since, since, "still RUNNABLE since it was first seen so");
+        let t = h.feed(waiting("RUNNABLE", Some(capacity)));
+        assert_eq!(t.disposition, Disposition::Ignored(IgnoreReason::Duplicate), "the same wait again");
+        let stray =
+            Event::JobWaiting { attempt: Attempt(1), job: job("other"), status: Detail::new("RUNNABLE"), reason: None };
+        assert_eq!(h.feed(stray).disposition, Disposition::Ignored(IgnoreReason::NotAwaited));
+        assert!(matches!(h.state(), RunState::Running { .. }));
     }
 
     #[test]
@@ -1605,6 +1668,7 @@ mod tests {
             ended(JobOutcome::Crashed { exit_code: None }),
             ended(JobOutcome::CannotStart { detail: Detail::new("pull") }),
             ended(JobOutcome::LimitExceeded { limit: Limit::Disk }),
+            Event::JobWaiting { attempt, job: j.clone(), status: Detail::new("RUNNABLE"), reason: None },
             Event::PredictionsScored { attempt, score: Score::new(0.5).unwrap() },
             Event::PredictionsRejected { attempt, reason: Detail::new("x") },
             Event::Published { attempt },

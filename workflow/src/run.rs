@@ -188,6 +188,19 @@ pub struct AttemptRecord {
     pub end: Option<AttemptEnd>,
     /// What the runner saw of its end.
     pub evidence: Option<Evidence>,
+    /// Why its job has not started, while it waits (AWS Batch: RUNNABLE, for want of capacity).
+    pub waiting: Option<Waiting>,
+}
+
+/// A job that is not running yet, as its runner reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// The runner's status for it (`RUNNABLE`, `STARTING` ...).
+    pub status: Detail,
+    /// The runner's reason, when it gives one (`CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - ...`).
+    pub reason: Option<Detail>,
+    /// When evalflow first saw it so.
+    pub since: Timestamp,
 }
 
 /// A `TerminateJob` the run still owes: issued on cancel, or for a job
@@ -371,6 +384,8 @@ pub enum Disposition {
     Applied,
     /// A termination was acknowledged; the state did not change.
     Acknowledged,
+    /// A fact about the current attempt was noted (a job's wait); the state did not change.
+    Noted,
     /// Nothing changed (except, for an orphan job, a new termination).
     Ignored(IgnoreReason),
 }

@@ -68,7 +68,7 @@ struct Seed {
 }
 
 fn seed() -> impl Strategy<Value = Seed> {
-    (0u8..15, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
+    (0u8..16, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
         |(kind, attempt_shift, stray_job, detail, score, fence)| Seed {
             kind,
             attempt_shift: if attempt_shift != 0 && detail % 4 != 0 { 0 } else { attempt_shift },
@@ -114,6 +114,13 @@ impl Seed {
             11 => Event::CancelRequested,
             12 => Event::RetryRequested,
             13 => Event::Withdrawn { attempt },
+            14 => Event::JobWaiting {
+                attempt,
+                job,
+                status: Detail::new(["RUNNABLE", "STARTING"][usize::from(self.detail % 2)]),
+                reason: (!self.detail.is_multiple_of(3))
+                    .then(|| Detail::new("CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY")),
+            },
             _ => Event::Submitted(RunSpec { cpu_only: self.detail.is_multiple_of(5), ..run.spec.clone() }),
         };
         let expected_version = match self.fence {

@@ -35,7 +35,7 @@ use super::logs::BatchLogs;
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::submission::GPU_OOM_EXIT_CODE;
-use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob};
+use crate::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob, WaitingJob};
 
 /// The most job ids one DescribeJobs call takes.
 pub const DESCRIBE_JOBS_MAX: usize = 100;
@@ -328,8 +328,8 @@ impl JobRunner for BatchRunner {
         Ok(())
     }
 
-    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
-        let mut ended = Vec::new();
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError> {
+        let mut checked = Checked::default();
         for chunk in jobs.chunks(DESCRIBE_JOBS_MAX) {
             let ids: Vec<String> = chunk.iter().map(|j| j.job.to_string()).collect();
             let described = self
@@ -342,23 +342,55 @@ impl JobRunner for BatchRunner {
             let details: HashMap<&str, BatchJob> =
                 described.jobs().iter().filter_map(|d| Some((d.job_id()?, BatchJob::from(d)))).collect();
             for job in chunk {
-                let end = match details.get(job.job.as_str()) {
-                    Some(detail) => match self.logs.ended(detail).await {
-                        Ok(end) => end,
-                        Err(e) => {
-                            tracing::warn!("job {}: its end is read again later: {e}", job.job);
-                            None
-                        }
-                    },
+                let Some(detail) = details.get(job.job.as_str()) else {
                     // Batch forgets jobs some days after they end; one it never knew is lost.
-                    None => Some(lost(job)),
+                    let (outcome, usage, evidence) = lost(job);
+                    checked.ended.push(EndedJob { job: job.clone(), outcome, usage, evidence });
+                    continue;
                 };
-                if let Some((outcome, usage, evidence)) = end {
-                    ended.push(EndedJob { job: job.clone(), outcome, usage, evidence });
+                if let Some(reason) = detail.misconfigured() {
+                    checked.ended.push(self.unplaceable(job, reason).await?);
+                    continue;
+                }
+                if detail.waiting() {
+                    let (status, reason) = (detail.status.clone(), detail.waiting_reason().map(str::to_owned));
+                    checked.waiting.push(WaitingJob { job: job.clone(), status, reason });
+                    continue;
+                }
+                match self.logs.ended(detail).await {
+                    Ok(Some((outcome, usage, evidence))) => {
+                        checked.ended.push(EndedJob { job: job.clone(), outcome, usage, evidence });
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("job {}: its end is read again later: {e}", job.job),
                 }
             }
         }
-        Ok(ended)
+        Ok(checked)
+    }
+}
+
+impl BatchRunner {
+    /// Stops a job no compute environment can ever place, and reports it as
+    /// one that could not start, with Batch's reason.
+    async fn unplaceable(&self, job: &RunningJob, reason: &str) -> Result<EndedJob, ActivityError> {
+        self.client
+            .terminate_job()
+            .job_id(job.job.as_str())
+            .reason("evalflow: no compute environment can place this job")
+            .send()
+            .await
+            .map_err(|e| activity_error(&format!("TerminateJob {}", job.job), e))?;
+        let said = format!("AWS Batch cannot place it: {reason}");
+        Ok(EndedJob {
+            job: job.clone(),
+            outcome: JobOutcome::CannotStart { detail: Detail::new(&said) },
+            usage: JobUsage { started_at: None, ended_at: Timestamp::now(), peak_memory_mib: None },
+            evidence: Evidence {
+                status_reason: Some(Detail::new(reason)),
+                ..Evidence::default().decided("batch:MISCONFIGURATION", said)
+            },
+        })
     }
 }
 

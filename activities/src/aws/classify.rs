@@ -127,6 +127,25 @@ impl BatchJob {
         last.or_else(|| self.container.as_ref().and_then(|c| c.exit_code))
     }
 
+    /// Whether it has not started yet (submitted, waiting for its
+    /// dependencies, for capacity, or for its container to start).
+    pub fn waiting(&self) -> bool {
+        matches!(self.status.as_str(), "SUBMITTED" | "PENDING" | "RUNNABLE" | "STARTING")
+    }
+
+    /// Batch's reason for the job's status, when it gives one.
+    pub fn waiting_reason(&self) -> Option<&str> {
+        self.status_reason.as_deref().filter(|r| !r.trim().is_empty())
+    }
+
+    /// Batch's reason, when the job waits for something no compute
+    /// environment of its queue can ever give it
+    /// (`MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - ...`): it would wait for ever.
+    pub fn misconfigured(&self) -> Option<&str> {
+        let reason = self.status_reason.as_deref()?;
+        (self.status == "RUNNABLE" && starts_with_ignoring_case(reason, "MISCONFIGURATION:")).then_some(reason)
+    }
+
     /// The CloudWatch Logs stream of its last attempt.
     pub fn log_stream(&self) -> Option<&str> {
         let last = self.attempts.last().and_then(|a| a.container.as_ref()).and_then(|c| c.log_stream_name.as_deref());
@@ -310,6 +329,26 @@ mod tests {
             let event: BatchEvent = serde_json::from_str(&event(status, "", None, None)).unwrap();
             assert_eq!(classify(&event.detail), None, "{status}");
         }
+    }
+
+    #[test]
+    fn a_job_waiting_for_capacity_waits_and_one_that_can_never_be_placed_does_not() {
+        let runnable = |reason: &str| -> BatchJob {
+            let event: BatchEvent = serde_json::from_str(&event("RUNNABLE", reason, None, None)).unwrap();
+            event.detail
+        };
+        let capacity = runnable(
+            "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested for instance \
+             type g4dn.xlarge",
+        );
+        assert!(capacity.waiting() && capacity.misconfigured().is_none());
+        let never = runnable(
+            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - The job resource requirement (vCPU/memory/GPU) is higher \
+             than that can be met by the CE(s) attached to the job queue.",
+        );
+        assert!(never.misconfigured().unwrap().starts_with("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"));
+        let running: BatchEvent = serde_json::from_str(&event("RUNNING", "", None, None)).unwrap();
+        assert!(!running.detail.waiting() && running.detail.misconfigured().is_none());
     }
 
     #[test]

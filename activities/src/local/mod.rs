@@ -31,7 +31,7 @@ use self::job::{JobPaths, JobRequest, Limits, Started, read_json};
 use self::sandbox::{Isolation, SandboxError};
 use crate::causes::SignatureConfig;
 use crate::fsutil::write_atomic;
-use crate::{ActivityError, EndedJob, JobRunner, LaunchRequest, RunningJob, blocking};
+use crate::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob, blocking};
 
 /// How long a launched job may go without its supervisor starting before it
 /// counts as lost.
@@ -113,7 +113,7 @@ impl JobRunner for LocalRunner {
         blocking(move || terminate(&paths, grace)).await
     }
 
-    async fn check(&self, jobs: &[RunningJob]) -> Result<Vec<EndedJob>, ActivityError> {
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError> {
         let (config, jobs) = (self.config.clone(), jobs.to_vec());
         blocking(move || {
             let mut ended = Vec::new();
@@ -139,7 +139,7 @@ impl JobRunner for LocalRunner {
                     Err(e) => tracing::warn!("cannot read job {}: {e}", paths.dir().display()),
                 }
             }
-            Ok(ended)
+            Ok(Checked { ended, waiting: Vec::new() }) // a local job starts at once
         })
         .await
     }
@@ -287,7 +287,7 @@ mod tests {
             job: JobId::new("ef-garbled-public-a1").unwrap(),
             since: Timestamp::now(),
         };
-        let ended = runner.check(&[job]).await.unwrap();
+        let ended = runner.check(&[job]).await.unwrap().ended;
         let [EndedJob { outcome: JobOutcome::Interrupted { detail }, .. }] = &ended[..] else {
             panic!("not interrupted: {ended:?}")
         };
