@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use evalflow_workflow::Score;
+use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{Labels, Predictions};
 use crate::untrusted::Refusal;
@@ -106,6 +107,41 @@ pub enum Rejection {
 
 /// Checks the predictions and scores them against `labels`.
 pub fn score(predictions: &Predictions, labels: &Labels) -> Result<Score, Rejection> {
+    let predicted = checked(predictions, labels)?;
+    let pairs = predicted.iter().map(|(file, (probability, _))| (*probability, labels.is_fake(file).unwrap_or(false)));
+    Score::new(log_loss(pairs)).ok_or(Rejection::Empty)
+}
+
+/// How an audit run's predictions differ from its original's, row by row.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Test files compared (every labelled one).
+    pub rows: usize,
+    /// The largest difference between the two probabilities of one file.
+    pub max_abs_difference: f64,
+    /// The file where it is largest, as its row in the labels (from 0).
+    pub worst_row: usize,
+}
+
+/// Compares two runs' predictions of the same stage, each checked as
+/// [`score`] checks it.
+pub fn compare(original: &Predictions, audit: &Predictions, labels: &Labels) -> Result<Comparison, Rejection> {
+    let (original, audit) = (checked(original, labels)?, checked(audit, labels)?);
+    let mut comparison = Comparison { rows: 0, max_abs_difference: 0.0, worst_row: 0 };
+    for (row, file) in labels.files().enumerate() {
+        let (Some((a, _)), Some((b, _))) = (original.get(file), audit.get(file)) else { continue };
+        let difference = (a - b).abs();
+        if difference > comparison.max_abs_difference {
+            comparison.max_abs_difference = difference;
+            comparison.worst_row = row;
+        }
+        comparison.rows += 1;
+    }
+    Ok(comparison)
+}
+
+/// The predictions' rows, every labelled file present exactly once.
+fn checked<'a>(predictions: &Predictions, labels: &'a Labels) -> Result<BTreeMap<&'a str, (f64, u64)>, Rejection> {
     let bytes = match predictions {
         Predictions::Missing => return Err(Rejection::NotFound),
         Predictions::Refused(why) => return Err(Rejection::Refused { why: *why }),
@@ -117,8 +153,7 @@ pub fn score(predictions: &Predictions, labels: &Labels) -> Result<Score, Reject
         let example = labels.files().find(|f| !predicted.contains_key(*f)).unwrap_or_default().to_owned();
         return Err(Rejection::MissingFiles { missing: labels.len() - predicted.len(), example });
     }
-    let pairs = predicted.iter().map(|(file, (probability, _))| (*probability, labels.is_fake(file).unwrap_or(false)));
-    Score::new(log_loss(pairs)).ok_or(Rejection::Empty)
+    Ok(predicted)
 }
 
 /// Parses the rows: file -> (probability, line).
@@ -182,6 +217,21 @@ mod tests {
 
     fn scored(csv: &str) -> Result<Score, Rejection> {
         score(&Predictions::Found(csv.as_bytes().to_vec()), &labels())
+    }
+
+    #[test]
+    fn an_audit_is_compared_row_by_row_whatever_the_order() {
+        let found = |csv: &str| Predictions::Found(csv.as_bytes().to_vec());
+        let original = found("filename,label\na.mp4,0.9\nb.mp4,0.2\nc.mp4,0.3\n");
+        let same = found("filename,label\nc.mp4,0.3\na.mp4,0.9\nb.mp4,0.2\n");
+        let drifted = found("filename,label\na.mp4,0.9\nb.mp4,0.25\nc.mp4,0.2999\n");
+        let exact = compare(&original, &same, &labels()).unwrap();
+        assert_eq!(exact, Comparison { rows: 3, max_abs_difference: 0.0, worst_row: 0 });
+        let off = compare(&original, &drifted, &labels()).unwrap();
+        assert_eq!((off.rows, off.worst_row), (3, 1));
+        assert!((off.max_abs_difference - 0.05).abs() < 1e-12, "{off:?}");
+        let short = found("filename,label\na.mp4,0.9\n");
+        assert!(matches!(compare(&original, &short, &labels()), Err(Rejection::MissingFiles { missing: 2, .. })));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod demo;
 mod fleet;
 mod logs;
 mod output;
+mod reproduce;
 mod serve;
 mod signals;
 
@@ -84,6 +85,25 @@ enum Command {
         /// The image runs on the CPU ladder.
         #[arg(long, requires = "image")]
         cpu_only: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run published runs as audit runs (never on the leaderboard) and
+    /// compare each with its original: predictions row by row, score, verdict.
+    /// Without runs or --top: report the audits made so far.
+    Reproduce {
+        /// Published runs to re-run.
+        runs: Vec<RunId>,
+        /// Or: the runs of the first N places of a stage's leaderboard.
+        #[arg(long, conflicts_with = "runs")]
+        top: Option<usize>,
+        /// The leaderboard's stage, with --top.
+        #[arg(long, default_value = "public", requires = "top")]
+        stage: Stage,
+        /// Wait until every audit has ended, then report.
+        #[arg(long)]
+        wait: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -291,6 +311,20 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             let specs = requests.iter().map(|r| prepare(&config, r, now)).collect::<Result<Vec<_>, _>>()?;
             let views = backend.submit(specs).await?;
             report_actions(&views, json)
+        }
+        Command::Reproduce { runs, top, stage, wait, json } => {
+            let chosen = match (top, runs.is_empty()) {
+                (Some(n), _) => reproduce::Chosen::Top { n, stage },
+                (None, false) => reproduce::Chosen::Runs(runs),
+                (None, true) => reproduce::Chosen::Report,
+            };
+            let view = reproduce::run(backend, &Config::load(dir)?, chosen, wait).await?;
+            if json {
+                output::json(&view)?
+            } else {
+                output::reproduce(&view)
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { json: true } => output::json(&backend.status().await?).map(|()| ExitCode::SUCCESS),
         Command::Status { json: false } => Ok({

@@ -3,7 +3,7 @@
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use evalflow_activities::leaderboard::Leaderboard;
-use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
+use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, ReproduceView, RunView, StatusView};
 use evalflow_workflow::{StateTag, Timestamp};
 use serde::Serialize;
 
@@ -60,6 +60,35 @@ pub fn status(view: &StatusView) {
             "dead letters: {} tasks, {} events (messages that kept failing: see the worker and engine logs)",
             dead.tasks, dead.events
         );
+    }
+}
+
+/// `evalflow reproduce`.
+pub fn reproduce(view: &ReproduceView) {
+    let mut table = table(&["original", "audit", "state", "score", "audit score", "max |diff|", "verdict", "why"]);
+    for audit in &view.audits {
+        table.add_row(vec![
+            Cell::new(&audit.original),
+            Cell::new(&audit.audit),
+            Cell::new(audit.state),
+            right(score(audit.original_score)),
+            right(score(audit.audit_score)),
+            right(audit.max_abs_difference.map(|d| format!("{d:.3e}")).unwrap_or_default()),
+            Cell::new(&audit.verdict),
+            Cell::new(&audit.note),
+        ]);
+    }
+    println!("{table}");
+    let pending = view.audits.iter().filter(|a| a.verdict == "pending").count();
+    match view.share_reproduced {
+        Some(share) => println!(
+            "reproduced: {} of {} judged audits ({:.0}%), within {} per test file; {pending} pending",
+            view.reproduced,
+            view.judged,
+            share * 100.0,
+            view.tolerance
+        ),
+        None => println!("no audit judged yet; {pending} pending (`evalflow reproduce --wait` waits for them)"),
     }
 }
 

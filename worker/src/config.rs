@@ -89,6 +89,14 @@ pub enum ConfigError {
         /// What is wrong, and what to change.
         problem: String,
     },
+    /// The `[reproduce]` table is not usable.
+    #[error("{path}: [reproduce]: {problem}")]
+    Reproduce {
+        /// The file.
+        path: String,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The `[aws]` table is not usable.
     #[error("{path}: [aws]: {problem}")]
     Aws {
@@ -126,7 +134,30 @@ struct ConfigFile {
     causes: CausesConfig,
     #[serde(default)]
     api: ApiConfig,
+    #[serde(default)]
+    reproduce: ReproduceConfig,
     aws: Option<AwsConfig>,
+}
+
+/// The `[reproduce]` table: when an audit run reproduces its original
+/// (`evalflow reproduce`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReproduceConfig {
+    /// The largest difference between the two probabilities of one test file
+    /// that still counts as reproduced.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+}
+
+impl Default for ReproduceConfig {
+    fn default() -> Self {
+        ReproduceConfig { tolerance: default_tolerance() }
+    }
+}
+
+fn default_tolerance() -> f64 {
+    1e-3
 }
 
 /// The `[causes]` table: log signatures the organizer adds to the built-in
@@ -434,6 +465,8 @@ pub struct Config {
     pub causes: CausesConfig,
     /// The limits of the engine's HTTP API.
     pub api: ApiConfig,
+    /// When an audit reproduces its original.
+    pub reproduce: ReproduceConfig,
     /// The AWS deployment, when the competition runs there.
     pub aws: Option<AwsConfig>,
 }
@@ -467,8 +500,13 @@ impl Config {
         Signatures::new(&file.causes.signature)
             .map_err(|error| ConfigError::Signature { path: shown.clone(), error })?;
         file.api.check().map_err(|problem| ConfigError::Api { path: shown.clone(), problem })?;
-        let ConfigFile { competition, local, causes, api, aws, .. } = file;
-        Ok(Config { data_dir, competition, stages, policy, local, causes, api, aws })
+        let tolerance = file.reproduce.tolerance;
+        if !(tolerance.is_finite() && tolerance >= 0.0) {
+            let problem = format!("tolerance = {tolerance}: use a finite difference of 0 or more, such as 0.001");
+            return Err(ConfigError::Reproduce { path: shown, problem });
+        }
+        let ConfigFile { competition, local, causes, api, reproduce, aws, .. } = file;
+        Ok(Config { data_dir, competition, stages, policy, local, causes, api, reproduce, aws })
     }
 
     /// The log signatures: the built-in ones, then the organizer's (checked when loaded).

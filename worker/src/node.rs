@@ -206,6 +206,18 @@ impl Setup {
     }
 }
 
+/// The competition's artifacts (predictions, labels, results), as its
+/// workers reach them: the data directory, or S3.
+pub async fn artifacts(config: &Config) -> Result<Arc<dyn ArtifactStore>, NodeError> {
+    Ok(match &config.aws {
+        None => {
+            let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();
+            Arc::new(FsArtifacts::new(&config.data_dir, labels))
+        }
+        Some(_) => crate::aws::connect(config, None).await?.artifacts,
+    })
+}
+
 /// The runs of `running` whose job has waited more than `secs` to start, longest first.
 fn waiting_longer_than(store: &SledStore, running: &[RunId], secs: u64) -> Result<Vec<WaitingView>, ControlError> {
     let now = Timestamp::now();
@@ -520,7 +532,9 @@ impl Node {
             for id in all_runs(store, RunFilter::Terminal(StateTag::Published))? {
                 let Some(stored) = store.load(&id)? else { continue };
                 let Run { spec, status } = stored.run;
-                if let (RunState::Published { attempt, score }, true) = (status.state, spec.stage == stage) {
+                // An audit run's score is its audit's, never the leaderboard's.
+                let counts = spec.stage == stage && spec.audit.is_none();
+                if let (RunState::Published { attempt, score }, true) = (status.state, counts) {
                     results.push(PublishedResult {
                         run: spec.run,
                         submission: spec.submission,

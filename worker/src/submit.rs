@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use evalflow_activities::artifacts::check_stage_files;
 use evalflow_activities::fsutil::{copy_dir, dir_digest};
 use evalflow_activities::submission::Manifest;
-use evalflow_workflow::{RunId, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
+use evalflow_workflow::{RunId, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp, is_audit_name};
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -179,11 +179,18 @@ pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError>
     Ok(requests)
 }
 
+/// Why a team's id may not end in `-audit<N>`.
+const AUDIT_NAME_RESERVED: &str =
+    "ids ending in -audit<N> name evalflow's audit runs (evalflow reproduce): choose another id";
+
 /// Checks a submission's directory, keeps a copy in the data directory and
 /// returns its run spec. The same id with the same contents is accepted
 /// again; with other contents it is a conflict.
 pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> Result<RunSpec, SubmitError> {
     let id = &request.id;
+    if is_audit_name(id.as_str()) {
+        return Err(SubmitError::Invalid { id: id.clone(), problem: AUDIT_NAME_RESERVED.into() });
+    }
     let wrong = |problem| SubmitError::WrongKind { id: id.clone(), problem };
     let on_aws = config.aws.is_some();
     let has_stage = match &config.aws {
@@ -276,7 +283,10 @@ pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result
     let mut digests: HashMap<&str, String> = HashMap::new();
     for spec in specs {
         let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
-        let run = RunId::new(&spec.submission, spec.stage);
+        if spec.audit.is_none() && is_audit_name(spec.submission.as_str()) {
+            return Err(refused(AUDIT_NAME_RESERVED.into()));
+        }
+        let run = spec.expected_run().map_err(|e| refused(format!("its audit names another run: {e}")))?;
         if spec.run != run {
             return Err(refused(format!(
                 "a run of submission {} on {} must be named {run}",

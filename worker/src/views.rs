@@ -41,6 +41,8 @@ pub struct RunView {
     pub attempt_details: Vec<AttemptView>,
     /// Why a live run is not moving, when it waits for something.
     pub waiting: Option<String>,
+    /// For an audit run (`evalflow reproduce`), the published run it re-runs.
+    pub audit_of: Option<RunId>,
     /// The run's version.
     pub version: u64,
     /// When it was submitted, in ms since the epoch.
@@ -72,6 +74,7 @@ impl RunView {
             job: status.attempts.last().and_then(|a| a.job.clone()),
             attempt_details: status.attempts.iter().map(|a| AttemptView::new(a, policy, billing)).collect(),
             waiting: waiting(status, Timestamp::now()).map(|w| w.words()),
+            audit_of: spec.audit.as_ref().map(|a| a.of.clone()),
             version: status.version,
             submitted_at_ms: spec.submitted_at.as_millis(),
             updated_at_ms: status.updated_at.as_millis(),
@@ -387,6 +390,47 @@ pub struct Divergence {
     pub run: RunId,
     /// Where and how it diverges.
     pub error: String,
+}
+
+/// One audit of `evalflow reproduce`: a published run re-run, compared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// The published run.
+    pub original: RunId,
+    /// Its audit run.
+    pub audit: RunId,
+    /// The audit run's state.
+    pub state: StateTag,
+    /// The original's score.
+    pub original_score: Option<f64>,
+    /// The audit's score, once scored.
+    pub audit_score: Option<f64>,
+    /// Audit score minus original score.
+    pub score_difference: Option<f64>,
+    /// Test files compared.
+    pub rows: Option<usize>,
+    /// The largest difference between the two predictions of one test file.
+    pub max_abs_difference: Option<f64>,
+    /// `reproduced`, `not_reproduced` (too different, or the audit failed),
+    /// `pending` (not ended yet), `cancelled`, or `failed` (the predictions cannot be compared).
+    pub verdict: String,
+    /// What the verdict rests on, in words.
+    pub note: String,
+}
+
+/// The report of `evalflow reproduce`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReproduceView {
+    /// The largest difference per test file that counts as reproduced (`[reproduce] tolerance`).
+    pub tolerance: f64,
+    /// One per audit.
+    pub audits: Vec<AuditView>,
+    /// Audits ended with a verdict (reproduced or not).
+    pub judged: usize,
+    /// Of them, reproduced.
+    pub reproduced: usize,
+    /// `reproduced / judged`, when any was judged.
+    pub share_reproduced: Option<f64>,
 }
 
 /// The cost report, as shown by `evalflow cost`.

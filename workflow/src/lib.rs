@@ -37,8 +37,8 @@ pub use machine::{
 pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPolicy};
 pub use replay::{ReplayError, replay};
 pub use run::{
-    AttemptEnd, AttemptRecord, Detail, Disposition, Envelope, Evidence, HistoryEntry, IgnoreReason, JobUsage, Run,
-    RunSpec, RunStatus, StateTag, SubmissionSource, Termination, Waiting,
+    AUDIT_SUFFIX, AttemptEnd, AttemptRecord, Audit, Detail, Disposition, Envelope, Evidence, HistoryEntry,
+    IgnoreReason, JobUsage, Run, RunSpec, RunStatus, StateTag, SubmissionSource, Termination, Waiting, is_audit_name,
 };
 pub use store::{MemoryStore, SledStore, StateCounts, StoreError, WorkflowStore};
 pub use time::Timestamp;

@@ -15,6 +15,7 @@
 //!                                                  | Failed{Interrupted} after interruptions_max in a row
 //! Running   --(JobEnded{TimedOut|Crashed|CannotStart|LimitExceeded})--> Failed{the same reason}
 //! Predicted --(PredictionsScored{score})---------> Scored{score}                              [Publish]
+//!                                                  | Published, for an audit run (never on the leaderboard)
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
@@ -100,7 +101,7 @@ pub enum RunState {
         /// The score.
         score: Score,
     },
-    /// The score is on the leaderboard.
+    /// The score is final: on the leaderboard (an audit run's only in its audit).
     Published {
         /// The attempt that produced the predictions.
         attempt: Attempt,
@@ -493,7 +494,7 @@ pub enum Event {
         /// Which rule, and where.
         reason: Detail,
     },
-    /// The score is on the leaderboard.
+    /// The score is final: on the leaderboard (an audit run's only in its audit).
     Published {
         /// The attempt that produced the predictions.
         attempt: Attempt,
@@ -930,6 +931,10 @@ impl Step<'_> {
 
     fn scored(&self, attempt: Attempt, score: Score) -> Transition {
         match &self.status().state {
+            // An audit's score is compared with its original's, never published.
+            RunState::Predicted { attempt: current, .. } if *current == attempt && self.run.spec.audit.is_some() => {
+                self.apply(RunState::Published { attempt, score }, |_| ())
+            }
             RunState::Predicted { attempt: current, .. } if *current == attempt => {
                 self.apply(RunState::Scored { attempt, score }, |_| ())
             }
@@ -1275,6 +1280,23 @@ mod tests {
             Event::JobWaiting { attempt: Attempt(1), job: job("other"), status: Detail::new("RUNNABLE"), reason: None };
         assert_eq!(h.feed(stray).disposition, Disposition::Ignored(IgnoreReason::NotAwaited));
         assert!(matches!(h.state(), RunState::Running { .. }));
+    }
+
+    #[test]
+    fn an_audit_run_is_scored_but_never_published() {
+        let mut h = Harness::new(false);
+        h.run.spec = h.run.spec.audit(2, Timestamp(5)).unwrap();
+        assert_eq!(h.run.spec.run.as_str(), "sub-audit2-public");
+        assert_eq!(h.run.spec.expected_run().unwrap(), h.run.spec.run);
+        h.feed(Event::Admitted { start: None });
+        h.launch("j1");
+        h.end(JobOutcome::Succeeded);
+        let score = Score::new(0.3).unwrap();
+        let t = h.answer(Event::PredictionsScored { attempt: Attempt(1), score });
+        assert_eq!(*h.state(), RunState::Published { attempt: Attempt(1), score });
+        assert!(t.commands.is_empty(), "no Publish: {:?}", t.commands);
+        assert!(crate::run::is_audit_name("sub-audit2") && !crate::run::is_audit_name("sub-audit"));
+        assert!(!crate::run::is_audit_name("auditor") && !crate::run::is_audit_name("x-audit2b"));
     }
 
     #[test]

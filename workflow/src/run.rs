@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Attempt, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId};
+use crate::ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId};
 use crate::machine::{Command, Event, JobOutcome, RunState};
 use crate::time::Timestamp;
 
@@ -47,6 +47,32 @@ pub struct RunSpec {
     pub source: SubmissionSource,
     /// When it was submitted; breaks leaderboard ties.
     pub submitted_at: Timestamp,
+    /// Set for an audit run (`evalflow reproduce`): the published run it
+    /// re-runs. Its score never reaches the leaderboard.
+    pub audit: Option<Audit>,
+}
+
+/// What an audit run re-runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audit {
+    /// The published run it re-runs.
+    pub of: RunId,
+    /// Which audit of it, from 1.
+    pub number: u32,
+}
+
+/// The suffix of an audit run's submission part: `<submission>-audit<n>-<stage>`.
+pub const AUDIT_SUFFIX: &str = "-audit";
+
+/// Whether `id` ends as audit runs are named (`-audit<n>`): such ids are
+/// evalflow's, not a team's.
+pub fn is_audit_name(id: &str) -> bool {
+    id.rsplit_once(AUDIT_SUFFIX).is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The name of the `number`-th audit run of `submission` on `stage`.
+fn audit_run(submission: &SubmissionId, stage: Stage, number: u32) -> Result<RunId, IdError> {
+    Ok(RunId::new(&SubmissionId::new(format!("{submission}{AUDIT_SUFFIX}{number}"))?, stage))
 }
 
 impl RunSpec {
@@ -59,7 +85,38 @@ impl RunSpec {
         source: SubmissionSource,
         submitted_at: Timestamp,
     ) -> RunSpec {
-        RunSpec { run: RunId::new(&submission, stage), submission, team, stage, cpu_only, source, submitted_at }
+        RunSpec {
+            run: RunId::new(&submission, stage),
+            submission,
+            team,
+            stage,
+            cpu_only,
+            source,
+            submitted_at,
+            audit: None,
+        }
+    }
+
+    /// The `number`-th audit run of `self`, a published run: the same code
+    /// on the same stage, named `<submission>-audit<number>-<stage>`.
+    pub fn audit(&self, number: u32, now: Timestamp) -> Result<RunSpec, IdError> {
+        Ok(RunSpec {
+            run: audit_run(&self.submission, self.stage, number)?,
+            submitted_at: now,
+            audit: Some(Audit { of: self.run.clone(), number }),
+            ..self.clone()
+        })
+    }
+
+    /// The name this spec's run must have: `<submission>-<stage>`, or an audit's name.
+    pub fn expected_run(&self) -> Result<RunId, IdError> {
+        match &self.audit {
+            None => Ok(RunId::new(&self.submission, self.stage)),
+            Some(audit) if audit.of == RunId::new(&self.submission, self.stage) => {
+                audit_run(&self.submission, self.stage, audit.number)
+            }
+            Some(audit) => Err(IdError::BadRunId { value: audit.of.to_string() }),
+        }
     }
 
     /// Whether `other` submits the same thing (the submission time aside), so

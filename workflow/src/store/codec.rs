@@ -27,9 +27,9 @@ impl Record for HistoryEntry {
 
 impl Record for RunSpec {
     fn validate(&self) -> Result<(), String> {
-        match crate::ids::RunId::new(&self.submission, self.stage) == self.run {
-            true => Ok(()),
-            false => Err(format!("run id {} does not match its submission and stage", self.run)),
+        match self.expected_run() {
+            Ok(run) if run == self.run => Ok(()),
+            _ => Err(format!("run id {} does not match its submission and stage (and audit)", self.run)),
         }
     }
 }
