@@ -41,6 +41,13 @@ pub fn status(view: &StatusView) {
     }
     table.add_row(vec![Cell::new("total"), right(view.total)]);
     println!("{table}");
+    for stage in &view.stage_problems {
+        println!(
+            "stage {} is not ready, so none of its runs launches until it is (the engine looks again every few \
+             seconds): {}",
+            stage.stage, stage.problem
+        );
+    }
     let queued = view.counts.get(&StateTag::Queued).copied().unwrap_or(0);
     if queued > 0 && view.active >= view.max_active {
         println!(

@@ -164,7 +164,7 @@ fn a_stage_whose_labels_and_test_set_disagree_is_refused_before_any_job_runs() {
     let cases = [
         ("filename,label\na.txt,1\n", Some("b.txt"), "1 of the 2 test files have no label, for example \"b.txt\""),
         ("filename,label\na.txt,1\nz.txt,0\n", None, "1 labelled files are not in the test set"),
-        ("filename,label\na.txt,2\n", None, "label Some(\"2\") is not 0 or 1"),
+        ("filename,label\na.txt,2\n", None, "label \"2\" is not 0 or 1"),
         ("file,label\na.txt,1\n", None, "the header must be filename,label"),
         ("filename,label\na.txt,1\na.txt,0\n", None, "\"a.txt\" is labelled twice"),
     ];

@@ -9,7 +9,7 @@ use std::time::Duration;
 use evalflow_tests::cli::{Cli, competition, wait_until};
 use evalflow_worker::lock::EngineInfo;
 use evalflow_worker::views::{RunView, StatusView};
-use evalflow_workflow::StateTag;
+use evalflow_workflow::{Stage, StateTag};
 
 fn submission(root: &Path, id: &str, command: &str, program: &str) -> String {
     let dir = root.join(id);
@@ -150,4 +150,38 @@ fn a_run_waiting_for_a_launch_slot_says_so() {
     cli.ok(&["cancel", "--state", "queued"]);
     cli.ok(&["cancel", "--state", "running"]);
     assert!(!sleeping("7781") && !sleeping("7782") && !sleeping("7783"));
+}
+
+#[test]
+fn a_stage_whose_labels_disagree_launches_nothing_until_they_are_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("competition"));
+    let subs = dir.path().join("subs");
+    let program = format!("import os\n{WRITE_HALVES}\nwrite_halves()\n");
+    let path = submission(&subs, "early", "[\"python3\", \"main.py\"]", &program);
+    cli.ok(&["submit", "--id", "early", "--team", "early", &path]);
+    let labels = cli.data_dir.join("data/public/labels.csv");
+    let good = fs::read_to_string(&labels).unwrap();
+    fs::write(&labels, good.replace("f3.txt,1", "f3.txt,2")).unwrap();
+
+    let _serve = cli.spawn(&["serve"]);
+    let info_path = cli.data_dir.join("state/engine.json");
+    wait_until("the engine announces its API", Duration::from_secs(30), || info_path.exists());
+    let status: StatusView = cli.json(&["status", "--json"]);
+    let problem = status.stage_problems.iter().find(|p| p.stage == Stage::Public).unwrap();
+    assert!(problem.problem.ends_with("line 5: label \"2\" is not 0 or 1"), "what is wrong, and where: {problem:?}");
+    let said = cli.ok(&["status"]);
+    assert!(said.contains("stage public is not ready, so none of its runs launches until it is"), "{said}");
+    std::thread::sleep(Duration::from_secs(2));
+    let early = run_view(&cli, "early-public");
+    assert_eq!(early.state, StateTag::Queued, "nothing launches that could only fail: {early:?}");
+    assert!(early.waiting.as_deref().unwrap().starts_with("waiting for stage public to be ready: "), "{early:?}");
+    assert_eq!(early.attempts, 0);
+
+    fs::write(&labels, good).unwrap();
+    wait_until("the fixed stage's run is published", Duration::from_secs(60), || {
+        run_view(&cli, "early-public").state == StateTag::Published
+    });
+    let status: StatusView = cli.json(&["status", "--json"]);
+    assert!(status.stage_problems.iter().all(|p| p.stage != Stage::Public), "{status:?}");
 }

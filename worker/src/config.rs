@@ -29,6 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use evalflow_activities::artifacts::check_stage_files;
 use evalflow_activities::causes::{SignatureConfig, SignatureError, Signatures};
 use evalflow_activities::local::job::Limits;
 use evalflow_workflow::{Policy, PolicyConfig, PolicyError, Stage};
@@ -507,6 +508,20 @@ impl Config {
         }
         let ConfigFile { competition, local, causes, api, reproduce, aws, .. } = file;
         Ok(Config { data_dir, competition, stages, policy, local, causes, api, reproduce, aws })
+    }
+
+    /// The stages whose test set and labels do not agree (a bad header,
+    /// duplicate names, values other than 0 and 1, labels of files not in
+    /// the test set, an empty test set), with what is wrong: the
+    /// organizer's to fix, and no run of theirs should launch meanwhile.
+    /// On AWS the files are in S3 and are checked when scored.
+    pub fn stage_problems(&self) -> BTreeMap<Stage, String> {
+        if self.aws.is_some() {
+            return BTreeMap::new();
+        }
+        let checked =
+            self.stages.iter().map(|(stage, files)| (*stage, check_stage_files(&files.test_set, &files.labels)));
+        checked.filter_map(|(stage, checked)| Some((stage, checked.err()?))).collect()
     }
 
     /// The log signatures: the built-in ones, then the organizer's (checked when loaded).

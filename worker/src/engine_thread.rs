@@ -9,12 +9,12 @@
 //! its `not_before` and dropped if the run moved on meanwhile (a cancel), and
 //! a command owed for too long is sent again. A [`tick`] loop wakes it for both.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use evalflow_activities::RunningJob;
 use evalflow_workflow::{
-    Attempt, Command, Dispatch, Engine, EngineError, Input, Outcome, Run, RunId, RunState, SledStore, StateTag,
+    Attempt, Command, Dispatch, Engine, EngineError, Input, Outcome, Run, RunId, RunState, SledStore, Stage, StateTag,
     Timestamp, WorkflowStore,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +33,7 @@ enum Request {
     Apply { inputs: Vec<Input>, reply: Option<oneshot::Sender<Vec<Outcome>>> },
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
     Live { reply: oneshot::Sender<LiveCounts> },
+    HoldStages { stages: BTreeSet<Stage> },
     Tick,
 }
 
@@ -84,6 +85,12 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         self.tx.send(Request::Running { reply }).await.map_err(|_| EngineStopped)?;
         answer.await.map_err(|_| EngineStopped)
+    }
+
+    /// Admits no queued run of `stages` from now on (and again those of
+    /// every other stage).
+    pub async fn hold_stages(&self, stages: BTreeSet<Stage>) -> Result<(), EngineStopped> {
+        self.tx.send(Request::HoldStages { stages }).await.map_err(|_| EngineStopped)
     }
 
     /// How many runs are live and active.
@@ -233,6 +240,8 @@ fn run(
                     inputs.extend(more);
                     replies.push((reply, start..inputs.len()));
                 }
+                // Before this group's admissions.
+                Request::HoldStages { stages } => engine.hold_stages(stages),
                 question => questions.push(question),
             }
         }
@@ -273,7 +282,7 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let (live, active) = engine.live_counts();
             let _ = reply.send(LiveCounts { live, active });
         }
-        Request::Apply { .. } | Request::Tick => unreachable!("handled by the loop"),
+        Request::Apply { .. } | Request::HoldStages { .. } | Request::Tick => unreachable!("handled by the loop"),
     }
     Ok(())
 }

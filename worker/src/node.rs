@@ -37,8 +37,8 @@ use crate::local_worker;
 use crate::lock::DataDirLock;
 use crate::sqs::Queues;
 use crate::views::{
-    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StatusView, Wait, WaitingView,
-    waiting,
+    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StageProblem, StatusView, Wait,
+    WaitingView, waiting,
 };
 use crate::watcher::{self, Watch};
 
@@ -206,6 +206,34 @@ impl Setup {
     }
 }
 
+/// How often the engine looks again at stages whose files did not agree.
+const STAGE_WATCH: Duration = Duration::from_secs(5);
+
+/// Looks at the stages' test sets and labels every [`STAGE_WATCH`] until
+/// `shutdown`, and holds the queued runs of those that do not agree, so
+/// that an organizer's fix is taken up without a restart.
+async fn watch_stages(config: Arc<Config>, engine: EngineHandle, shutdown: CancellationToken) {
+    let mut held = config.stage_problems();
+    loop {
+        tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
+        let checked = config.clone();
+        let Ok(problems) = tokio::task::spawn_blocking(move || checked.stage_problems()).await else { return };
+        if problems == held {
+            continue;
+        }
+        for stage in held.keys().filter(|s| !problems.contains_key(s)) {
+            tracing::info!("stage {stage} is ready: its runs launch");
+        }
+        for (stage, problem) in problems.iter().filter(|(s, p)| held.get(s) != Some(p)) {
+            tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
+        }
+        if engine.hold_stages(problems.keys().copied().collect()).await.is_err() {
+            return;
+        }
+        held = problems;
+    }
+}
+
 /// The competition's artifacts (predictions, labels, results), as its
 /// workers reach them: the data directory, or S3.
 pub async fn artifacts(config: &Config) -> Result<Arc<dyn ArtifactStore>, NodeError> {
@@ -248,7 +276,14 @@ impl Node {
             Mode::Engine => setup.max_active,
             Mode::Direct => 0,
         };
-        let (engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        let (mut engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        if options.mode == Mode::Engine {
+            let problems = config.stage_problems();
+            for (stage, problem) in &problems {
+                tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
+            }
+            engine.hold_stages(problems.into_keys().collect());
+        }
         let activities = Arc::new(Activities {
             runner: setup.runner.clone(),
             artifacts: setup.artifacts.clone(),
@@ -289,6 +324,7 @@ impl Node {
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
+            loops.push(tokio::spawn(watch_stages(config.clone(), engine.clone(), shutdown.clone())));
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
         Ok(Node {
@@ -354,6 +390,9 @@ impl Node {
             Some(aws) => (aws.max_active_jobs, Some(aws.flag_waiting_after_secs)),
             None => (self.config.local.max_concurrent_jobs, None), // a local job starts at once
         };
+        let config = self.config.clone();
+        let problems = self.read(move |_| Ok(config.stage_problems())).await?;
+        let stage_problems = problems.into_iter().map(|(stage, problem)| StageProblem { stage, problem }).collect();
         let waiting_long = match flag_after {
             Some(after) => {
                 let running: Vec<RunId> = self.engine.running().await?.into_iter().map(|job| job.run).collect();
@@ -378,13 +417,15 @@ impl Node {
             },
             max_active: max_active as u64,
             waiting_long,
+            stage_problems,
         })
     }
 
     /// The runs, all or those in one state, in id order.
     pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
-        let (policy, billing) = (self.config.policy.clone(), self.billing);
+        let (policy, billing, config) = (self.config.policy.clone(), self.billing, self.config.clone());
         self.read(move |store| {
+            let problems = config.stage_problems();
             let filter = match state {
                 None => RunFilter::All,
                 Some(tag) if tag.is_terminal() => RunFilter::Terminal(tag),
@@ -394,7 +435,11 @@ impl Node {
             for id in all_runs(store, filter)? {
                 let Some(stored) = store.load(&id)? else { continue };
                 if state.is_none_or(|tag| stored.run.status.state.tag() == tag) {
-                    views.push(RunView::new(&stored.run, &policy, billing));
+                    let mut view = RunView::new(&stored.run, &policy, billing);
+                    if let (StateTag::Queued, Some(problem)) = (view.state, problems.get(&view.stage)) {
+                        view.waiting = Some(format!("waiting for stage {} to be ready: {problem}", view.stage));
+                    }
+                    views.push(view);
                 }
             }
             Ok(views)

@@ -350,6 +350,17 @@ pub struct StatusView {
     /// Runs whose job has waited to start longer than `[aws]
     /// flag_waiting_after_secs`, longest first.
     pub waiting_long: Vec<WaitingView>,
+    /// Stages whose test set and labels do not agree: none of their runs launches.
+    pub stage_problems: Vec<StageProblem>,
+}
+
+/// A stage that is not ready: the competition's problem, not a run's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProblem {
+    /// The stage.
+    pub stage: Stage,
+    /// What is wrong with its files, and what to do.
+    pub problem: String,
 }
 
 /// Messages that kept failing, in the dead-letter queues.

@@ -184,6 +184,8 @@ pub struct Engine<S: WorkflowStore> {
     policy: Policy,
     max_active: usize,
     live: LiveSet,
+    /// Stages whose queued runs are not admitted (their files are not ready).
+    held: BTreeSet<Stage>,
 }
 
 impl<S: WorkflowStore> Engine<S> {
@@ -207,7 +209,19 @@ impl<S: WorkflowStore> Engine<S> {
                 command,
             }));
         }
-        Ok((Engine { store, policy, max_active, live }, dispatches))
+        Ok((Engine { store, policy, max_active, live, held: BTreeSet::new() }, dispatches))
+    }
+
+    /// Admits no queued run of `stages` (and again those of every other
+    /// stage): for a stage whose test set and labels do not agree, nothing
+    /// is launched that could only fail.
+    pub fn hold_stages(&mut self, stages: BTreeSet<Stage>) {
+        self.held = stages;
+    }
+
+    /// The stages held.
+    pub fn held_stages(&self) -> &BTreeSet<Stage> {
+        &self.held
     }
 
     /// The store, for reads.
@@ -331,12 +345,19 @@ impl<S: WorkflowStore> Engine<S> {
         if free == 0 {
             return Ok(0);
         }
+        let held = &self.held;
         let queued_here = group
             .runs
             .values()
-            .filter(|w| w.stored.run.status.state.tag() == StateTag::Queued)
+            .filter(|w| w.stored.run.status.state.tag() == StateTag::Queued && !held.contains(&w.stored.run.spec.stage))
             .map(|w| (w.stored.run.spec.submitted_at, w.stored.run.spec.run.clone()));
-        let queued_before = self.live.queue.iter().filter(|(_, run)| !group.runs.contains_key(run)).take(free).cloned();
+        let queued_before = self
+            .live
+            .queue
+            .iter()
+            .filter(|(_, run)| !group.runs.contains_key(run) && !held.contains(&run.parts().1))
+            .take(free)
+            .cloned();
         let mut candidates: Vec<(Timestamp, RunId)> = queued_here.chain(queued_before).collect();
         candidates.sort();
         candidates.truncate(free);
@@ -455,6 +476,29 @@ mod tests {
         assert_eq!(launched(&applied), ["c-public"]);
         assert_eq!(engine.live_counts(), (3, 2));
         assert_eq!(engine.apply(Vec::new(), Timestamp(12)).unwrap().admitted, 0, "no slot is free");
+    }
+
+    #[test]
+    fn a_held_stage_is_not_admitted_until_released() {
+        let mut engine = engine(4);
+        engine.hold_stages([Stage::Private].into());
+        let private = |n: &str, t| {
+            RunSpec::new(
+                SubmissionId::new(n).unwrap(),
+                TeamId::new("t").unwrap(),
+                Stage::Private,
+                false,
+                SubmissionSource::Image { uri: "img".into() },
+                Timestamp(t),
+            )
+        };
+        let inputs = vec![Input::Submit(private("a", 1)), Input::Submit(spec("b", 2)), Input::Submit(private("c", 3))];
+        let applied = engine.apply(inputs, Timestamp(10)).unwrap();
+        assert_eq!(launched(&applied), ["b-public"], "only the stage that is ready");
+        assert_eq!(engine.apply(Vec::new(), Timestamp(11)).unwrap().admitted, 0, "still held");
+        engine.hold_stages(BTreeSet::new());
+        let applied = engine.apply(Vec::new(), Timestamp(12)).unwrap();
+        assert_eq!(launched(&applied), ["a-private", "c-private"], "released, oldest first");
     }
 
     #[test]
