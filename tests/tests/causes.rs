@@ -29,21 +29,59 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         "XlaRuntimeError",
         "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.",
     );
+    let tensorflow = dies_on_g4(
+        "tensorflow.python.framework.errors_impl",
+        "ResourceExhaustedError",
+        "OOM when allocating tensor with shape[64,256,56,56] and type float on \
+         /job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc",
+    );
+    let onnx = dies_on_g4(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "RuntimeException",
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. \
+         Name:'/conv1/Conv' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* \
+         onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, \
+         onnxruntime::WaitNotificationFn) Failed to allocate memory for requested buffer of size 1073741824",
+    );
+    let rapids = dies_on_g4(
+        "builtins",
+        "MemoryError",
+        "std::bad_alloc: out_of_memory: CUDA error at: /opt/conda/include/rmm/mr/device/cuda_memory_resource.hpp:60: \
+         cudaErrorMemoryAllocation out of memory",
+    );
+    let dataloader = dies_on_g4(
+        "builtins",
+        "RuntimeError",
+        "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's workers are \
+         out of shared memory. Please try to raise your shared memory limit.",
+    );
     let mention = "print('W bfc_allocator.cc:290] Allocator (GPU_0_bfc) ran out of memory trying to allocate 2.25GiB', \
                    file=sys.stderr)\nraise ValueError('could not broadcast input array')";
-    for (id, program) in [("torch", torch.as_str()), ("jax", jax.as_str()), ("mention", mention)] {
+    let frameworks = [
+        ("torch", torch.as_str(), "pytorch-oom"),
+        ("jax", jax.as_str(), "jax-oom"),
+        ("tensorflow", tensorflow.as_str(), "tensorflow-oom"),
+        ("onnx", onnx.as_str(), "onnxruntime-bfc-arena"),
+        ("rapids", rapids.as_str(), "rapids-oom"),
+        ("dataloader", dataloader.as_str(), "dataloader-shm"),
+    ];
+    for (id, program, _) in frameworks {
         submit(&cli, &subs, id, program);
     }
-    wait_ended(&cli, &["torch", "jax", "mention"], Duration::from_secs(120));
-    for id in ["torch", "jax"] {
+    submit(&cli, &subs, "mention", mention);
+    let ids: Vec<&str> = frameworks.iter().map(|(id, ..)| *id).chain(["mention"]).collect();
+    wait_ended(&cli, &ids, Duration::from_secs(180));
+    for (id, _, rule) in frameworks {
         let run = run_view(&cli, id);
         assert_eq!((run.state, run.attempts), (StateTag::Published, 2), "{id}: {run:?}");
         assert_eq!(run.profile.as_ref().map(|p| p.as_str()), Some("p3"), "{id}");
         let first = &run.attempt_details[0];
         assert_eq!((first.profile.as_str(), first.exit_code), ("g4", Some(1)), "{id}: {first:?}");
+        assert_eq!(first.rule.as_deref(), Some(rule), "{id}: {first:?}");
         assert!(first.cost_usd > 0.0, "{id}: the failed attempt is paid for");
         let history = cli.ok(&["history", &format!("{id}-public")]);
-        assert!(history.contains("attempt 1: out of GPU memory on g4: "), "{id}: {history}");
+        let ran_out = if id == "dataloader" { "host memory" } else { "GPU memory" };
+        assert!(history.contains(&format!("attempt 1: out of {ran_out} on g4: ")), "{id}: {history}");
     }
     let torch = run_view(&cli, "torch");
     let first = &torch.attempt_details[0];

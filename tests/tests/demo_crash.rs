@@ -44,10 +44,13 @@ fn the_demo_killed_at_random_points_ends_as_an_uninterrupted_one() {
     let cli = Cli::new(dir.path().join("killed"));
     let mut kills = 0;
     let started = Instant::now();
+    let log = dir.path().join("demo.log");
     while kills < KILLS {
-        let mut demo = cli.spawn(&["demo"]);
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..900)));
-        if demo.try_wait().unwrap().is_some() {
+        let mut demo = cli.spawn_logged(&["demo"], &log);
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..450)));
+        if let Some(status) = demo.try_wait().unwrap() {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(status.success(), "the demo failed after {kills} kills ({status}):\n{said}");
             break; // it finished between two kills
         }
         demo.kill().unwrap(); // SIGKILL
