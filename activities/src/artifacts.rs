@@ -66,7 +66,9 @@ impl Labels {
             let fake = match record.get(1) {
                 Some("1") => true,
                 Some("0") => false,
-                Some(other) => return Err(bad(line, format!("label {other:?} is not 0 or 1"))),
+                Some(other) => {
+                    return Err(bad(line, format!("label {other:?} is not 0 or 1 (1 for FAKE, 0 for REAL)")));
+                }
                 None => return Err(bad(line, "no label: write filename,label with a label of 0 or 1".into())),
             };
             let file = record.get(0).unwrap_or_default().to_owned();

@@ -107,7 +107,8 @@ pub struct EndedJob {
     pub evidence: Evidence,
 }
 
-/// A job believed running that has not started yet.
+/// A job believed running, with the status its runner gives it before it
+/// ends: not started yet (and why), or started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitingJob {
     /// Which job.
@@ -123,7 +124,7 @@ pub struct WaitingJob {
 pub struct Checked {
     /// The jobs that ended.
     pub ended: Vec<EndedJob>,
-    /// The jobs that have not started yet, and why.
+    /// The jobs that have not ended: whether they started, and if not, why.
     pub waiting: Vec<WaitingJob>,
 }
 

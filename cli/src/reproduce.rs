@@ -147,10 +147,19 @@ async fn report(config: &Config, runs: &BTreeMap<RunId, RunView>, audited: &[Run
                     }
                 }
             }
-            // The original ran to a score; its audit did not.
+            // The original ran to a score; its audit did not, by the code's own
+            // doing (a crash, an OOM ...), or for the infrastructure's (not judged).
             StateTag::Failed => {
-                view.verdict = "not_reproduced".into();
-                view.note = format!("the audit failed: {}", audit.reason.as_deref().unwrap_or("no reason"));
+                let infrastructure = matches!(
+                    audit.failure.as_deref(),
+                    Some("interrupted" | "activity_failed" | "attempts_exhausted" | "no_eligible_profile")
+                );
+                view.verdict = if infrastructure { "failed" } else { "not_reproduced" }.into();
+                let reason = audit.reason.as_deref().unwrap_or("no reason");
+                view.note = match infrastructure {
+                    true => format!("the audit could not run to its end: {reason}: `evalflow retry` runs it again"),
+                    false => format!("the audit failed: {reason}"),
+                };
             }
             StateTag::Cancelled => {
                 view.verdict = "cancelled".into();

@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::post;
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
 use evalflow_activities::aws::logs::BatchLogs;
@@ -45,11 +47,17 @@ fn described() -> String {
 async fn a_job_short_of_capacity_waits_and_one_that_can_never_be_placed_fails() {
     let terminated = Arc::new(Mutex::new(Vec::<String>::new()));
     let recorded = terminated.clone();
+    // The first TerminateJob is refused, as with an engine role that may not call it.
     let app = Router::new().route("/v1/describejobs", post(|| async { described() })).route(
         "/v1/terminatejob",
         post(move |body: String| async move {
-            recorded.lock().unwrap().push(body);
-            "{}"
+            let mut calls = recorded.lock().unwrap();
+            calls.push(body);
+            if calls.len() == 1 {
+                let denied = [("x-amzn-ErrorType", "AccessDeniedException")];
+                return (StatusCode::FORBIDDEN, denied, r#"{"message":"not authorized"}"#).into_response();
+            }
+            (StatusCode::OK, "{}").into_response()
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -75,17 +83,22 @@ async fn a_job_short_of_capacity_waits_and_one_that_can_never_be_placed_fails() 
         job: JobId::new(id).unwrap(),
         since: Timestamp::now(),
     };
-    let checked = runner.check(&[running("waits"), running("never"), running("starts")]).await.unwrap();
+    let jobs = [running("waits"), running("never"), running("starts")];
+    let refused = runner.check(&jobs).await.unwrap();
+    assert!(refused.ended.is_empty(), "not stopped, so not ended: {refused:?}");
+    assert_eq!(refused.waiting.len(), 2, "and the other jobs' checks go on: {refused:?}");
+    let checked = runner.check(&jobs).await.unwrap();
 
     let waiting: Vec<(&str, &str, Option<&str>)> =
         checked.waiting.iter().map(|w| (w.job.job.as_str(), w.status.as_str(), w.reason.as_deref())).collect();
     assert_eq!(waiting, [("waits", "RUNNABLE", Some(CAPACITY)), ("starts", "STARTING", None)]);
+    assert!(checked.waiting.iter().all(|w| w.job.job.as_str() != "never"));
     let [never] = checked.ended.as_slice() else { panic!("one job ended: {:?}", checked.ended) };
     assert_eq!(never.job.job.as_str(), "never");
     let JobOutcome::CannotStart { detail } = &never.outcome else { panic!("{:?}", never.outcome) };
     assert_eq!(detail.as_str(), format!("AWS Batch cannot place it: {NEVER}"));
     assert_eq!(never.evidence.rule.as_ref().map(|r| r.as_str()), Some("batch:MISCONFIGURATION"));
     let terminated = terminated.lock().unwrap().clone();
-    assert_eq!(terminated.len(), 1, "the unplaceable job is stopped: {terminated:?}");
-    assert!(terminated[0].contains("\"jobId\":\"never\""), "{terminated:?}");
+    assert_eq!(terminated.len(), 2, "the unplaceable job is stopped, the second time: {terminated:?}");
+    assert!(terminated[1].contains("\"jobId\":\"never\""), "{terminated:?}");
 }

@@ -147,6 +147,11 @@ fn runnable_event(run: &str, attempt: u32) -> String {
     .to_string()
 }
 
+/// The EventBridge event Batch sends when `run`'s `attempt` starts.
+fn started_event(run: &str, attempt: u32) -> String {
+    runnable_event(run, attempt).replace("\"RUNNABLE\"", "\"RUNNING\"").replace(CAPACITY, "")
+}
+
 /// The EventBridge event Batch sends when `job` of `run`'s `attempt` stops.
 fn batch_event(run: &str, attempt: u32, status: &str, exit_code: i32, stream: &str) -> String {
     serde_json::json!({
@@ -238,6 +243,10 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     let view = node.run(&run).await.unwrap();
     assert!(view.waiting.as_deref().unwrap().starts_with("RUNNABLE for "), "{view:?}");
     assert!(view.waiting.as_deref().unwrap().ends_with(CAPACITY), "{view:?}");
+    // Then it starts: the wait is over, and no longer flagged.
+    send(started_event("gpu-public", 1)).await;
+    wait_for("the start is noted", async || node.run(&run).await.unwrap().waiting.is_none()).await;
+    assert!(node.status().await.unwrap().waiting_long.is_empty(), "a running job is not flagged as waiting");
     send(batch_event("gpu-public", 1, "FAILED", 1, &stream)).await;
     wait_for("attempt 2 runs", async || {
         let view = node.run(&run).await.unwrap();
@@ -261,6 +270,7 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     let noted = history.iter().find(|e| e.event == "job_waiting").unwrap();
     assert_eq!((noted.disposition.as_str(), noted.state), ("noted", StateTag::Running));
     assert_eq!(noted.detail, format!("attempt 1: RUNNABLE: {CAPACITY}"));
+    assert!(history.iter().any(|e| e.event == "job_waiting" && e.detail == "attempt 1: RUNNING"), "{history:?}");
 
     stop.cancel();
     worker.await.unwrap();

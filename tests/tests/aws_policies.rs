@@ -157,3 +157,16 @@ fn the_engine_reads_only_batchs_job_logs() {
     let group = format!("log-group:{}:log-stream:*", evalflow_activities::aws::logs::LOG_GROUP);
     assert!(read.resources.iter().all(|r| r.ends_with(&group)), "only Batch's group: {:?}", read.resources);
 }
+
+#[test]
+fn the_engine_may_stop_a_job_it_finds_unplaceable() {
+    let engine = policy("engine-policy.json");
+    let allowed = statements(&engine, "Allow");
+    for action in ["batch:DescribeJobs", "batch:TerminateJob"] {
+        assert!(allowed.iter().any(|s| s.actions.iter().any(|a| covers(a, action))), "the reconciler needs {action}");
+    }
+    assert!(
+        !allowed.iter().any(|s| s.actions.iter().any(|a| covers(a, "batch:SubmitJob"))),
+        "the engine launches nothing"
+    );
+}

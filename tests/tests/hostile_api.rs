@@ -197,6 +197,8 @@ fn a_submit_takes_only_what_was_prepared_in_the_data_directory() {
     forgeries.push(("a date an hour ahead", future, "ahead of this engine's clock"));
     let other = prepared(&engine.cli, "other", &submission(&subs, "other"));
     forgeries.push(("another submission's directory", RunSpec { source: other.source, ..genuine.clone() }, "not"));
+    let audit = genuine.audit(1, Timestamp::now()).unwrap();
+    forgeries.push(("an audit of a run never published", audit, "it audits genuine-public, which does not exist"));
     for (what, forged, problem) in forgeries {
         // With a genuine spec in the batch: the whole batch is refused.
         let answer = engine.submit(&[genuine.clone(), forged]);

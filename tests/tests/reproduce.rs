@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use evalflow_tests::local::{competition, run_view, runs, serve, submit, wait_ended};
+use evalflow_tests::local::{competition, runs, serve, submit, wait_ended};
 use evalflow_worker::views::{EventView, ReproduceView, RunView};
 use evalflow_workflow::StateTag;
 
@@ -44,11 +44,14 @@ fn audits_reproduce_a_deterministic_run_and_not_a_random_one() {
     let events: Vec<&str> = history.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(events.last(), Some(&"predictions_scored"), "scored, then done: never published: {events:?}");
 
-    // Again: the audits are reported, none is launched twice.
+    // Again, for all audits and for one run by name: reported, nothing launched again.
     let again: ReproduceView = cli.json(&["reproduce", "--json"]);
     assert_eq!(again.audits.len(), 2);
-    assert_eq!(run_view(&cli, "steady").attempts, 1);
-    assert!(runs(&cli).iter().all(|r| !r.id.as_str().contains("audit2")), "no second audit");
+    let named: ReproduceView = cli.json(&["reproduce", "steady-public", "--json"]);
+    assert_eq!((named.audits.len(), named.audits[0].verdict.as_str()), (1, "reproduced"));
+    let audits: Vec<RunView> = runs(&cli).into_iter().filter(|r| r.audit_of.is_some()).collect();
+    assert_eq!(audits.len(), 2, "one audit per original: {audits:?}");
+    assert!(audits.iter().all(|a| a.attempts == 1), "each audit ran once: {audits:?}");
 
     // The audit names are evalflow's, and an unpublished run is refused with the reason.
     let taken = subs.join("steady");

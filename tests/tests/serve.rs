@@ -169,7 +169,10 @@ fn a_stage_whose_labels_disagree_launches_nothing_until_they_are_fixed() {
     wait_until("the engine announces its API", Duration::from_secs(30), || info_path.exists());
     let status: StatusView = cli.json(&["status", "--json"]);
     let problem = status.stage_problems.iter().find(|p| p.stage == Stage::Public).unwrap();
-    assert!(problem.problem.ends_with("line 5: label \"2\" is not 0 or 1"), "what is wrong, and where: {problem:?}");
+    assert!(
+        problem.problem.ends_with("line 5: label \"2\" is not 0 or 1 (1 for FAKE, 0 for REAL)"),
+        "what is wrong, and where: {problem:?}"
+    );
     let said = cli.ok(&["status"]);
     assert!(said.contains("stage public is not ready, so none of its runs launches until it is"), "{said}");
     std::thread::sleep(Duration::from_secs(2));

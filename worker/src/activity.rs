@@ -73,6 +73,10 @@ impl Activities {
                     }
                 }
             }
+            Command::Publish { .. } if spec.audit.is_some() => {
+                // The machine never asks it; a second lock behind it.
+                return Err(ActivityError::Permanent(format!("{} is an audit run: it is never published", spec.run)));
+            }
             Command::Publish { attempt, score } => {
                 let result = PublishedResult {
                     run: spec.run.clone(),

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use evalflow_activities::aws::batch::{BatchRunner, BatchSettings};
+use evalflow_activities::aws::classify::STARTED;
 use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::outputs::{OutputKey, OutputKeyError};
 use evalflow_activities::aws::requests::RequestCounter;
@@ -185,7 +186,7 @@ pub async fn consume_events(queues: Arc<Queues>, logs: BatchLogs, engine: Engine
                     inputs.extend(carried);
                     done.push(message.receipt);
                 }
-                Ok(Carried::Batch { run, attempt, job, detail }) if detail.waiting() => {
+                Ok(Carried::Batch { run, attempt, job, detail }) if detail.waiting() || detail.status == STARTED => {
                     inputs.push(job_waiting(run, attempt, job, &detail));
                     done.push(message.receipt);
                 }

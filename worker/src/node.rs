@@ -8,6 +8,7 @@
 //! engine runs: it starts no job, and carries out only the commands its own
 //! requests cause (a cancel's termination, a resumed scoring), before it returns.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,8 +213,12 @@ const STAGE_WATCH: Duration = Duration::from_secs(5);
 /// Looks at the stages' test sets and labels every [`STAGE_WATCH`] until
 /// `shutdown`, and holds the queued runs of those that do not agree, so
 /// that an organizer's fix is taken up without a restart.
-async fn watch_stages(config: Arc<Config>, engine: EngineHandle, shutdown: CancellationToken) {
-    let mut held = config.stage_problems();
+async fn watch_stages(
+    config: Arc<Config>,
+    mut held: BTreeMap<Stage, String>,
+    engine: EngineHandle,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
         let checked = config.clone();
@@ -277,13 +282,14 @@ impl Node {
             Mode::Direct => 0,
         };
         let (mut engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
-        if options.mode == Mode::Engine {
-            let problems = config.stage_problems();
-            for (stage, problem) in &problems {
-                tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
-            }
-            engine.hold_stages(problems.into_keys().collect());
+        let held = match options.mode {
+            Mode::Engine => config.stage_problems(),
+            Mode::Direct => BTreeMap::new(),
+        };
+        for (stage, problem) in &held {
+            tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
         }
+        engine.hold_stages(held.keys().copied().collect());
         let activities = Arc::new(Activities {
             runner: setup.runner.clone(),
             artifacts: setup.artifacts.clone(),
@@ -324,7 +330,7 @@ impl Node {
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
-            loops.push(tokio::spawn(watch_stages(config.clone(), engine.clone(), shutdown.clone())));
+            loops.push(tokio::spawn(watch_stages(config.clone(), held, engine.clone(), shutdown.clone())));
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
         Ok(Node {
@@ -507,9 +513,13 @@ impl Node {
     pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>, ControlError> {
         let (config, now) = (self.config.clone(), Timestamp::now());
         let specs = self
-            .read(move |_| match crate::submit::check_specs(&config, &specs, now) {
-                Ok(()) => Ok(specs),
-                Err(refused) => Err(ControlError::BadRequest(refused.to_string())),
+            .read(move |store| {
+                let checked = crate::submit::check_specs(&config, &specs, now)
+                    .and_then(|()| crate::submit::check_audits(store, &specs));
+                match checked {
+                    Ok(()) => Ok(specs),
+                    Err(refused) => Err(ControlError::BadRequest(refused.to_string())),
+                }
             })
             .await?;
         let mut views = Vec::with_capacity(specs.len());

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use evalflow_activities::artifacts::check_stage_files;
 use evalflow_activities::fsutil::{copy_dir, dir_digest};
 use evalflow_activities::submission::Manifest;
-use evalflow_workflow::{RunId, RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp, is_audit_name};
+use evalflow_workflow::{
+    RunId, RunSpec, Stage, StateTag, SubmissionId, SubmissionSource, TeamId, Timestamp, WorkflowStore, is_audit_name,
+};
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -312,6 +314,32 @@ pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result
             )));
         }
         digests.insert(path, found);
+    }
+    Ok(())
+}
+
+/// Checks audit run specs against the store: each re-runs a published run,
+/// not an audit itself, with exactly its code, team, stage and ladder.
+pub fn check_audits(store: &impl WorkflowStore, specs: &[RunSpec]) -> Result<(), SubmitError> {
+    for spec in specs {
+        let Some(audit) = &spec.audit else { continue };
+        let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
+        let stored = store.load(&audit.of).map_err(|e| refused(format!("its original cannot be read: {e}")))?;
+        let Some(original) = stored.map(|s| s.run) else {
+            return Err(refused(format!("it audits {}, which does not exist", audit.of)));
+        };
+        if original.status.state.tag() != StateTag::Published || original.spec.audit.is_some() {
+            return Err(refused(format!("it audits {}, which is not a published run", audit.of)));
+        }
+        let same = RunSpec {
+            run: original.spec.run.clone(),
+            submitted_at: original.spec.submitted_at,
+            audit: None,
+            ..spec.clone()
+        };
+        if same != original.spec {
+            return Err(refused(format!("it is not the code, team, stage and ladder of {}", audit.of)));
+        }
     }
     Ok(())
 }

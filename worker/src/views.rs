@@ -133,7 +133,7 @@ pub fn waiting(status: &RunStatus, now: Timestamp) -> Option<Wait> {
         }
         RunState::Running { attempt, .. } => {
             let record = status.attempt(*attempt)?;
-            let wait = record.waiting.as_ref()?;
+            let wait = record.waiting.as_ref().filter(|w| w.waits())?;
             Some(Wait::Start {
                 status: wait.status.to_string(),
                 reason: wait.reason.as_ref().map(ToString::to_string),
@@ -422,8 +422,9 @@ pub struct AuditView {
     pub rows: Option<usize>,
     /// The largest difference between the two predictions of one test file.
     pub max_abs_difference: Option<f64>,
-    /// `reproduced`, `not_reproduced` (too different, or the audit failed),
-    /// `pending` (not ended yet), `cancelled`, or `failed` (the predictions cannot be compared).
+    /// `reproduced`, `not_reproduced` (too different, or the audit's code
+    /// failed), `pending` (not ended yet), `cancelled`, or `failed` (the
+    /// infrastructure failed it, or the predictions cannot be compared: not judged).
     pub verdict: String,
     /// What the verdict rests on, in words.
     pub note: String,

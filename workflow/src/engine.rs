@@ -16,10 +16,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::ids::{RunId, Stage};
+use crate::ids::{RunId, Stage, SubmissionId};
 use crate::machine::{Command, Event, LearnedStart, TransitionError, learned_start, step};
 use crate::policy::Policy;
-use crate::run::{Disposition, Envelope, HistoryEntry, Run, RunSpec, RunStatus, StateTag};
+use crate::run::{AUDIT_SUFFIX, Disposition, Envelope, HistoryEntry, Run, RunSpec, RunStatus, StateTag, is_audit_name};
 use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, WorkflowStore};
 use crate::time::Timestamp;
 
@@ -375,7 +375,15 @@ impl<S: WorkflowStore> Engine<S> {
     /// other stages ([`learned_start`]), as this group leaves them.
     fn learned_start(&self, group: &Group, run: &RunId) -> Result<Option<LearnedStart>, EngineError> {
         let (submission, stage) = run.parts();
-        for other in Stage::ALL.into_iter().filter(|s| *s != stage) {
+        // An audit learns from its original's stage too: `<submission>-audit<n>-<stage>`.
+        let original = (submission.as_str().rsplit_once(AUDIT_SUFFIX))
+            .filter(|_| is_audit_name(submission.as_str()))
+            .and_then(|(original, _)| SubmissionId::new(original).ok());
+        let (submission, audit) = match original {
+            Some(original) => (original, true),
+            None => (submission, false),
+        };
+        for other in Stage::ALL.into_iter().filter(|s| audit || *s != stage) {
             let sibling = RunId::new(&submission, other);
             let learned = match group.runs.get(&sibling) {
                 Some(working) => learned_start(&working.stored.run),

@@ -21,7 +21,7 @@
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
 //! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run; Withdraw from Scored]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
-//! Running   --(JobWaiting{status, reason})-------> unchanged; why its job has not started is noted on the attempt
+//! Running   --(JobWaiting{status, reason})-------> unchanged; why its job has not started (or that it has) is noted
 //! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
 //! any       --(Withdrawn{attempt})---------------> unchanged; the owed Withdraw is acknowledged
 //! any       --(JobLaunched of a job the run does not hold)--> unchanged  [TerminateJob of that job]
@@ -469,7 +469,8 @@ pub enum Event {
         /// What the runner saw of its end.
         evidence: Evidence,
     },
-    /// The attempt's job has not started yet, for the runner's reason.
+    /// The attempt's job's status before its end: not started yet, for the
+    /// runner's reason, or started (`RUNNING`).
     JobWaiting {
         /// The attempt.
         attempt: Attempt,

@@ -132,12 +132,14 @@ pub struct Detail(String);
 
 impl Detail {
     /// Keeps at most [`DETAIL_MAX_LEN`] bytes of `text`, cut at a character
-    /// boundary, without control characters (a job's words could carry
-    /// terminal escapes to an operator's screen).
+    /// boundary, without control characters or the Unicode marks that
+    /// reorder a line (a job's words could carry terminal escapes to an
+    /// operator's screen, or make a line read otherwise than it is).
     pub fn new(text: impl Into<String>) -> Detail {
         let mut text: String = text.into();
-        if text.chars().any(char::is_control) {
-            text = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let hostile = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if text.chars().any(hostile) {
+            text = text.chars().map(|c| if hostile(c) { ' ' } else { c }).collect();
         }
         if text.len() > DETAIL_MAX_LEN {
             let mut cut = DETAIL_MAX_LEN - 3;
@@ -249,7 +251,8 @@ pub struct AttemptRecord {
     pub waiting: Option<Waiting>,
 }
 
-/// A job that is not running yet, as its runner reports it.
+/// A job's status before it ended, as its runner last reported it: a wait
+/// for something (`RUNNABLE`, for capacity), or `RUNNING`, the wait over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Waiting {
     /// The runner's status for it (`RUNNABLE`, `STARTING` ...).
@@ -258,6 +261,13 @@ pub struct Waiting {
     pub reason: Option<Detail>,
     /// When evalflow first saw it so.
     pub since: Timestamp,
+}
+
+impl Waiting {
+    /// Whether the job waits still (its program has not started).
+    pub fn waits(&self) -> bool {
+        self.status.as_str() != "RUNNING"
+    }
 }
 
 /// A `TerminateJob` the run still owes: issued on cancel, or for a job
@@ -545,5 +555,18 @@ impl std::str::FromStr for StateTag {
             let names: Vec<&str> = StateTag::ALL.iter().map(|t| t.as_str()).collect();
             format!("state {value:?} is not one of: {}", names.join(", "))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detail_keeps_no_escapes_nor_reordering_marks() {
+        let hostile = "torch.OutOfMemoryError\x1b]0;owned\x07: CUDA \u{202e}gnp.exe\u{2066} out of memory\r\n";
+        assert_eq!(Detail::new(hostile).as_str(), "torch.OutOfMemoryError ]0;owned : CUDA  gnp.exe  out of memory  ");
+        let long = Detail::new("é".repeat(DETAIL_MAX_LEN));
+        assert!(long.as_str().len() <= DETAIL_MAX_LEN && long.as_str().ends_with("..."));
     }
 }

@@ -30,7 +30,7 @@ use evalflow_workflow::{Timestamp, job_name};
 
 use aws_config::retry::RetryConfig;
 
-use super::classify::BatchJob;
+use super::classify::{BatchJob, STARTED, UNPLACEABLE_REASON};
 use super::logs::BatchLogs;
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
@@ -349,10 +349,13 @@ impl JobRunner for BatchRunner {
                     continue;
                 };
                 if let Some(reason) = detail.misconfigured() {
-                    checked.ended.push(self.unplaceable(job, reason).await?);
+                    match self.unplaceable(job, reason).await {
+                        Ok(ended) => checked.ended.push(ended),
+                        Err(e) => tracing::warn!("job {} can never be placed, and cannot be stopped: {e}", job.job),
+                    }
                     continue;
                 }
-                if detail.waiting() {
+                if detail.waiting() || detail.status == STARTED {
                     let (status, reason) = (detail.status.clone(), detail.waiting_reason().map(str::to_owned));
                     checked.waiting.push(WaitingJob { job: job.clone(), status, reason });
                     continue;
@@ -377,7 +380,7 @@ impl BatchRunner {
         self.client
             .terminate_job()
             .job_id(job.job.as_str())
-            .reason("evalflow: no compute environment can place this job")
+            .reason(UNPLACEABLE_REASON)
             .send()
             .await
             .map_err(|e| activity_error(&format!("TerminateJob {}", job.job), e))?;

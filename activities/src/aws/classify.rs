@@ -98,7 +98,15 @@ const RULES: &[(&str, Rule)] = &[
     ("ResourceInitializationError", Rule::Interrupted),
     ("DockerTimeoutError", Rule::Interrupted),
     ("TaskFailedToStart", Rule::Interrupted),
+    // What evalflow itself says when it stops a job no compute environment can place.
+    (UNPLACEABLE_REASON, Rule::CannotStart),
 ];
+
+/// The status of a job whose container runs: its wait, if it had one, is over.
+pub const STARTED: &str = "RUNNING";
+
+/// The reason evalflow gives TerminateJob for a job Batch can never place.
+pub const UNPLACEABLE_REASON: &str = "evalflow: no compute environment can place this job";
 
 #[derive(Debug, Clone, Copy)]
 enum Rule {
@@ -125,6 +133,11 @@ impl BatchJob {
     fn exit_code(&self) -> Option<i32> {
         let last = self.attempts.last().and_then(|a| a.container.as_ref()).and_then(|c| c.exit_code);
         last.or_else(|| self.container.as_ref().and_then(|c| c.exit_code))
+    }
+
+    /// When its last attempt stopped, in ms since the epoch.
+    pub fn stopped_at(&self) -> Option<i64> {
+        self.attempts.last().and_then(|a| a.stopped_at).or(self.stopped_at)
     }
 
     /// Whether it has not started yet (submitted, waiting for its

@@ -13,7 +13,7 @@
 //! text.
 
 use aws_sdk_cloudwatchlogs::error::ProvideErrorMetadata;
-use evalflow_workflow::{Evidence, JobOutcome, JobUsage};
+use evalflow_workflow::{Evidence, JobOutcome, JobUsage, Timestamp};
 
 use super::activity_error;
 use super::classify::{BatchJob, classify};
@@ -27,6 +27,13 @@ pub const LOG_GROUP: &str = "/aws/batch/job";
 pub const TAIL_EVENTS: i32 = 500;
 /// The most bytes of them kept, the newest.
 pub const TAIL_BYTES_MAX: usize = 64 * 1024;
+/// How long after a job stopped its last lines may still be on their way
+/// to CloudWatch (the awslogs driver sends asynchronously): a log read
+/// sooner that shows no cause is read again later.
+pub const LOG_SETTLE_MS: i64 = 30_000;
+/// How long after a job stopped its log is waited for at most: then the end
+/// is judged from what Batch said alone.
+pub const LOG_WAIT_MAX_MS: i64 = 15 * 60 * 1000;
 
 /// One event of a log stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,18 +92,37 @@ impl BatchLogs {
 
     /// How `job` ended, as Batch tells it and, when Batch says only that it
     /// exited non-zero, as the fatal error at the end of its log shows.
-    /// `Ok(None)` while it has not ended; an error when its log cannot be
-    /// read now (the end is read again later, rather than judged a crash).
+    /// `Ok(None)` while it has not ended. An error when its log cannot be
+    /// read yet, or may still be missing its last lines: the end is read
+    /// again later rather than judged a crash, for at most
+    /// [`LOG_WAIT_MAX_MS`] after the job stopped; then, or when the log can
+    /// never be read (no permission), Batch's word alone decides.
     pub async fn ended(&self, job: &BatchJob) -> Result<Option<(JobOutcome, JobUsage, Evidence)>, ActivityError> {
         let Some((outcome, usage, evidence)) = classify(job) else { return Ok(None) };
         let (JobOutcome::Crashed { .. }, Some(stream)) = (&outcome, job.log_stream()) else {
             return Ok(Some((outcome, usage, evidence)));
         };
-        let text: Vec<String> = self.tail(stream).await?.into_iter().map(|l| l.message).collect();
+        let since_stop = job.stopped_at().map_or(i64::MAX, |at| Timestamp::now().as_millis() as i64 - at);
+        let lines = match self.tail(stream).await {
+            Ok(lines) => lines,
+            Err(e) if e.is_retryable() && since_stop < LOG_WAIT_MAX_MS => return Err(e),
+            Err(e) => {
+                tracing::warn!(job = %job.job_name, "judged without its log, which cannot be read: {e}");
+                let said = format!("its log cannot be read ({e}): check the engine's logs:GetLogEvents permission");
+                return Ok(Some((outcome, usage, evidence.decided("log-unreadable", said))));
+            }
+        };
+        let text: Vec<String> = lines.into_iter().map(|l| l.message).collect();
         Ok(Some(match self.signatures.cause(&text.join("\n")) {
             Some(cause) => {
                 let outcome = JobOutcome::OutOfMemory { resource: cause.resource.resource() };
                 (outcome, usage, evidence.decided(&cause.rule, cause.line))
+            }
+            None if since_stop < LOG_SETTLE_MS => {
+                return Err(ActivityError::Transient(format!(
+                    "{stream} shows no cause yet, {} s after the job stopped: its last lines may still be on their way",
+                    since_stop / 1000
+                )));
             }
             None => (outcome, usage, evidence),
         }))

@@ -104,7 +104,9 @@ pub struct JobStatus {
     pub signal: Option<i32>,
     /// Why the supervisor stopped it, if it did.
     pub note: Option<String>,
-    /// What decided the outcome, and what it matched.
+    /// What decided the outcome, and what it matched (none in a status
+    /// written before evidence was kept).
+    #[serde(default)]
     pub evidence: Evidence,
     /// The end of its standard output.
     pub stdout_tail: String,

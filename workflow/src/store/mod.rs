@@ -51,7 +51,10 @@ pub enum StoreError {
         problem: String,
     },
     /// The store was written by an evalflow with another record format.
-    #[error("the store's records have schema version {found}; this evalflow reads version {supported}")]
+    #[error(
+        "the store's records have schema version {found}; this evalflow reads version {supported}: finish this \
+         competition with the evalflow that made its store, or start this one in a new data directory"
+    )]
     SchemaVersion {
         /// The version found.
         found: u8,
