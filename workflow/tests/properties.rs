@@ -160,13 +160,17 @@ proptest! {
 
     /// `step` never panics, and every guarantee holds after every step.
     #[test]
-    fn step_keeps_its_guarantees(cpu_only: bool, seeds in prop::collection::vec(seed(), 1..80)) {
+    fn step_keeps_its_guarantees(cpu_only: bool, audit: bool, seeds in prop::collection::vec(seed(), 1..80)) {
         let policy = policy();
-        let mut run = Run { spec: spec(0, cpu_only), status: RunStatus::submitted(Timestamp(0)) };
+        let original = spec(0, cpu_only);
+        let spec = if audit { original.audit(1, Timestamp(0)).unwrap() } else { original };
+        let mut run = Run { spec, status: RunStatus::submitted(Timestamp(0)) };
         for (tick, seed) in (1u64..).zip(&seeds) {
             let input = seed.event(&run);
             let Ok(transition) = step(&policy, &run, &input, Timestamp(tick * 1000)) else { continue };
             check_step(&policy, &run.status, &input, &transition)?;
+            let publishes = transition.commands.iter().any(|c| matches!(c, Command::Publish { .. }));
+            prop_assert!(!(audit && publishes), "an audit run is never published");
             run.status = transition.status;
         }
     }

@@ -294,7 +294,8 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "the store's records have schema version {}; this evalflow reads version {SCHEMA_VERSION}",
+                "the store's records have schema version {}; this evalflow reads version {SCHEMA_VERSION}: finish \
+                 this competition with the evalflow that made its store, or start this one in a new data directory",
                 SCHEMA_VERSION + 1
             )
         );
