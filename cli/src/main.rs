@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::Selection;
 use evalflow_worker::config::Config;
-use evalflow_worker::submit::{SubmissionRequest, check_stages, prepare, read_manifest};
+use evalflow_worker::submit::{SubmissionRequest, check_requests, check_stages, prepare_all, read_manifest};
 use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 
 use crate::backend::{Backend, connect};
@@ -307,10 +307,22 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             };
             let config = Config::load(dir)?;
             check_stages(&config, &requests)?;
-            let now = Timestamp::now();
-            let specs = requests.iter().map(|r| prepare(&config, r, now)).collect::<Result<Vec<_>, _>>()?;
-            let views = backend.submit(specs).await?;
-            report_actions(&views, json)
+            let stored = backend.runs(None).await?.into_iter().map(|r| (r.submission, r.team)).collect();
+            check_requests(&requests, &stored)?;
+            let prepared = prepare_all(&config, &requests, Timestamp::now())?;
+            let views = match backend.submit(prepared.specs.clone()).await {
+                Ok(views) if views.iter().any(|v| v.accepted) => views,
+                // Nothing went through: nothing of it stays behind.
+                Ok(views) => {
+                    prepared.discard();
+                    views
+                }
+                Err(e) => {
+                    prepared.discard();
+                    return Err(e);
+                }
+            };
+            report_actions(&views, json, "submit")
         }
         Command::Reproduce { runs, top, stage, wait, json } => {
             let chosen = match (top, runs.is_empty()) {
@@ -358,11 +370,22 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(if view.diverged.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Retry { runs, state, json } => report_actions(&backend.retry(selection(runs, state)?).await?, json),
+        Command::Retry { runs, state, json } => {
+            if let Some(state) = state.filter(|s| !matches!(s, StateTag::Failed | StateTag::Cancelled)) {
+                bail!(
+                    "retry --state {state}: only failed or cancelled runs are retried (`evalflow runs --state {state}` lists these)"
+                );
+            }
+            let views = backend.retry(selection(runs, state)?).await?;
+            report_actions(&views, json, "retry")
+        }
         Command::Cancel { runs, state, json } => {
+            if let Some(state) = state.filter(|s| s.is_terminal()) {
+                bail!("cancel --state {state}: a {state} run has ended already, there is nothing to stop");
+            }
             let views = backend.cancel(selection(runs, state)?).await?;
             wait_for_terminations(backend, &views).await?;
-            report_actions(&views, json)
+            report_actions(&views, json, "cancel")
         }
         Command::Leaderboard { stage, json } => {
             let board = backend.leaderboard(stage).await?;
@@ -400,9 +423,11 @@ fn selection(runs: Vec<RunId>, state: Option<StateTag>) -> Result<Selection> {
     }
 }
 
-fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool) -> Result<ExitCode> {
+fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool, verb: &str) -> Result<ExitCode> {
     if json {
         output::json(&views)?
+    } else if views.is_empty() {
+        println!("no run matched: nothing to {verb}");
     } else {
         output::actions(views)
     }

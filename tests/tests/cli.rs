@@ -186,3 +186,74 @@ fn a_stage_whose_labels_and_test_set_disagree_is_refused_before_any_job_runs() {
     let runs: Vec<RunView> = cli.json(&["runs", "--json"]);
     assert!(runs.is_empty(), "nothing was submitted: {runs:?}");
 }
+
+#[test]
+fn small_mistakes_get_words_that_name_the_problem_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let config = cli.data_dir.join("evalflow.toml");
+    let good = fs::read_to_string(&config).unwrap();
+
+    fs::write(&config, good.replace("max_concurrent_jobs = 2", "max_concurrent_jobs = 0")).unwrap();
+    let idle = cli.fails(&["status"]);
+    assert!(idle.contains("[local]: max_concurrent_jobs = 0 would launch nothing, ever: use 1 or more"), "{idle}");
+    fs::write(&config, good.replace("max_concurrent_jobs = 2", "max_concurrent_jobs = \"two\"")).unwrap();
+    let typo = cli.fails(&["status"]);
+    let line = good.lines().position(|l| l.starts_with("max_concurrent_jobs")).unwrap() + 1;
+    let first = typo.lines().next().unwrap();
+    assert!(first.contains(&format!("evalflow.toml: line {line}, column 23: invalid type")), "one line: {typo}");
+    fs::write(&config, &good).unwrap();
+
+    let empty = dir.path().join("empty.jsonl");
+    fs::write(&empty, "\n\n").unwrap();
+    let said = cli.fails(&["submit", "--manifest", empty.to_str().unwrap()]);
+    assert!(said.contains("has no submissions: write one JSON object per line"), "{said}");
+    let missing = dir.path().join("no-such-dir");
+    let said = cli.fails(&["submit", "--id", "m", "--team", "t", missing.to_str().unwrap()]);
+    assert!(said.contains("no-such-dir cannot be read (") && said.contains("check the path"), "{said}");
+    assert!(!said.contains("submission.toml"), "not blamed on a missing submission.toml: {said}");
+
+    let said = cli.fails(&["retry", "--state", "queued"]);
+    assert!(said.contains("only failed or cancelled runs are retried"), "{said}");
+    assert!(cli.ok(&["retry", "--state", "failed"]).contains("no run matched: nothing to retry"));
+    let said = cli.fails(&["cancel", "--state", "published"]);
+    assert!(said.contains("has ended already, there is nothing to stop"), "{said}");
+}
+
+#[test]
+fn a_manifest_goes_in_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    submission(&dir.path().join("subs/a"), "command = [\"true\"]\n");
+    submission(&dir.path().join("subs/b"), "command = []\n");
+    let manifest = dir.path().join("manifest.jsonl");
+    let line = |id: &str, team: &str, path: &str| {
+        format!("{{\"id\": \"{id}\", \"team\": \"{team}\", \"stage\": \"public\", \"path\": \"{path}\"}}\n")
+    };
+    let submit = |text: String| {
+        fs::write(&manifest, text).unwrap();
+        cli.run(&["submit", "--manifest", manifest.to_str().unwrap()])
+    };
+    let kept = cli.data_dir.join("submissions");
+    let copies = || fs::read_dir(&kept).map_or(0, |d| d.count());
+
+    // Line 2 is refused: line 1's copy is not kept, and the corrected manifest goes in.
+    let refused = submit(format!("{}{}", line("a", "t", "subs/a"), line("b", "t", "subs/b")));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("command must be a non-empty list"));
+    assert_eq!(copies(), 0, "nothing of a refused manifest stays behind");
+    // One id under two teams is refused before anything is copied.
+    let two_teams = submit(format!("{}{}", line("a", "t", "subs/a"), line("a", "u", "subs/a")));
+    let said = String::from_utf8_lossy(&two_teams.stderr).into_owned();
+    assert!(said.contains("manifest entries 1 and 2") && said.contains("one id is one submission"), "{said}");
+    assert_eq!(copies(), 0);
+    // A byte-order mark, as Windows editors write, is fine.
+    let accepted = submit(format!("\u{feff}{}", line("a", "t", "subs/a")));
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    let runs: Vec<RunView> = cli.json(&["runs", "--json"]);
+    assert_eq!(runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a-public"]);
+    // Then another team cannot take the id.
+    let taken = submit(line("a", "u", "subs/a"));
+    let said = String::from_utf8_lossy(&taken.stderr).into_owned();
+    assert!(said.contains("submission a was already submitted by team t: give this one its own id"), "{said}");
+}

@@ -90,6 +90,14 @@ pub enum ConfigError {
         /// What is wrong, and what to change.
         problem: String,
     },
+    /// The `[local]` table is not usable.
+    #[error("{path}: [local]: {problem}")]
+    Local {
+        /// The file.
+        path: String,
+        /// What is wrong, and what to change.
+        problem: String,
+    },
     /// The `[reproduce]` table is not usable.
     #[error("{path}: [reproduce]: {problem}")]
     Reproduce {
@@ -138,6 +146,20 @@ struct ConfigFile {
     #[serde(default)]
     reproduce: ReproduceConfig,
     aws: Option<AwsConfig>,
+}
+
+/// A TOML error in one line: where, and what (the parser's own message
+/// spreads a drawing of the line over several, the problem last).
+fn toml_problem(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", error.message().trim_end())
+        }
+        None => error.message().trim_end().to_owned(),
+    }
 }
 
 /// The `[reproduce]` table: when an audit run reproduces its original
@@ -487,7 +509,11 @@ impl Config {
             Err(error) => return Err(ConfigError::Unreadable { path: shown, error }),
         };
         let file: ConfigFile = toml::from_str(&text)
-            .map_err(|e| ConfigError::Malformed { path: shown.clone(), problem: e.to_string() })?;
+            .map_err(|e| ConfigError::Malformed { path: shown.clone(), problem: toml_problem(&text, &e) })?;
+        if file.local.max_concurrent_jobs == 0 {
+            let problem = "max_concurrent_jobs = 0 would launch nothing, ever: use 1 or more".into();
+            return Err(ConfigError::Local { path: shown, problem });
+        }
         let policy = Policy::new(file.policy).map_err(|error| ConfigError::Policy { path: shown.clone(), error })?;
         let mut stages = BTreeMap::new();
         for (stage, files) in file.stages {
@@ -590,6 +616,9 @@ fn check_aws(aws: &AwsConfig, policy: &Policy) -> Result<(), String> {
     }
     if !(1..=20).contains(&aws.long_poll_secs) {
         return Err("long_poll_secs must be between 1 and 20".into());
+    }
+    if aws.max_active_jobs == 0 {
+        return Err("max_active_jobs = 0 would launch nothing, ever: use 1 or more".into());
     }
     if !(1..=43_200).contains(&aws.visibility_timeout_secs) {
         return Err("visibility_timeout_secs must be between 1 and 43200 (12 hours)".into());

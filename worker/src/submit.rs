@@ -70,6 +70,15 @@ pub enum SubmitError {
         /// What is wrong.
         problem: String,
     },
+    /// The manifest names no submission.
+    #[error(
+        "manifest {path} has no submissions: write one JSON object per line, such as \
+         {{\"id\": \"sub1\", \"team\": \"team1\", \"stage\": \"public\", \"path\": \"subs/sub1\"}}"
+    )]
+    ManifestEmpty {
+        /// The manifest.
+        path: String,
+    },
     /// The directory is not a runnable submission.
     #[error("submission {id}: {problem}")]
     Invalid {
@@ -88,6 +97,24 @@ pub enum SubmitError {
         id: SubmissionId,
         /// Where the earlier one is kept.
         kept: String,
+    },
+    /// A manifest that submits one run twice, or one id as two submissions.
+    #[error("manifest entries {first} and {again} (counting non-blank lines): {problem}: nothing was submitted")]
+    Inconsistent {
+        /// The first entry, from 1.
+        first: usize,
+        /// The entry that disagrees with it.
+        again: usize,
+        /// How.
+        problem: String,
+    },
+    /// An id already submitted by another team.
+    #[error("submission {id} was already submitted by team {team}: give this one its own id (nothing was submitted)")]
+    OtherTeam {
+        /// The submission.
+        id: SubmissionId,
+        /// The team it belongs to.
+        team: TeamId,
     },
     /// A directory for a competition on AWS, or an image for one on this machine.
     #[error("submission {id}: {problem}")]
@@ -166,6 +193,8 @@ pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError>
         .map_err(|error| SubmitError::ManifestUnreadable { path: shown.clone(), error })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut requests = Vec::new();
+    // Editors on Windows start UTF-8 files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -178,7 +207,87 @@ pub fn read_manifest(path: &Path) -> Result<Vec<SubmissionRequest>, SubmitError>
         request.path = request.path.map(|p| base.join(p));
         requests.push(request);
     }
+    if requests.is_empty() {
+        return Err(SubmitError::ManifestEmpty { path: shown });
+    }
     Ok(requests)
+}
+
+/// Checks requests as one unit before anything is copied: each (id, stage)
+/// once, one id one submission (one team, one source), and no id that
+/// `stored` (the teams of the ids submitted before) gives to another team.
+pub fn check_requests(
+    requests: &[SubmissionRequest],
+    stored: &HashMap<SubmissionId, TeamId>,
+) -> Result<(), SubmitError> {
+    let mut seen: HashMap<&SubmissionId, usize> = HashMap::new();
+    let mut runs: HashMap<(&SubmissionId, Stage), usize> = HashMap::new();
+    for (index, request) in requests.iter().enumerate() {
+        let entry = index + 1;
+        let inconsistent = |first, problem: String| SubmitError::Inconsistent { first, again: entry, problem };
+        match seen.get(&request.id) {
+            Some(&first) => {
+                let earlier = &requests[first - 1];
+                let same = (&earlier.team, &earlier.path, &earlier.image, earlier.cpu_only)
+                    == (&request.team, &request.path, &request.image, request.cpu_only);
+                if !same {
+                    let problem = format!("{} is given two teams or two sources: one id is one submission", request.id);
+                    return Err(inconsistent(first, problem));
+                }
+            }
+            None => _ = seen.insert(&request.id, entry),
+        }
+        if let Some(first) = runs.insert((&request.id, request.stage), entry) {
+            return Err(inconsistent(first, format!("both submit {} on {}", request.id, request.stage)));
+        }
+        if let Some(team) = stored.get(&request.id).filter(|team| **team != request.team) {
+            return Err(SubmitError::OtherTeam { id: request.id.clone(), team: team.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Submissions prepared as one unit: the copies this submit made are
+/// removed again if it does not go through.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The specs, in the requests' order.
+    pub specs: Vec<RunSpec>,
+    /// The submissions' directories this submit copied (none were kept before).
+    fresh: Vec<PathBuf>,
+}
+
+impl Prepared {
+    /// Removes the copies this submit made: nothing of it stays behind.
+    pub fn discard(self) {
+        for dir in self.fresh {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Prepares every request ([`prepare`]); if one fails, removes the copies
+/// the others made, so that a corrected manifest can be submitted again.
+pub fn prepare_all(config: &Config, requests: &[SubmissionRequest], now: Timestamp) -> Result<Prepared, SubmitError> {
+    let submissions = config.submissions_dir();
+    let mut fresh: Vec<PathBuf> = requests
+        .iter()
+        .filter(|r| r.path.is_some())
+        .map(|r| submissions.join(r.id.as_str()))
+        .filter(|kept| !kept.exists())
+        .collect();
+    fresh.sort();
+    fresh.dedup();
+    let prepared = requests.iter().map(|r| prepare(config, r, now)).collect::<Result<Vec<_>, _>>();
+    match prepared {
+        Ok(specs) => Ok(Prepared { specs, fresh }),
+        Err(e) => {
+            Prepared { specs: Vec::new(), fresh: fresh.into_iter().filter(|d| d.exists()).collect() }.discard();
+            Err(e)
+        }
+    }
 }
 
 /// Why a team's id may not end in `-audit<N>`.
@@ -237,6 +346,16 @@ fn prepare_directory(
 ) -> Result<RunSpec, SubmitError> {
     let id = &request.id;
     let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(invalid(format!(
+                "{} is not a directory: submit the directory that holds its submission.toml",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(invalid(format!("{} cannot be read ({e}): check the path", path.display()))),
+    }
     let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
     let bytes_max = config.local.submission_max_bytes();
     let submissions = config.submissions_dir();
