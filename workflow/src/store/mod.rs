@@ -36,6 +36,17 @@ pub enum StoreError {
     /// The embedded database failed.
     #[error("store error: {0}")]
     Sled(#[from] sled::Error),
+    /// The store's files cannot be read: damaged, not merely old.
+    #[error(
+        "the store in {path} cannot be opened: its files are damaged ({problem}). Nothing was changed. Move that \
+         directory aside and restore it from a backup; the jobs' files and results in the data directory are kept"
+    )]
+    Damaged {
+        /// The store's directory.
+        path: String,
+        /// What sled found.
+        problem: String,
+    },
     /// Another process holds the store open.
     #[error("the store at {path} is open in another process: stop it, or talk to it through its API")]
     Locked {

@@ -58,6 +58,29 @@ pub struct SledStore {
     counts: Arc<Mutex<StateCounts>>,
 }
 
+/// The error for a store whose files cannot be read, in sled's words
+/// (without its empty backtrace).
+fn damaged_store(dir: &Path, error: &sled::Error) -> StoreError {
+    let said = error.to_string();
+    let problem = said.trim_end_matches(" backtrace ()").to_owned();
+    StoreError::Damaged { path: dir.display().to_string(), problem }
+}
+
+/// Renames the snapshots sled left unfinished in `dir` (`snap.*.generating`)
+/// to `interrupted-snap.*`, out of sled's sight; returns how many.
+fn set_aside_interrupted_snapshots(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut moved = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let aside = dir.join(format!("interrupted-{name}"));
+            moved += usize::from(std::fs::rename(entry.path(), &aside).is_ok());
+        }
+    }
+    moved
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`. sled releases its file lock a
     /// moment after its last handle drops (its I/O worker finishes first), so
@@ -73,6 +96,17 @@ impl SledStore {
                         return Err(StoreError::Locked { path: dir.display().to_string() });
                     }
                     std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(StoreError::Sled(damaged @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_)))) => {
+                    // A snapshot cut short (a full disk) is left as `snap.*.generating`:
+                    // set it aside once, and open what was flushed before it.
+                    if set_aside_interrupted_snapshots(dir) > 0 {
+                        return Self::open_with(sled::Config::new().path(dir), options).map_err(|e| match e {
+                            StoreError::Sled(e) => damaged_store(dir, &e),
+                            other => other,
+                        });
+                    }
+                    return Err(damaged_store(dir, &damaged));
                 }
                 result => return result,
             }
@@ -282,6 +316,38 @@ mod tests {
         let (mut engine, _) = Engine::open(store, crate::policy::tests::case_policy(), 0).unwrap();
         engine.apply(vec![Input::Submit(spec)], Timestamp(1)).unwrap();
         engine.into_store()
+    }
+
+    #[test]
+    fn a_damaged_store_is_named_with_what_to_do_and_not_blamed_on_a_version() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path(), SledOptions::default()).unwrap());
+        std::fs::write(dir.path().join("conf"), b"\xff\xfe garbage, not sled's conf").unwrap();
+        let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("cannot be opened: its files are damaged ("), "{err}");
+        assert!(err.contains("restore it from a backup") && !err.contains("schema version"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_by_a_full_disk_does_not_keep_the_store_shut() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        store.tree.insert(b"kept", b"acknowledged").unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        let snapshots: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+            .collect();
+        // What a snapshot interrupted by ENOSPC leaves: a prefix of one, under its temporary name.
+        let cut = match snapshots.first() {
+            Some(done) => std::fs::read(done.path()).unwrap()[..8].to_vec(),
+            None => b"\x01\x02\x03".to_vec(),
+        };
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), cut).unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        assert_eq!(store.tree.get(b"kept").unwrap().as_deref(), Some(&b"acknowledged"[..]));
     }
 
     #[test]
