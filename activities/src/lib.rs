@@ -41,13 +41,17 @@ pub enum ActivityError {
     /// The submission itself cannot be run (bad manifest, missing command).
     #[error("{0}")]
     InvalidSubmission(String),
+    /// The host is out of disk space: the host's problem, never a reason to
+    /// fail a run. The activity stays owed and is carried out once there is room.
+    #[error("out of disk space ({0}): free some, and the work goes on by itself")]
+    HostFull(String),
 }
 
 impl ActivityError {
     /// Whether retrying the same activity may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ActivityError::Transient(_) => true,
+            ActivityError::Transient(_) | ActivityError::HostFull(_) => true,
             ActivityError::Permanent(_) | ActivityError::InvalidSubmission(_) => false,
         }
     }
@@ -55,7 +59,12 @@ impl ActivityError {
 
 impl From<std::io::Error> for ActivityError {
     fn from(e: std::io::Error) -> Self {
-        ActivityError::Transient(e.to_string())
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                ActivityError::HostFull(e.to_string())
+            }
+            _ => ActivityError::Transient(e.to_string()),
+        }
     }
 }
 

@@ -118,8 +118,14 @@ impl Activities {
     }
 }
 
-/// The event that reports giving up on a command, if it has one.
+/// The event that reports giving up on a command, if it has one. A host
+/// out of disk space gives up on nothing: the command stays owed, and the
+/// engine sends it again.
 pub fn gave_up(dispatch: &Dispatch, error: &ActivityError) -> Option<Input> {
+    if let ActivityError::HostFull(_) = error {
+        tracing::warn!(run = %dispatch.spec.run, command = dispatch.command.kind(), "{error}: it is carried out later");
+        return None;
+    }
     let (attempt, activity) = match &dispatch.command {
         Command::LaunchJob { attempt, .. } => (*attempt, Activity::Launch),
         Command::ScorePredictions { attempt, .. } => (*attempt, Activity::Score),
@@ -143,6 +149,28 @@ mod tests {
 
     use super::*;
     use crate::testing;
+
+    #[test]
+    fn a_full_disk_fails_no_run() {
+        let full = ActivityError::from(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(matches!(full, ActivityError::HostFull(_)) && full.is_retryable());
+        assert!(full.to_string().ends_with("free some, and the work goes on by itself"), "{full}");
+        let spec = testing::spec("full");
+        for command in [
+            Command::LaunchJob {
+                attempt: Attempt(1),
+                profile: testing::policy().profiles()[0].name.clone(),
+                not_before: None,
+            },
+            Command::ScorePredictions { attempt: Attempt(1), job: evalflow_workflow::JobId::new("j").unwrap() },
+            Command::Publish { attempt: Attempt(1), score: Score::new(0.2).unwrap() },
+        ] {
+            let dispatch = Dispatch { spec: spec.clone(), version: 3, command };
+            assert_eq!(gave_up(&dispatch, &full), None, "stays owed, is sent again: {:?}", dispatch.command);
+            let other = ActivityError::Transient("throttled".into());
+            assert!(gave_up(&dispatch, &other).is_some(), "other failures are given up on after retries");
+        }
+    }
 
     #[tokio::test]
     async fn a_withdrawal_takes_a_published_score_off_the_leaderboard() {
