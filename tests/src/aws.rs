@@ -3,12 +3,21 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use evalflow_activities::JobRunner;
 use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::scoring::log_loss;
+use evalflow_worker::activity::Activities;
+use evalflow_worker::aws::{WorkerSettings, connect, work};
 use evalflow_worker::config::Config;
+use evalflow_worker::lock::{LockState, try_lock};
+use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::sqs::Queues;
 use evalflow_workflow::{Attempt, RunId};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::Cli;
 use crate::moto::{Moto, unique_prefix};
@@ -35,7 +44,55 @@ pub struct Tuning {
     pub resend_after_secs: u64,
 }
 
+/// An engine node and one worker loop in this process, on the real SQS and
+/// S3 plumbing, with a scripted job runner in place of AWS Batch.
+pub struct Fleet {
+    /// The engine's node.
+    pub node: Node,
+    /// The queues.
+    pub queues: Arc<Queues>,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    /// Stops the worker, then the engine.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.worker.await.unwrap_or_else(|e| panic!("the worker loop: {e}"));
+        self.node.shutdown().await.unwrap_or_else(|e| panic!("the engine: {e}"));
+    }
+}
+
 impl AwsCompetition {
+    /// Starts an engine and a worker on the competition (bootstrapped), with `runner` for Batch.
+    pub async fn fleet(&self, runner: Arc<dyn JobRunner>) -> Fleet {
+        let config = Config::load(&self.cli.data_dir).unwrap_or_else(|e| panic!("{e}"));
+        let LockState::Acquired(lock) = try_lock(&config.data_dir).unwrap_or_else(|e| panic!("{e}")) else {
+            panic!("the data directory is locked")
+        };
+        let options = NodeOptions {
+            isolation: evalflow_activities::local::sandbox::Isolation::Sandbox,
+            supervisor: Vec::new(),
+            mode: Mode::Engine,
+            runner: Some(runner.clone()),
+        };
+        let node = Node::start(config.clone(), lock, options).await.unwrap_or_else(|e| panic!("{e}"));
+        let parts = connect(&config, Some(runner)).await.unwrap_or_else(|e| panic!("{e}"));
+        let queues = parts.queues.clone();
+        let activities =
+            Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
+        let settings = WorkerSettings {
+            concurrency: 4,
+            visibility_timeout_secs: 10,
+            max_receive_count: 5,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let stop = CancellationToken::new();
+        let worker = tokio::spawn(work(activities, queues.clone(), settings, stop.clone()));
+        Fleet { node, queues, stop, worker }
+    }
+
     /// Writes the competition's `evalflow.toml` in `dir`.
     pub async fn create(dir: &Path, test: &str, tuning: Tuning) -> AwsCompetition {
         let moto = Moto::shared().await;

@@ -16,16 +16,10 @@ use evalflow_activities::causes::Signatures;
 use evalflow_activities::{ActivityError, Checked, JobRunner, LaunchRequest, RunningJob};
 use evalflow_tests::aws::{AwsCompetition, Tuning};
 use evalflow_tests::moto::{Moto, unique_prefix};
-use evalflow_worker::activity::Activities;
-use evalflow_worker::aws::{WorkerSettings, connect, work};
-use evalflow_worker::config::Config;
-use evalflow_worker::lock::{LockState, try_lock};
-use evalflow_worker::node::{Mode, Node, NodeOptions};
 use evalflow_workflow::{
     Attempt, JobId, JobOutcome, Resource, RunId, RunSpec, Stage, StateTag, SubmissionId, SubmissionSource, TeamId,
     Timestamp,
 };
-use tokio_util::sync::CancellationToken;
 
 const TORCH: &[&str] = &[
     "loading model from /model/weights.pt",
@@ -196,28 +190,9 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     let stream = format!("{}-submission-gpu/default/task-a1", competition.prefix);
     competition.moto.put_job_log(&stream, TORCH).await;
 
-    let config = Config::load(&competition.cli.data_dir).unwrap();
     let batch = Arc::new(QuietBatch::default());
-    let LockState::Acquired(lock) = try_lock(&config.data_dir).unwrap() else { panic!("locked") };
-    let options = NodeOptions {
-        isolation: evalflow_activities::local::sandbox::Isolation::Sandbox,
-        supervisor: Vec::new(),
-        mode: Mode::Engine,
-        runner: Some(batch.clone()),
-    };
-    let node = Node::start(config.clone(), lock, options).await.unwrap();
-    let parts = connect(&config, Some(batch.clone())).await.unwrap();
-    let queues = parts.queues.clone();
-    let activities =
-        Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
-    let settings = WorkerSettings {
-        concurrency: 2,
-        visibility_timeout_secs: 10,
-        max_receive_count: 5,
-        shutdown_grace: Duration::ZERO,
-    };
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(work(activities, queues.clone(), settings, stop.clone()));
+    let fleet = competition.fleet(batch.clone()).await;
+    let (node, queues) = (&fleet.node, fleet.queues.clone());
     let sqs = competition.moto.sqs().await;
     let send = async |body: String| {
         sqs.send_message().queue_url(&queues.events).message_body(body).send().await.unwrap();
@@ -272,9 +247,7 @@ async fn an_unchanged_pytorch_submission_escalates_from_its_log_and_logs_shows_t
     assert_eq!(noted.detail, format!("attempt 1: RUNNABLE: {CAPACITY}"));
     assert!(history.iter().any(|e| e.event == "job_waiting" && e.detail == "attempt 1: RUNNING"), "{history:?}");
 
-    stop.cancel();
-    worker.await.unwrap();
-    node.shutdown().await.unwrap();
+    fleet.stop().await;
 
     let cli = competition.cli.clone();
     let logs = tokio::task::spawn_blocking(move || cli.ok(&["logs", "gpu-public", "--attempt", "1"])).await.unwrap();

@@ -10,18 +10,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use evalflow_activities::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob};
 use evalflow_tests::aws::{AwsCompetition, Tuning};
-use evalflow_worker::activity::Activities;
-use evalflow_worker::aws::{WorkerSettings, connect, work};
-use evalflow_worker::config::Config;
-use evalflow_worker::lock::{LockState, try_lock};
-use evalflow_worker::node::{Mode, Node, NodeOptions};
 use evalflow_worker::sqs::EventMessage;
 use evalflow_worker::views::{EventView, RunView};
 use evalflow_workflow::{
     Attempt, Detail, Envelope, Event, Input, JobId, JobOutcome, JobUsage, Resource, RunId, RunSpec, Stage, StateTag,
     SubmissionId, SubmissionSource, TeamId, Timestamp,
 };
-use tokio_util::sync::CancellationToken;
 
 /// AWS Batch, scripted: each submission's jobs end as its script says;
 /// `cancelme`'s job runs until terminated, and the first termination fails.
@@ -112,28 +106,9 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
         scores.insert(run, competition.stage_predictions(run, attempt, 0.6).await);
     }
 
-    let config = Config::load(&competition.cli.data_dir).unwrap();
     let batch = Arc::new(ScriptedBatch::default());
-    let LockState::Acquired(lock) = try_lock(&config.data_dir).unwrap() else { panic!("locked") };
-    let options = NodeOptions {
-        isolation: evalflow_activities::local::sandbox::Isolation::Sandbox,
-        supervisor: Vec::new(),
-        mode: Mode::Engine,
-        runner: Some(batch.clone()),
-    };
-    let node = Node::start(config.clone(), lock, options).await.unwrap();
-    let parts = connect(&config, Some(batch.clone())).await.unwrap();
-    let queues = parts.queues.clone();
-    let activities =
-        Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
-    let settings = WorkerSettings {
-        concurrency: 4,
-        visibility_timeout_secs: 10,
-        max_receive_count: 5,
-        shutdown_grace: Duration::from_secs(5),
-    };
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(work(activities, queues.clone(), settings, stop.clone()));
+    let fleet = competition.fleet(batch.clone()).await;
+    let (node, queues) = (&fleet.node, fleet.queues.clone());
 
     let submissions = ["good", "oom", "gpu", "spot", "slow", "pull", "cancelme"];
     let accepted = node.submit(submissions.iter().map(|s| spec(s)).collect()).await.unwrap();
@@ -202,7 +177,5 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
     let recorded: Vec<EventView> = node.history(&good).await.unwrap().split_off(history.len());
     assert!(recorded.iter().all(|e| e.disposition.starts_with("ignored")), "{recorded:?}");
 
-    stop.cancel();
-    worker.await.unwrap();
-    node.shutdown().await.unwrap();
+    fleet.stop().await;
 }

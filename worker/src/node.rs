@@ -139,6 +139,8 @@ pub struct Node {
     queues: Option<Arc<Queues>>,
     /// The AWS requests made, on AWS.
     requests: Option<RequestCounter>,
+    /// The stages the engine holds, as it last checked them (an engine's node only).
+    held: Option<StageProblems>,
     billing: Billing,
     _lock: DataDirLock,
 }
@@ -213,29 +215,38 @@ const STAGE_WATCH: Duration = Duration::from_secs(5);
 /// Looks at the stages' test sets and labels every [`STAGE_WATCH`] until
 /// `shutdown`, and holds the queued runs of those that do not agree, so
 /// that an organizer's fix is taken up without a restart.
-async fn watch_stages(
-    config: Arc<Config>,
-    mut held: BTreeMap<Stage, String>,
-    engine: EngineHandle,
-    shutdown: CancellationToken,
-) {
+async fn watch_stages(config: Arc<Config>, held: StageProblems, engine: EngineHandle, shutdown: CancellationToken) {
     loop {
         tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
         let checked = config.clone();
         let Ok(problems) = tokio::task::spawn_blocking(move || checked.stage_problems()).await else { return };
-        if problems == held {
+        let before = lock_stages(&held).clone();
+        if problems == before {
             continue;
         }
-        for stage in held.keys().filter(|s| !problems.contains_key(s)) {
+        for stage in before.keys().filter(|s| !problems.contains_key(s)) {
             tracing::info!("stage {stage} is ready: its runs launch");
         }
-        for (stage, problem) in problems.iter().filter(|(s, p)| held.get(s) != Some(p)) {
-            tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
-        }
+        warn_not_ready(&problems, &before);
         if engine.hold_stages(problems.keys().copied().collect()).await.is_err() {
             return;
         }
-        held = problems;
+        *lock_stages(&held) = problems;
+    }
+}
+
+/// The stages an engine holds, with what is wrong with each: kept by
+/// [`watch_stages`], read by `status` and `runs`.
+type StageProblems = Arc<std::sync::Mutex<BTreeMap<Stage, String>>>;
+
+fn lock_stages(held: &StageProblems) -> std::sync::MutexGuard<'_, BTreeMap<Stage, String>> {
+    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Logs each problem of `problems` not already in `known`.
+fn warn_not_ready(problems: &BTreeMap<Stage, String>, known: &BTreeMap<Stage, String>) {
+    for (stage, problem) in problems.iter().filter(|(s, p)| known.get(s) != Some(p)) {
+        tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
     }
 }
 
@@ -282,14 +293,13 @@ impl Node {
             Mode::Direct => 0,
         };
         let (mut engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
-        let held = match options.mode {
-            Mode::Engine => config.stage_problems(),
-            Mode::Direct => BTreeMap::new(),
-        };
-        for (stage, problem) in &held {
-            tracing::warn!("stage {stage} is not ready, so none of its runs launches until it is: {problem}");
-        }
-        engine.hold_stages(held.keys().copied().collect());
+        // A direct node (a CLI command while no engine runs) holds nothing and checks when asked.
+        let held = (options.mode == Mode::Engine).then(|| {
+            let problems = config.stage_problems();
+            warn_not_ready(&problems, &BTreeMap::new());
+            engine.hold_stages(problems.keys().copied().collect());
+            Arc::new(std::sync::Mutex::new(problems))
+        });
         let activities = Arc::new(Activities {
             runner: setup.runner.clone(),
             artifacts: setup.artifacts.clone(),
@@ -330,7 +340,9 @@ impl Node {
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
-            loops.push(tokio::spawn(watch_stages(config.clone(), held, engine.clone(), shutdown.clone())));
+            if let Some(held) = &held {
+                loops.push(tokio::spawn(watch_stages(config.clone(), held.clone(), engine.clone(), shutdown.clone())));
+            }
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
         Ok(Node {
@@ -343,6 +355,7 @@ impl Node {
             direct,
             queues,
             requests,
+            held,
             billing,
             _lock: lock,
         })
@@ -396,8 +409,7 @@ impl Node {
             Some(aws) => (aws.max_active_jobs, Some(aws.flag_waiting_after_secs)),
             None => (self.config.local.max_concurrent_jobs, None), // a local job starts at once
         };
-        let config = self.config.clone();
-        let problems = self.read(move |_| Ok(config.stage_problems())).await?;
+        let problems = self.stage_problems().await?;
         let stage_problems = problems.into_iter().map(|(stage, problem)| StageProblem { stage, problem }).collect();
         let waiting_long = match flag_after {
             Some(after) => {
@@ -427,11 +439,23 @@ impl Node {
         })
     }
 
+    /// The stages that are not ready: as the engine last checked them, or,
+    /// with no engine, checked now.
+    async fn stage_problems(&self) -> Result<BTreeMap<Stage, String>, ControlError> {
+        match &self.held {
+            Some(held) => Ok(lock_stages(held).clone()),
+            None => {
+                let config = self.config.clone();
+                self.read(move |_| Ok(config.stage_problems())).await
+            }
+        }
+    }
+
     /// The runs, all or those in one state, in id order.
     pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
-        let (policy, billing, config) = (self.config.policy.clone(), self.billing, self.config.clone());
+        let (policy, billing) = (self.config.policy.clone(), self.billing);
+        let problems = self.stage_problems().await?;
         self.read(move |store| {
-            let problems = config.stage_problems();
             let filter = match state {
                 None => RunFilter::All,
                 Some(tag) if tag.is_terminal() => RunFilter::Terminal(tag),
