@@ -2,6 +2,7 @@
 
 pub mod aws;
 pub mod cli;
+pub mod disk;
 pub mod local;
 pub mod moto;
 

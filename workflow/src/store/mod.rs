@@ -47,6 +47,16 @@ pub enum StoreError {
         /// What sled found.
         problem: String,
     },
+    /// A write to the store failed (a full disk, say): from then on it takes
+    /// and answers nothing, so that nothing unflushed is ever shown.
+    #[error(
+        "the store stopped after a write to it failed ({problem}); what was not yet on disk is not shown. Fix the \
+         cause (for a full disk: free space) and start evalflow again: every change it acknowledged is kept"
+    )]
+    Stopped {
+        /// Why the write failed.
+        problem: String,
+    },
     /// Another process holds the store open.
     #[error("the store at {path} is open in another process: stop it, or talk to it through its API")]
     Locked {

@@ -12,9 +12,15 @@
 //! Run ids are ASCII letters, digits, `_` and `-`, so `\0` ends a run id in a
 //! history key and one run's entries never interleave with another's. A
 //! commit is one `apply_batch` (atomic, also across a crash) and one flush.
+//!
+//! sled shows a batch to readers as soon as it is applied, before it is on
+//! disk; a flush cut short (a full disk) would leave readers looking at a
+//! state that a restart does not have. So readers go through [`Flushes`]: a
+//! read that may have seen a commit returns only once that commit is
+//! flushed, and after a failed flush the store answers nothing more.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, SCHEMA_VERSION};
@@ -56,6 +62,70 @@ pub struct SledStore {
     tree: sled::Tree,
     /// The counters, kept in memory and updated by the writer after each commit.
     counts: Arc<Mutex<StateCounts>>,
+    flushes: Arc<Flushes>,
+}
+
+/// The commits begun and flushed, so that readers see only flushed state.
+#[derive(Default)]
+struct Flushes {
+    state: Mutex<FlushState>,
+    flushed: Condvar,
+    /// Held by the one commit in progress.
+    writer: Mutex<()>,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Commits whose batch was applied (and may be visible to readers).
+    begun: u64,
+    /// Commits flushed to disk: the first `flushed` of the `begun`.
+    flushed: u64,
+    /// Why a commit failed: from then on the store answers nothing.
+    failed: Option<String>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Flushes {
+    fn stopped(problem: &str) -> StoreError {
+        StoreError::Stopped { problem: problem.to_owned() }
+    }
+
+    /// Makes one commit visible and durable with `write` (apply, then
+    /// flush); the caller holds `writer`.
+    fn flush(&self, write: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+        {
+            let mut state = locked(&self.state);
+            if let Some(problem) = &state.failed {
+                return Err(Self::stopped(problem));
+            }
+            state.begun += 1;
+        }
+        let result = write();
+        let mut state = locked(&self.state);
+        match &result {
+            Ok(()) => state.flushed = state.begun,
+            Err(e) => state.failed = Some(e.to_string()),
+        }
+        self.flushed.notify_all();
+        result
+    }
+
+    /// `read`'s answer, once everything it may have seen is flushed.
+    fn durable<T>(&self, read: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let answer = read();
+        let mut state = locked(&self.state);
+        let seen = state.begun;
+        while state.flushed < seen && state.failed.is_none() {
+            state = self.flushed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        match &state.failed {
+            Some(problem) => Err(Self::stopped(problem)),
+            None => answer,
+        }
+    }
 }
 
 /// The error for a store whose files cannot be read, in sled's words
@@ -146,7 +216,7 @@ impl SledStore {
                 _ => return Err(codec::corrupt(&key, "bad counter".into())),
             }
         }
-        Ok(SledStore { db, tree, counts: Arc::new(Mutex::new(counts)) })
+        Ok(SledStore { db, tree, counts: Arc::new(Mutex::new(counts)), flushes: Arc::default() })
     }
 
     /// The bytes sled's files take on disk.
@@ -192,24 +262,8 @@ impl SledStore {
         }
         count(counts, change, delta)
     }
-}
 
-/// Applies a delta's counter moves to `counts`, refusing to go below zero.
-fn count(counts: &mut StateCounts, change: &RunChange, delta: IndexDelta) -> Result<(), StoreError> {
-    if let Some(tag) = delta.count_out {
-        counts[tag] = counts[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
-            run: change.run.clone(),
-            problem: format!("leaves state {tag}, which counts no run"),
-        })?;
-    }
-    if let Some(tag) = delta.count_in {
-        counts[tag] += 1;
-    }
-    Ok(())
-}
-
-impl WorkflowStore for SledStore {
-    fn load(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
+    fn load_now(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
         let key = key(SPEC, run);
         let Some(spec) = self.tree.get(&key)? else { return Ok(None) };
         let spec: RunSpec = codec::decode(&key, &spec)?;
@@ -217,8 +271,9 @@ impl WorkflowStore for SledStore {
         Ok(Some(StoredRun { run: Run { spec, status: entry.status }, last_seq: entry.seq }))
     }
 
-    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
-        let mut counts = *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// The batch that writes `commit`, and the counters after it; checked, not written.
+    fn prepare(&self, commit: &Commit) -> Result<(sled::Batch, StateCounts), StoreError> {
+        let mut counts = *locked(&self.counts);
         let before = counts;
         let mut batch = sled::Batch::default();
         for change in &commit.changes {
@@ -229,23 +284,10 @@ impl WorkflowStore for SledStore {
                 batch.insert(&[COUNT, tag.code()], &count.to_be_bytes()[..]);
             }
         }
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
-        *self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = counts;
-        Ok(())
+        Ok((batch, counts))
     }
 
-    fn history(&self, run: &RunId) -> Result<Vec<HistoryEntry>, StoreError> {
-        self.tree
-            .scan_prefix(history_prefix(run))
-            .map(|item| {
-                let (key, value) = item?;
-                codec::decode(&key, &value)
-            })
-            .collect()
-    }
-
-    fn runs(&self, filter: RunFilter, after: Option<&RunId>, limit: usize) -> Result<Vec<RunId>, StoreError> {
+    fn runs_now(&self, filter: RunFilter, after: Option<&RunId>, limit: usize) -> Result<Vec<RunId>, StoreError> {
         let prefix = match filter {
             RunFilter::All => vec![SPEC],
             RunFilter::Live => vec![LIVE],
@@ -265,9 +307,58 @@ impl WorkflowStore for SledStore {
         }
         Ok(runs)
     }
+}
+
+/// Applies a delta's counter moves to `counts`, refusing to go below zero.
+fn count(counts: &mut StateCounts, change: &RunChange, delta: IndexDelta) -> Result<(), StoreError> {
+    if let Some(tag) = delta.count_out {
+        counts[tag] = counts[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
+            run: change.run.clone(),
+            problem: format!("leaves state {tag}, which counts no run"),
+        })?;
+    }
+    if let Some(tag) = delta.count_in {
+        counts[tag] += 1;
+    }
+    Ok(())
+}
+
+impl WorkflowStore for SledStore {
+    fn load(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
+        self.flushes.durable(|| self.load_now(run))
+    }
+
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let _writer = locked(&self.flushes.writer);
+        let (batch, counts) = self.prepare(commit)?;
+        self.flushes.flush(|| {
+            self.tree.apply_batch(batch)?;
+            self.db.flush()?;
+            Ok(())
+        })?;
+        *locked(&self.counts) = counts;
+        Ok(())
+    }
+
+    fn history(&self, run: &RunId) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.flushes.durable(|| {
+            self.tree
+                .scan_prefix(history_prefix(run))
+                .map(|item| {
+                    let (key, value) = item?;
+                    codec::decode(&key, &value)
+                })
+                .collect()
+        })
+    }
+
+    fn runs(&self, filter: RunFilter, after: Option<&RunId>, limit: usize) -> Result<Vec<RunId>, StoreError> {
+        self.flushes.durable(|| self.runs_now(filter, after, limit))
+    }
 
     fn counts(&self) -> Result<StateCounts, StoreError> {
-        Ok(*self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        // Updated after each flushed commit only.
+        Ok(*locked(&self.counts))
     }
 }
 

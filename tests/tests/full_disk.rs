@@ -1,0 +1,158 @@
+//! A full disk under the store, on a real (small) filesystem: the engine
+//! drives runs on a sled store in a tmpfs until a write meets ENOSPC, while a
+//! reader keeps listing and loading runs as the API does. Whatever a reader
+//! was shown, and whatever a commit acknowledged, is there after the space
+//! comes back and the store is opened again; after the failed write the
+//! store answers nothing it has not flushed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use evalflow_tests::disk::Tmpfs;
+use evalflow_tests::{check_store, test_policy};
+use evalflow_workflow::sim::InstantWorld;
+use evalflow_workflow::store::{RunFilter, StoreError, all_runs};
+use evalflow_workflow::{
+    Engine, Input, JobOutcome, Outcome, RunId, RunSpec, SledStore, Stage, SubmissionId, SubmissionSource, TeamId,
+    Timestamp, WorkflowStore,
+};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// What one reader saw: the highest version of each run it was shown, and
+/// how many reads the store refused.
+#[derive(Default)]
+struct Seen {
+    versions: BTreeMap<RunId, u64>,
+    refused: usize,
+}
+
+/// Lists and loads every run, again and again, until `stop`.
+fn read_until(store: SledStore, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    while !stop.load(Ordering::Relaxed) {
+        let listed = match all_runs(&store, RunFilter::All) {
+            Ok(listed) => listed,
+            Err(StoreError::Stopped { .. }) => {
+                seen.refused += 1;
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => panic!("a reader met {e}"),
+        };
+        for run in listed {
+            match store.load(&run) {
+                Ok(Some(stored)) => {
+                    let version = seen.versions.entry(run).or_default();
+                    *version = (*version).max(stored.run.status.version);
+                }
+                Ok(None) => panic!("{run} was listed, then not found"),
+                Err(StoreError::Stopped { .. }) => seen.refused += 1,
+                Err(e) => panic!("a reader met {e}"),
+            }
+        }
+    }
+    seen
+}
+
+fn spec(index: usize) -> RunSpec {
+    RunSpec::new(
+        SubmissionId::new(format!("s{index}")).unwrap(),
+        TeamId::new(format!("t{}", index % 5)).unwrap(),
+        Stage::Public,
+        false,
+        SubmissionSource::Image { uri: format!("registry/s{index}") },
+        Timestamp(index as u64),
+    )
+}
+
+/// One try: `free` bytes left on the store's filesystem, group sizes from `seed`.
+fn fill_the_store(seed: u64, free: u64) {
+    let root = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&root.path().join("disk"), 8 * 1024);
+    let dir = root.path().join("disk/state");
+    let store = SledStore::open(&dir, Default::default()).unwrap();
+    disk.fill("filler", free);
+    let (mut engine, _) = Engine::open(store.clone(), test_policy(), 32).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let (store, stop) = (store.clone(), stop.clone());
+        move || read_until(store, stop)
+    });
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sizes = StdRng::seed_from_u64(rng.random());
+    let mut world = InstantWorld::new(|_| match rng.random_range(0..6) {
+        0 => JobOutcome::OutOfMemory { resource: evalflow_workflow::Resource::GpuMemory },
+        _ => JobOutcome::Succeeded,
+    });
+    let mut acknowledged = BTreeMap::<RunId, u64>::new();
+    let mut pending = Vec::new();
+    let mut submitted = 0;
+    let failure = loop {
+        assert!(submitted < 200_000, "{} KiB never filled up", free / 1024);
+        if pending.is_empty() {
+            pending.extend((submitted..submitted + 50).map(|i| Input::Submit(spec(i))));
+            submitted += 50;
+        }
+        let take = sizes.random_range(1..=40).min(pending.len());
+        let group: Vec<Input> = pending.drain(..take).collect();
+        let now = Timestamp::now();
+        match engine.apply(group, now) {
+            Ok(applied) => {
+                for outcome in applied.outcomes {
+                    if let Outcome::Recorded { run, version, .. } = outcome {
+                        acknowledged.insert(run, version);
+                    }
+                }
+                pending.extend(applied.dispatches.iter().flat_map(|d| world.answer(d, now)));
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(failure.contains("No space left on device"), "the write failed for want of space: {failure}");
+
+    // From now on nothing is shown: the failed commit may be in sled's memory, not on disk.
+    let first = acknowledged.keys().next().unwrap().clone();
+    let refused = store.load(&first).unwrap_err();
+    assert!(matches!(refused, StoreError::Stopped { .. }), "{refused}");
+    let said = refused.to_string();
+    assert!(said.contains("No space left on device") && said.contains("free space"), "{said}");
+    assert!(matches!(all_runs(&store, RunFilter::All), Err(StoreError::Stopped { .. })));
+    std::thread::sleep(Duration::from_millis(20));
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    assert!(seen.refused > 0, "the reader read on after the failure");
+    drop((engine, store));
+
+    disk.unfill("filler");
+    let store = SledStore::open(&dir, Default::default()).unwrap_or_else(|e| panic!("after the space came back: {e}"));
+    let runs = check_store(&test_policy(), &store).unwrap_or_else(|e| panic!("the reopened store: {e}"));
+    assert!(runs >= acknowledged.len());
+    let reopened = |run: &RunId| store.load(run).unwrap().map_or(0, |s| s.run.status.version);
+    for (run, version) in &acknowledged {
+        assert!(reopened(run) >= *version, "{run}: acknowledged at version {version}, reopened at {}", reopened(run));
+    }
+    for (run, version) in &seen.versions {
+        assert!(reopened(run) >= *version, "{run}: shown at version {version}, reopened at {}", reopened(run));
+    }
+    // And it takes writes again.
+    let (mut engine, _) = Engine::open(store, test_policy(), 32).unwrap();
+    engine.apply(vec![Input::Submit(spec(submitted + 1))], Timestamp::now()).unwrap();
+    eprintln!(
+        "seed {seed}, {} KiB free: {} runs acknowledged, {} shown, {} reads refused after the failure",
+        free / 1024,
+        acknowledged.len(),
+        seen.versions.len(),
+        seen.refused
+    );
+}
+
+#[test]
+fn a_store_that_fills_its_disk_shows_only_what_is_flushed_and_reopens_with_it() {
+    for (seed, free_kib) in [(1, 700), (2, 1100), (3, 1900), (4, 2600), (5, 3300)] {
+        fill_the_store(seed, free_kib * 1024);
+    }
+}
