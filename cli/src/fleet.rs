@@ -21,8 +21,12 @@ pub async fn worker(config: &Config) -> Result<ExitCode> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let parts = connect_worker(config).await?;
     let requests = parts.requests.clone();
-    let activities =
-        Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
+    let activities = Arc::new(Activities {
+        runner: parts.runner,
+        artifacts: parts.artifacts,
+        policy: config.policy.clone(),
+        space: None,
+    });
     let settings = WorkerSettings {
         concurrency: aws.worker_concurrency,
         visibility_timeout_secs: aws.visibility_timeout_secs,

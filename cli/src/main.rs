@@ -16,6 +16,7 @@ mod reproduce;
 mod serve;
 mod signals;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -212,15 +213,31 @@ enum AwsCommand {
     Bootstrap,
 }
 
+/// Standard error, dropping what cannot be written instead of panicking: a
+/// supervisor's standard error is a log file on a disk that may be full.
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| Stderr).init();
     if let Command::Supervise { job_dir } = &cli.command {
         return match evalflow_activities::local::supervisor::supervise(job_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: supervising {}: {e}", job_dir.display());
+                let _ = writeln!(Stderr, "error: supervising {}: {e}", job_dir.display());
                 ExitCode::FAILURE
             }
         };

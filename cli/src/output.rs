@@ -41,6 +41,9 @@ pub fn status(view: &StatusView) {
     }
     table.add_row(vec![Cell::new("total"), right(view.total)]);
     println!("{table}");
+    if let Some(paused) = &view.paused {
+        println!("launching paused (running jobs go on): {paused}");
+    }
     for stage in &view.stage_problems {
         println!(
             "stage {} is not ready, so none of its runs launches until it is (the engine looks again every few \

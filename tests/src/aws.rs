@@ -80,8 +80,12 @@ impl AwsCompetition {
         let node = Node::start(config.clone(), lock, options).await.unwrap_or_else(|e| panic!("{e}"));
         let parts = connect(&config, Some(runner)).await.unwrap_or_else(|e| panic!("{e}"));
         let queues = parts.queues.clone();
-        let activities =
-            Arc::new(Activities { runner: parts.runner, artifacts: parts.artifacts, policy: config.policy.clone() });
+        let activities = Arc::new(Activities {
+            runner: parts.runner,
+            artifacts: parts.artifacts,
+            policy: config.policy.clone(),
+            space: None,
+        });
         let settings = WorkerSettings {
             concurrency: 4,
             visibility_timeout_secs: 10,

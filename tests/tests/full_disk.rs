@@ -156,3 +156,65 @@ fn a_store_that_fills_its_disk_shows_only_what_is_flushed_and_reopens_with_it() 
         fill_the_store(seed, free_kib * 1024);
     }
 }
+
+/// Submits `id` (it writes 0.5 for every file) with `ballast` bytes besides.
+fn submit(cli: &evalflow_tests::cli::Cli, root: &std::path::Path, id: &str, ballast: usize) {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("submission.toml"), "command = [\"python3\", \"main.py\"]\n").unwrap();
+    std::fs::write(dir.join("main.py"), format!("{}\nhalves()", evalflow_tests::local::PRELUDE)).unwrap();
+    std::fs::write(dir.join("ballast.bin"), vec![7; ballast]).unwrap();
+    cli.ok(&["submit", "--id", id, "--team", id, dir.to_str().unwrap()]);
+}
+
+#[test]
+fn a_full_disk_under_the_jobs_pauses_launching_and_fails_no_run() {
+    use evalflow_tests::cli::wait_until;
+    use evalflow_tests::local::{competition, run_view, serve, wait_ended};
+    use evalflow_worker::views::StatusView;
+    use evalflow_workflow::StateTag;
+
+    let root = tempfile::tempdir().unwrap();
+    let cli = competition(&root.path().join("c"));
+    let config = std::fs::read_to_string(cli.data_dir.join("evalflow.toml")).unwrap();
+    let config = config.replace("submission_max_mib = 1", "submission_max_mib = 8\nfree_disk_min_mib = 4");
+    std::fs::write(cli.data_dir.join("evalflow.toml"), config).unwrap();
+    let jobs = Tmpfs::mount(&cli.data_dir.join("jobs"), 32 * 1024);
+    let subs = root.path().join("subs");
+    const MIB: u64 = 1024 * 1024;
+    let status = || cli.json::<StatusView>(&["status", "--json"]);
+
+    // Below the margin: nothing new launches, and status and runs say why.
+    jobs.fill("filler", 2 * MIB);
+    let _engine = serve(&cli);
+    submit(&cli, &subs, "small", 0);
+    let paused = status().paused.unwrap_or_else(|| panic!("not paused: {}", cli.ok(&["status"])));
+    assert!(
+        paused.contains("/jobs has 2 MiB free, less than the 4 MiB") && paused.contains("free_disk_min_mib"),
+        "{paused}"
+    );
+    assert!(cli.ok(&["status"]).contains("launching paused (running jobs go on): the disk under"));
+    std::thread::sleep(Duration::from_secs(6));
+    let small = run_view(&cli, "small");
+    assert_eq!(small.state, StateTag::Queued, "{small:?}");
+    assert!(small.waiting.as_deref().is_some_and(|w| w.starts_with("waiting for disk space: ")), "{small:?}");
+    jobs.unfill("filler");
+    wait_ended(&cli, &["small"], Duration::from_secs(60));
+    assert_eq!(run_view(&cli, "small").state, StateTag::Published);
+    assert_eq!(status().paused, None);
+
+    // Above the margin, but a job's copy of its submission meets a full disk:
+    // it waits for room, and the engine launches nothing more meanwhile.
+    jobs.fill("filler", 5 * MIB);
+    submit(&cli, &subs, "big", 6 * MIB as usize);
+    wait_until("the full disk pauses launching", Duration::from_secs(30), || status().paused.is_some());
+    std::thread::sleep(Duration::from_secs(7)); // past a look again, and its log line on the full disk
+    let big = run_view(&cli, "big");
+    assert!(!big.state.is_terminal() && big.attempts == 1, "{big:?}");
+    jobs.unfill("filler");
+    wait_ended(&cli, &["big"], Duration::from_secs(60));
+    let big = run_view(&cli, "big");
+    assert_eq!((big.state, big.attempts), (StateTag::Published, 1), "{big:?}");
+    let board = cli.ok(&["leaderboard"]);
+    assert!(board.contains("small") && board.contains("big"), "{board}");
+}

@@ -8,6 +8,8 @@ use evalflow_activities::scoring::{self, PREDICTIONS_MAX_BYTES};
 use evalflow_activities::{ActivityError, ArtifactStore, JobRunner, LaunchRequest, PublishedResult};
 use evalflow_workflow::{Activity, Command, Detail, Dispatch, Envelope, Event, Input, Policy};
 
+use crate::space::Space;
+
 /// Attempts of an activity failing with a retryable error before giving up.
 pub const RETRIES_MAX: u32 = 5;
 /// The first delay between two attempts; it doubles each time.
@@ -21,6 +23,9 @@ pub struct Activities {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// The policy: profiles and the time limit.
     pub policy: Policy,
+    /// Free disk space, where an engine runs jobs on this machine: a command
+    /// that meets a full disk waits for room there.
+    pub space: Option<Arc<Space>>,
 }
 
 impl Activities {
@@ -97,24 +102,35 @@ impl Activities {
     /// Carries out the command, retrying retryable failures with backoff.
     /// When it gives up, the answer is `ActivityFailed` (which fails the run
     /// with a resumable reason), except for a termination or a withdrawal,
-    /// which stays owed (and is sent again).
+    /// which stays owed (and is sent again). A full disk counts no retry:
+    /// with [`Activities::space`], the command waits for room (or the
+    /// node's shutdown, when it stays owed), then goes on.
     pub async fn execute_with_retries(&self, dispatch: &Dispatch) -> Vec<Input> {
+        let (run, kind) = (&dispatch.spec.run, dispatch.command.kind());
         let mut delay = RETRY_BASE;
-        for attempt in 1..=RETRIES_MAX {
-            match self.execute(dispatch).await {
-                Ok(inputs) => return inputs,
-                Err(e) if e.is_retryable() && attempt < RETRIES_MAX => {
-                    tracing::warn!(run = %dispatch.spec.run, command = dispatch.command.kind(), "retrying: {e}");
+        let mut failures = 0;
+        loop {
+            match (self.execute(dispatch).await, &self.space) {
+                (Ok(inputs), _) => return inputs,
+                (Err(ActivityError::HostFull(error)), Some(space)) => {
+                    tracing::warn!(%run, command = kind, "out of disk space ({error}): waiting for room");
+                    space.full(&error);
+                    if !space.room().await {
+                        return Vec::new();
+                    }
+                }
+                (Err(e), _) if e.is_retryable() && failures + 1 < RETRIES_MAX => {
+                    tracing::warn!(%run, command = kind, "retrying: {e}");
+                    failures += 1;
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Err(e) => {
-                    tracing::error!(run = %dispatch.spec.run, command = dispatch.command.kind(), "giving up: {e}");
+                (Err(e), _) => {
+                    tracing::error!(%run, command = kind, "giving up: {e}");
                     return gave_up(dispatch, &e).into_iter().collect();
                 }
             }
         }
-        Vec::new()
     }
 }
 
@@ -188,6 +204,7 @@ mod tests {
             runner: Arc::new(runner),
             artifacts: Arc::new(FsArtifacts::new(dir.path(), BTreeMap::new())),
             policy: testing::policy(),
+            space: None,
         };
         let spec = testing::spec("late");
         let run = spec.run.clone();

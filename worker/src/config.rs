@@ -18,6 +18,7 @@
 //!
 //! [local]
 //! max_concurrent_jobs = 2
+//! free_disk_min_mib = 1024           # below this, no new run launches until there is room
 //!
 //! [api]                              # the engine's HTTP API; these are the defaults
 //! header_read_timeout_secs = 10      # also how long a kept-alive connection may idle
@@ -401,6 +402,9 @@ pub struct LocalConfig {
     pub kill_grace_secs: u64,
     /// The largest submitted directory, in MiB.
     pub submission_max_mib: u64,
+    /// The free space, in MiB, below which no new run launches (on the
+    /// filesystems of the store, the jobs and the results).
+    pub free_disk_min_mib: u64,
 }
 
 impl Default for LocalConfig {
@@ -412,6 +416,7 @@ impl Default for LocalConfig {
             files_max: 10_000,
             kill_grace_secs: 5,
             submission_max_mib: 1024,
+            free_disk_min_mib: 1024,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod engine_thread;
 pub mod local_worker;
 pub mod lock;
 pub mod node;
+pub mod space;
 pub mod sqs;
 pub mod submit;
 pub mod token;

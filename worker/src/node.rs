@@ -8,7 +8,7 @@
 //! engine runs: it starts no job, and carries out only the commands its own
 //! requests cause (a cancel's termination, a resumed scoring), before it returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use crate::config::{AwsConfig, Config, ConfigError};
 use crate::engine_thread::{self, EngineHandle, EngineStopped};
 use crate::local_worker;
 use crate::lock::DataDirLock;
+use crate::space::Space;
 use crate::sqs::Queues;
 use crate::views::{
     ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StageProblem, StatusView, Wait,
@@ -141,6 +142,8 @@ pub struct Node {
     requests: Option<RequestCounter>,
     /// The stages the engine holds, as it last checked them (an engine's node only).
     held: Option<StageProblems>,
+    /// Free disk space, where an engine runs jobs on this machine.
+    space: Option<Arc<Space>>,
     billing: Billing,
     _lock: DataDirLock,
 }
@@ -209,29 +212,57 @@ impl Setup {
     }
 }
 
-/// How often the engine looks again at stages whose files did not agree.
+/// How often the engine looks again at stages whose files did not agree,
+/// and at the free disk space.
 const STAGE_WATCH: Duration = Duration::from_secs(5);
 
-/// Looks at the stages' test sets and labels every [`STAGE_WATCH`] until
-/// `shutdown`, and holds the queued runs of those that do not agree, so
-/// that an organizer's fix is taken up without a restart.
-async fn watch_stages(config: Arc<Config>, held: StageProblems, engine: EngineHandle, shutdown: CancellationToken) {
+/// The stages whose queued runs wait: those not ready, or all of them while
+/// the disk is short of space.
+fn stages_held(config: &Config, problems: &BTreeMap<Stage, String>, space: Option<&Space>) -> BTreeSet<Stage> {
+    match space.and_then(Space::short) {
+        Some(_) => config.stages.keys().copied().collect(),
+        None => problems.keys().copied().collect(),
+    }
+}
+
+/// Looks at the stages' test sets and labels, and at the free disk space,
+/// every [`STAGE_WATCH`] until `shutdown`, and holds the queued runs that
+/// cannot launch, so that an organizer's fix (or freed space) is taken up
+/// without a restart.
+async fn watch_launching(
+    config: Arc<Config>,
+    held: StageProblems,
+    space: Option<Arc<Space>>,
+    engine: EngineHandle,
+    shutdown: CancellationToken,
+) {
+    let mut holding = stages_held(&config, &lock_stages(&held), space.as_deref());
     loop {
         tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
-        let checked = config.clone();
-        let Ok(problems) = tokio::task::spawn_blocking(move || checked.stage_problems()).await else { return };
+        let (checked, looked) = (config.clone(), space.clone());
+        let Ok(problems) = tokio::task::spawn_blocking(move || {
+            if let Some(space) = &looked {
+                space.check();
+            }
+            checked.stage_problems()
+        })
+        .await
+        else {
+            return;
+        };
         let before = lock_stages(&held).clone();
-        if problems == before {
-            continue;
-        }
         for stage in before.keys().filter(|s| !problems.contains_key(s)) {
             tracing::info!("stage {stage} is ready: its runs launch");
         }
         warn_not_ready(&problems, &before);
-        if engine.hold_stages(problems.keys().copied().collect()).await.is_err() {
-            return;
-        }
+        let hold = stages_held(&config, &problems, space.as_deref());
         *lock_stages(&held) = problems;
+        if hold != holding {
+            if engine.hold_stages(hold.clone()).await.is_err() {
+                return;
+            }
+            holding = hold;
+        }
     }
 }
 
@@ -293,20 +324,28 @@ impl Node {
             Mode::Direct => 0,
         };
         let (mut engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        let shutdown = CancellationToken::new();
+        // Jobs, results and the store take this machine's disk when it runs the jobs.
+        let space = (options.mode == Mode::Engine && config.aws.is_none()).then(|| {
+            let dirs = vec![config.store_dir(), config.jobs_dir(), config.data_dir.clone(), config.submissions_dir()];
+            let space = Space::new(dirs, config.local.free_disk_min_mib, shutdown.clone());
+            space.check();
+            Arc::new(space)
+        });
         // A direct node (a CLI command while no engine runs) holds nothing and checks when asked.
         let held = (options.mode == Mode::Engine).then(|| {
             let problems = config.stage_problems();
             warn_not_ready(&problems, &BTreeMap::new());
-            engine.hold_stages(problems.keys().copied().collect());
+            engine.hold_stages(stages_held(&config, &problems, space.as_deref()));
             Arc::new(std::sync::Mutex::new(problems))
         });
         let activities = Arc::new(Activities {
             runner: setup.runner.clone(),
             artifacts: setup.artifacts.clone(),
             policy: config.policy.clone(),
+            space: space.clone(),
         });
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
         let (recovered, direct, worker_rx) = match options.mode {
             Mode::Engine => (recovered, None, Some(dispatch_rx)),
             // What was owed before stays owed: it is the next engine's work.
@@ -341,7 +380,9 @@ impl Node {
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
             if let Some(held) = &held {
-                loops.push(tokio::spawn(watch_stages(config.clone(), held.clone(), engine.clone(), shutdown.clone())));
+                let watch =
+                    watch_launching(config.clone(), held.clone(), space.clone(), engine.clone(), shutdown.clone());
+                loops.push(tokio::spawn(watch));
             }
         }
         let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
@@ -356,6 +397,7 @@ impl Node {
             queues,
             requests,
             held,
+            space,
             billing,
             _lock: lock,
         })
@@ -436,6 +478,7 @@ impl Node {
             max_active: max_active as u64,
             waiting_long,
             stage_problems,
+            paused: self.space.as_ref().and_then(|space| space.short()),
         })
     }
 
@@ -455,6 +498,7 @@ impl Node {
     pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         let problems = self.stage_problems().await?;
+        let short = self.space.as_ref().and_then(|space| space.short());
         self.read(move |store| {
             let filter = match state {
                 None => RunFilter::All,
@@ -466,7 +510,9 @@ impl Node {
                 let Some(stored) = store.load(&id)? else { continue };
                 if state.is_none_or(|tag| stored.run.status.state.tag() == tag) {
                     let mut view = RunView::new(&stored.run, &policy, billing);
-                    if let (StateTag::Queued, Some(problem)) = (view.state, problems.get(&view.stage)) {
+                    if let (StateTag::Queued, Some(problem)) = (view.state, &short) {
+                        view.waiting = Some(format!("waiting for disk space: {problem}"));
+                    } else if let (StateTag::Queued, Some(problem)) = (view.state, problems.get(&view.stage)) {
                         view.waiting = Some(format!("waiting for stage {} to be ready: {problem}", view.stage));
                     }
                     views.push(view);

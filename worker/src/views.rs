@@ -352,6 +352,9 @@ pub struct StatusView {
     pub waiting_long: Vec<WaitingView>,
     /// Stages whose test set and labels do not agree: none of their runs launches.
     pub stage_problems: Vec<StageProblem>,
+    /// Why no new run launches on this machine now (its disk is short of space).
+    #[serde(default)]
+    pub paused: Option<String>,
 }
 
 /// A stage that is not ready: the competition's problem, not a run's.

@@ -71,7 +71,17 @@ pub fn supervise(job_dir: &Path) -> io::Result<()> {
         write_atomic(&paths.started(), &serde_json::to_vec(&started)?)?;
         execute(&paths, &request)
     };
-    write_atomic(&paths.status(), &serde_json::to_vec_pretty(&status)?)
+    let status = serde_json::to_vec_pretty(&status)?;
+    let deadline = Instant::now() + ROOM_WAIT_MAX;
+    loop {
+        match write_atomic(&paths.status(), &status) {
+            Err(e) if e.kind() == io::ErrorKind::StorageFull && Instant::now() < deadline => {
+                tracing::warn!("cannot write the job's status ({e}): waiting for room on the host's disk");
+                std::thread::sleep(ROOM_POLL);
+            }
+            written => return written,
+        }
+    }
 }
 
 fn ended_early(outcome: JobOutcome) -> JobStatus {
@@ -97,9 +107,9 @@ fn execute(paths: &JobPaths, request: &JobRequest) -> JobStatus {
         Ok(uid) => uid,
         Err(e) => return interrupted(format!("cannot claim a uid for the job: {e}")),
     };
-    let argv = match prepare(paths, request, uid.as_ref().map(JobUid::get)) {
+    let argv = match prepare_when_room(paths, request, uid.as_ref().map(JobUid::get)) {
         Ok(argv) => argv,
-        Err(detail) => return cannot_start(detail),
+        Err(status) => return *status,
     };
     let cgroup =
         match JobCgroup::create(&paths.host_name(), request.memory_limit_mib, request.limits.pids_max, request.vcpus) {
@@ -122,29 +132,69 @@ fn interrupted(detail: String) -> JobStatus {
     ended_early(JobOutcome::Interrupted { detail: Detail::new(detail) })
 }
 
+/// How often a job whose preparation met a full disk looks again.
+const ROOM_POLL: Duration = Duration::from_secs(5);
+/// How long it waits for room at most; then the attempt counts as interrupted.
+const ROOM_WAIT_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a job could not be prepared.
+enum Unprepared {
+    /// The host's disk is full: its problem, not the submission's.
+    NoSpace(String),
+    /// The submission cannot start.
+    Refused(String),
+}
+
+/// The error of a failed preparation step `what`.
+fn unprepared(what: String) -> impl FnOnce(io::Error) -> Unprepared {
+    move |e| match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Unprepared::NoSpace(format!("{what}: {e}")),
+        _ => Unprepared::Refused(format!("{what}: {e}")),
+    }
+}
+
+/// [`prepare`], again every [`ROOM_POLL`] while the host's disk is full
+/// (the partial copy is kept meanwhile, so the disk shows full to the
+/// engine too, which launches nothing more), until it is terminated or
+/// [`ROOM_WAIT_MAX`] has passed.
+fn prepare_when_room(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<Vec<String>, Box<JobStatus>> {
+    let deadline = Instant::now() + ROOM_WAIT_MAX;
+    loop {
+        match prepare(paths, request, uid) {
+            Ok(argv) => return Ok(argv),
+            Err(Unprepared::NoSpace(detail)) if Instant::now() < deadline && !paths.terminate().exists() => {
+                tracing::warn!("{detail}: waiting for room on the host's disk");
+                std::thread::sleep(ROOM_POLL);
+            }
+            Err(Unprepared::NoSpace(detail)) => return Err(Box::new(interrupted(detail))),
+            Err(Unprepared::Refused(detail)) => return Err(Box::new(cannot_start(detail))),
+        }
+    }
+}
+
 /// Makes a fresh scratch copy of the submission and an empty output
 /// directory, and checks the command exists where it will run.
-fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<Vec<String>, String> {
+fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<Vec<String>, Unprepared> {
     for dir in [paths.work(), paths.output()] {
         if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+            fs::remove_dir_all(&dir).map_err(unprepared(format!("cannot clear {}", dir.display())))?;
         }
     }
     // The kept copy was checked against the size cap when it was submitted.
     copy_dir(&request.submission_dir, &paths.work(), u64::MAX)
-        .map_err(|e| format!("cannot copy the submission: {e}"))?;
-    fs::create_dir_all(paths.output()).map_err(|e| format!("cannot create the output directory: {e}"))?;
-    let manifest = Manifest::read(&paths.work()).map_err(|e| e.to_string())?;
+        .map_err(unprepared("cannot copy the submission".into()))?;
+    fs::create_dir_all(paths.output()).map_err(unprepared("cannot create the output directory".into()))?;
+    let manifest = Manifest::read(&paths.work()).map_err(|e| Unprepared::Refused(e.to_string()))?;
     let program = &manifest.command[0];
     if resolve(program, &paths.work(), request.isolation).is_none() {
-        return Err(format!(
+        return Err(Unprepared::Refused(format!(
             "command {program:?} is not found in the sandbox: use a program of the system's /usr/bin, \
              or a path inside the submission such as ./run.sh"
-        ));
+        )));
     }
     if let Some(uid) = uid {
         for dir in [paths.work(), paths.output()] {
-            chown_tree(&dir, uid).map_err(|e| format!("cannot hand {} to the sandbox: {e}", dir.display()))?;
+            chown_tree(&dir, uid).map_err(unprepared(format!("cannot hand {} to the sandbox", dir.display())))?;
         }
     }
     Ok(manifest.command)
