@@ -258,6 +258,8 @@ impl JobCgroup {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
     use super::*;
 
     #[test]
@@ -280,5 +282,29 @@ mod tests {
         assert_eq!(group.procs_files().len(), group.dirs().len());
         group.remove();
         assert!(group.dirs().iter().all(|dir| !dir.exists()));
+    }
+
+    #[test]
+    fn a_group_left_by_a_killed_supervisor_is_cleared_before_the_next_job() {
+        let name = format!("evalflow-test-left-{}", std::process::id());
+        let Ok(left) = JobCgroup::create(&name, 64, 16, 1) else {
+            return; // not root, or no cgroups here
+        };
+        // A supervisor SIGKILLed mid-job: its program lives on in the group, which stays.
+        let mut program = std::process::Command::new("sleep").arg("20").spawn().unwrap();
+        for procs in left.procs_files() {
+            fs::write(procs, program.id().to_string()).unwrap();
+        }
+        assert_eq!(left.members(), [program.id() as i32]);
+        let again = JobCgroup::create(&name, 32, 8, 1).expect("the same name again, as the next attempt's job");
+        assert!(program.wait().unwrap().signal().is_some(), "the stale job's program was killed");
+        assert!(again.members().is_empty());
+        match &again {
+            JobCgroup::V1 { memory, .. } => {
+                assert_eq!(fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap().trim(), "33554432");
+            }
+            JobCgroup::V2 { dir } => assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap().trim(), "33554432"),
+        }
+        again.remove();
     }
 }
