@@ -21,12 +21,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::Selection;
 use evalflow_worker::config::Config;
-use evalflow_worker::submit::{SubmissionRequest, check_requests, check_stages, prepare_all, read_manifest};
+use evalflow_worker::submit::{
+    SubmissionRequest, SubmitLock, check_requests, check_stages, clear_unsubmitted, prepare_all, read_manifest,
+};
 use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 
 use crate::backend::{Backend, connect};
@@ -324,8 +326,14 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             };
             let config = Config::load(dir)?;
             check_stages(&config, &requests)?;
+            let lock = SubmitLock::take(&config)
+                .with_context(|| format!("cannot take {} for this submit", config.submit_lock().display()))?;
             let stored = backend.runs(None).await?.into_iter().map(|r| (r.submission, r.team)).collect();
             check_requests(&requests, &stored)?;
+            let cleared = clear_unsubmitted(&config, &stored, &lock);
+            if cleared > 0 {
+                eprintln!("removed {cleared} copies left by a submit that did not finish (none of them had a run)");
+            }
             let prepared = prepare_all(&config, &requests, Timestamp::now())?;
             let views = match backend.submit(prepared.specs.clone()).await {
                 Ok(views) if views.iter().any(|v| v.accepted) => views,

@@ -3,8 +3,9 @@
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
-use evalflow_tests::cli::Cli;
+use evalflow_tests::cli::{Cli, wait_until};
 use evalflow_worker::lock::EngineInfo;
 use evalflow_worker::views::{ActionView, RunView};
 use evalflow_workflow::StateTag;
@@ -256,4 +257,44 @@ fn a_manifest_goes_in_whole_or_not_at_all() {
     let taken = submit(line("a", "u", "subs/a"));
     let said = String::from_utf8_lossy(&taken.stderr).into_owned();
     assert!(said.contains("submission a was already submitted by team t: give this one its own id"), "{said}");
+}
+
+#[test]
+fn a_submit_killed_half_way_leaves_nothing_that_blocks_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let manifest = dir.path().join("manifest.jsonl");
+    let mut lines = String::new();
+    for i in 0..3000 {
+        let sub = dir.path().join(format!("subs/s{i}"));
+        submission(&sub, "command = [\"true\"]\n");
+        fs::write(sub.join("weights.bin"), vec![i as u8; 32 * 1024]).unwrap();
+        lines.push_str(&format!(
+            "{{\"id\": \"s{i}\", \"team\": \"t\", \"stage\": \"public\", \"path\": \"{}\"}}\n",
+            sub.display()
+        ));
+    }
+    fs::write(&manifest, lines).unwrap();
+    let kept = cli.data_dir.join("submissions");
+    let copies = || fs::read_dir(&kept).map_or(0, |d| d.count());
+
+    let mut submit = cli.spawn(&["submit", "--manifest", manifest.to_str().unwrap()]);
+    wait_until("the submit has copied some", Duration::from_secs(60), || copies() >= 50);
+    assert!(submit.try_wait().unwrap().is_none(), "the submit ended before it could be killed");
+    submit.kill().unwrap();
+    submit.wait().unwrap();
+    let left = copies();
+    assert!((50..3000).contains(&left), "{left} copies");
+
+    // A corrected s0 (other contents) goes in: the copies of the killed submit are gone.
+    fs::write(dir.path().join("subs/s0/weights.bin"), b"retrained").unwrap();
+    let out = cli.run(&["submit", "--id", "s0", "--team", "t", dir.path().join("subs/s0").to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("removed {left} copies left by a submit that did not finish")), "{said}");
+    assert_eq!(copies(), 1, "only the submitted s0 is kept");
+    // Kept copies of stored runs are never touched: the whole manifest now goes in.
+    let views: Vec<ActionView> = cli.json(&["submit", "--manifest", manifest.to_str().unwrap(), "--json"]);
+    assert!(views.iter().filter(|v| v.accepted).count() >= 2999, "{:?}", &views[..2]);
+    assert_eq!(copies(), 3000);
 }

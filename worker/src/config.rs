@@ -565,6 +565,11 @@ impl Config {
         self.data_dir.join("state").join("store")
     }
 
+    /// The lock one submit at a time holds.
+    pub fn submit_lock(&self) -> PathBuf {
+        self.data_dir.join("state").join("submit.lock")
+    }
+
     /// The directory of job directories.
     pub fn jobs_dir(&self) -> PathBuf {
         self.data_dir.join("jobs")

@@ -153,6 +153,51 @@ pub enum SubmitError {
     },
 }
 
+/// One submit at a time in a data directory, from before it reads what is
+/// stored until the engine took (or refused) its specs: what a submit finds
+/// copied but not stored is then known to be left by one that did not finish.
+#[derive(Debug)]
+pub struct SubmitLock {
+    _file: std::fs::File,
+}
+
+impl SubmitLock {
+    /// Takes the lock, waiting while another submit holds it.
+    pub fn take(config: &Config) -> std::io::Result<SubmitLock> {
+        let path = config.submit_lock();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::File::options().create(true).truncate(false).write(true).open(&path)?;
+        file.lock()?;
+        Ok(SubmitLock { _file: file })
+    }
+}
+
+/// Removes what submits that did not go through left in the submissions
+/// directory: copies of ids no stored run has (a submit killed between its
+/// copies and the engine's answer) and half-made copies. `stored` must be
+/// read under `_lock`. Returns how many it removed.
+pub fn clear_unsubmitted(config: &Config, stored: &HashMap<SubmissionId, TeamId>, _lock: &SubmitLock) -> usize {
+    let Ok(entries) = std::fs::read_dir(config.submissions_dir()) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let left = match SubmissionId::new(&name) {
+            _ if name.starts_with(".new-") => true,
+            Ok(id) => !stored.contains_key(&id),
+            Err(_) => false,
+        };
+        if left && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+    removed
+}
+
 /// Removes copies of `id` left half-made by a process that died while copying.
 fn clear_staging(dir: &Path, id: &SubmissionId) {
     let prefix = format!(".new-{id}-");
