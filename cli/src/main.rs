@@ -233,7 +233,12 @@ impl std::io::Write for Stderr {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());
+    // sled's own log lines restate, in its raw words, what evalflow reports:
+    // shown only when EVALFLOW_LOG names sled.
+    let mut filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());
+    if !filter.contains("sled") {
+        filter.push_str(",sled=off");
+    }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| Stderr).init();
     if let Command::Supervise { job_dir } = &cli.command {
         return match evalflow_activities::local::supervisor::supervise(job_dir) {

@@ -218,3 +218,51 @@ fn a_full_disk_under_the_jobs_pauses_launching_and_fails_no_run() {
     let board = cli.ok(&["leaderboard"]);
     assert!(board.contains("small") && board.contains("big"), "{board}");
 }
+
+#[test]
+fn a_full_disk_under_a_serving_store_stops_the_engine_and_a_restart_loses_nothing() {
+    use evalflow_tests::cli::wait_until;
+    use evalflow_tests::local::{competition, runs, wait_ended};
+    use evalflow_workflow::StateTag;
+
+    let root = tempfile::tempdir().unwrap();
+    let cli = competition(&root.path().join("c"));
+    let config = std::fs::read_to_string(cli.data_dir.join("evalflow.toml")).unwrap();
+    std::fs::write(
+        cli.data_dir.join("evalflow.toml"),
+        config.replace("files_max = 2000", "files_max = 2000\nfree_disk_min_mib = 1"),
+    )
+    .unwrap();
+    let state = Tmpfs::mount(&cli.data_dir.join("state"), 16 * 1024);
+    let subs = root.path().join("subs");
+    let log = root.path().join("serve.log");
+    let serve = || {
+        let _ = std::fs::remove_file(cli.data_dir.join("state/engine.json"));
+        let engine = cli.spawn_logged(&["serve"], &log);
+        wait_until("the engine announces its API", Duration::from_secs(30), || {
+            cli.data_dir.join("state/engine.json").exists()
+        });
+        engine
+    };
+    let ids: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    let mut engine = serve();
+    for id in &ids {
+        evalflow_tests::local::submit(&cli, &subs, id, "time.sleep(2)\nhalves()");
+    }
+    wait_until("runs run", Duration::from_secs(30), || runs(&cli).iter().any(|r| r.state == StateTag::Running));
+    state.fill("filler", 0);
+    wait_until("the engine stops", Duration::from_secs(60), || engine.try_wait().unwrap().is_some());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("error: the store stopped after a write to it failed (No space left on device); "), "{said}");
+    assert!(said.contains("free space") && !said.contains("panicked") && !said.contains("sled"), "{said}");
+
+    state.unfill("filler");
+    let _engine = serve();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    wait_ended(&cli, &ids, Duration::from_secs(120));
+    for run in runs(&cli) {
+        assert_eq!((run.state, run.attempts), (StateTag::Published, 1), "{run:?}");
+    }
+    let launches = std::fs::read_to_string(cli.data_dir.join("jobs/launches.log")).unwrap();
+    assert_eq!(launches.lines().count(), ids.len(), "no job launched twice:\n{launches}");
+}

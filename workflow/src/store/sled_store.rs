@@ -19,6 +19,7 @@
 //! read that may have seen a commit returns only once that commit is
 //! flushed, and after a failed flush the store answers nothing more.
 
+use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -105,10 +106,21 @@ impl Flushes {
         }
         let result = write();
         let mut state = locked(&self.state);
-        match &result {
-            Ok(()) => state.flushed = state.begun,
-            Err(e) => state.failed = Some(e.to_string()),
-        }
+        let result = match result {
+            Ok(()) => {
+                state.flushed = state.begun;
+                Ok(())
+            }
+            Err(e) => {
+                let problem = match e {
+                    StoreError::Sled(e) => sled_words(&e),
+                    other => other.to_string(),
+                };
+                let stopped = Self::stopped(&problem);
+                state.failed = Some(problem);
+                Err(stopped)
+            }
+        };
         self.flushed.notify_all();
         result
     }
@@ -131,9 +143,18 @@ impl Flushes {
 /// The error for a store whose files cannot be read, in sled's words
 /// (without its empty backtrace).
 fn damaged_store(dir: &Path, error: &sled::Error) -> StoreError {
-    let said = error.to_string();
-    let problem = said.trim_end_matches(" backtrace ()").to_owned();
-    StoreError::Damaged { path: dir.display().to_string(), problem }
+    StoreError::Damaged { path: dir.display().to_string(), problem: sled_words(error) }
+}
+
+/// sled's words for `error`, without its empty backtrace; a full disk in plain words.
+fn sled_words(error: &sled::Error) -> String {
+    match error {
+        sled::Error::Io(io) if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) => {
+            "No space left on device".into()
+        }
+        sled::Error::Io(io) => io.to_string(),
+        other => other.to_string().trim_end_matches(" backtrace ()").to_owned(),
+    }
 }
 
 /// Renames the snapshots sled left unfinished in `dir` (`snap.*.generating`)
