@@ -215,8 +215,25 @@ fn a_full_disk_under_the_jobs_pauses_launching_and_fails_no_run() {
     wait_ended(&cli, &["big"], Duration::from_secs(60));
     let big = run_view(&cli, "big");
     assert_eq!((big.state, big.attempts), (StateTag::Published, 1), "{big:?}");
+
+    // A job that runs out of disk space in the middle: the host's problem, so
+    // the attempt counts as interrupted and the next waits for room.
+    let program = "time.sleep(3)\nopen(os.path.join(OUT, 'big.bin'), 'wb').write(b'x' * (3 << 20))\nhalves()";
+    evalflow_tests::local::submit(&cli, &subs, "writer", program);
+    wait_until("the writer runs", Duration::from_secs(30), || run_view(&cli, "writer").state == StateTag::Running);
+    jobs.fill("filler", 512 * 1024);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(status().paused.is_some());
+    let writer = run_view(&cli, "writer");
+    assert!(!writer.state.is_terminal(), "{writer:?}");
+    jobs.unfill("filler");
+    wait_ended(&cli, &["writer"], Duration::from_secs(60));
+    let writer = run_view(&cli, "writer");
+    assert_eq!((writer.state, writer.attempts), (StateTag::Published, 2), "{writer:?}");
+    let first = writer.attempt_details[0].summary.clone().unwrap_or_default();
+    assert!(first.starts_with("interrupted: the host's disk filled up while it ran: "), "{first}");
     let board = cli.ok(&["leaderboard"]);
-    assert!(board.contains("small") && board.contains("big"), "{board}");
+    assert!(["small", "big", "writer"].iter().all(|id| board.contains(id)), "{board}");
 }
 
 #[test]

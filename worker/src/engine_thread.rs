@@ -8,6 +8,8 @@
 //! It also keeps the commands' timing: a launch after a backoff is held until
 //! its `not_before` and dropped if the run moved on meanwhile (a cancel), and
 //! a command owed for too long is sent again. A [`tick`] loop wakes it for both.
+//! While launching is paused (the host's disk is short of space), every
+//! launch, a retry's too, waits in it until launching resumes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -34,6 +36,7 @@ enum Request {
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
     Live { reply: oneshot::Sender<LiveCounts> },
     HoldStages { stages: BTreeSet<Stage> },
+    PauseLaunches { paused: bool },
     Tick,
 }
 
@@ -93,6 +96,12 @@ impl EngineHandle {
         self.tx.send(Request::HoldStages { stages }).await.map_err(|_| EngineStopped)
     }
 
+    /// Sends no launch from now on, until called again with `false`; the
+    /// launches owed meanwhile then go out (those still owed).
+    pub async fn pause_launches(&self, paused: bool) -> Result<(), EngineStopped> {
+        self.tx.send(Request::PauseLaunches { paused }).await.map_err(|_| EngineStopped)
+    }
+
     /// How many runs are live and active.
     pub async fn live(&self) -> Result<LiveCounts, EngineStopped> {
         let (reply, answer) = oneshot::channel();
@@ -117,18 +126,21 @@ pub async fn tick(engine: EngineHandle, shutdown: CancellationToken) {
 /// because what is owed is bounded by the live runs, and a bounded channel
 /// here could deadlock with workers waiting to send their results. A command
 /// owed for longer than `resend_after` (its task lost, given up on or
-/// dead-lettered) is sent again; duplicates are harmless by design.
+/// dead-lettered) is sent again; duplicates are harmless by design. With
+/// `paused`, it starts with launching paused ([`EngineHandle::pause_launches`]).
 pub fn spawn(
     engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     dispatch: mpsc::UnboundedSender<Dispatch>,
     resend_after: Duration,
+    paused: bool,
 ) -> (EngineHandle, std::thread::JoinHandle<Result<(), EngineError>>) {
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
     let outbox = Outbox {
         channel: dispatch,
         sent: HashMap::new(),
         held: BTreeMap::new(),
+        paused: paused.then(BTreeMap::new),
         resend_after,
         checked: Instant::now(),
     };
@@ -145,6 +157,9 @@ struct Outbox {
     sent: HashMap<CommandKey, Instant>,
     /// Launches waiting for the end of their backoff, by when it ends.
     held: BTreeMap<(Timestamp, CommandKey), Dispatch>,
+    /// While launching is paused, the launches owed meanwhile (one per run
+    /// and attempt: bounded by the live runs).
+    paused: Option<BTreeMap<CommandKey, Dispatch>>,
     resend_after: Duration,
     /// When stale commands were last looked for.
     checked: Instant,
@@ -155,12 +170,34 @@ impl Outbox {
     fn send(&mut self, dispatch: Dispatch) {
         let key = key(&dispatch);
         self.sent.insert(key.clone(), Instant::now());
+        if let (Some(paused), Command::LaunchJob { .. }) = (&mut self.paused, &dispatch.command) {
+            paused.insert(key, dispatch);
+            return;
+        }
         match dispatch.command {
             Command::LaunchJob { not_before: Some(at), .. } if at > Timestamp::now() => {
                 self.held.insert((at, key), dispatch);
             }
             _ => _ = self.channel.send(dispatch),
         }
+    }
+
+    /// Pauses or resumes launching; on resuming, sends the launches owed
+    /// meanwhile that are still owed (a run cancelled meanwhile has moved on).
+    fn pause(&mut self, engine: &Engine<SledStore>, paused: bool) -> Result<(), EngineError> {
+        match (paused, self.paused.take()) {
+            (true, waiting) => self.paused = Some(waiting.unwrap_or_default()),
+            (false, Some(waiting)) => {
+                for dispatch in waiting.into_values() {
+                    let stored = engine.store().load(&dispatch.spec.run)?;
+                    if stored.is_some_and(|s| s.run.status.version == dispatch.version) {
+                        self.send(dispatch);
+                    }
+                }
+            }
+            (false, None) => {}
+        }
+        Ok(())
     }
 
     fn tick(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
@@ -180,11 +217,10 @@ impl Outbox {
             if entry.key().0 > now {
                 break;
             }
-            let ((_, key), dispatch) = entry.remove_entry();
+            let (_, dispatch) = entry.remove_entry();
             let stored = engine.store().load(&dispatch.spec.run)?;
             if stored.is_some_and(|s| s.run.status.version == dispatch.version) {
-                self.sent.insert(key, Instant::now());
-                let _ = self.channel.send(dispatch);
+                self.send(dispatch);
             }
         }
         Ok(())
@@ -242,6 +278,7 @@ fn run(
                 }
                 // Before this group's admissions.
                 Request::HoldStages { stages } => engine.hold_stages(stages),
+                Request::PauseLaunches { paused } => outbox.pause(&engine, paused)?,
                 question => questions.push(question),
             }
         }
@@ -282,7 +319,9 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let (live, active) = engine.live_counts();
             let _ = reply.send(LiveCounts { live, active });
         }
-        Request::Apply { .. } | Request::HoldStages { .. } | Request::Tick => unreachable!("handled by the loop"),
+        Request::Apply { .. } | Request::HoldStages { .. } | Request::PauseLaunches { .. } | Request::Tick => {
+            unreachable!("handled by the loop")
+        }
     }
     Ok(())
 }
@@ -307,7 +346,7 @@ mod tests {
             let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
             let (engine, recovered) = Engine::open(store, testing::policy(), 8).unwrap();
             let (tx, commands) = mpsc::unbounded_channel();
-            let (engine, _thread) = spawn(engine, recovered, tx, Duration::from_secs(3600));
+            let (engine, _thread) = spawn(engine, recovered, tx, Duration::from_secs(3600), false);
             Harness { engine, commands, _dir: dir }
         }
 
@@ -358,6 +397,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         h.tick().await;
         assert_eq!(h.sent(), [("spot-public".to_owned(), "launch_job")]);
+    }
+
+    #[tokio::test]
+    async fn no_launch_goes_out_while_launching_is_paused() {
+        let mut h = Harness::start();
+        h.engine.pause_launches(true).await.unwrap();
+        for name in ["first", "second"] {
+            h.engine.apply(vec![Input::Submit(testing::spec(name))]).await.unwrap();
+        }
+        assert_eq!(h.sent(), [], "admitted, but not launched");
+        let second = testing::spec("second").run;
+        h.event(&second, Envelope::unfenced(Event::CancelRequested)).await;
+        h.engine.pause_launches(false).await.unwrap();
+        h.tick().await;
+        let sent = h.sent();
+        assert_eq!(
+            sent,
+            [("second-public".to_owned(), "terminate_job"), ("first-public".to_owned(), "launch_job")],
+            "the cancelled run's launch is dropped"
+        );
     }
 
     #[tokio::test]

@@ -237,6 +237,7 @@ async fn watch_launching(
     shutdown: CancellationToken,
 ) {
     let mut holding = stages_held(&config, &lock_stages(&held), space.as_deref());
+    let mut paused = space.as_ref().is_some_and(|space| space.short().is_some());
     loop {
         tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
         let (checked, looked) = (config.clone(), space.clone());
@@ -262,6 +263,13 @@ async fn watch_launching(
                 return;
             }
             holding = hold;
+        }
+        let short = space.as_ref().is_some_and(|space| space.short().is_some());
+        if short != paused {
+            if engine.pause_launches(short).await.is_err() {
+                return;
+            }
+            paused = short;
         }
     }
 }
@@ -354,7 +362,8 @@ impl Node {
                 (Vec::new(), Some(direct), None)
             }
         };
-        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after);
+        let paused = space.as_ref().is_some_and(|space| space.short().is_some());
+        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after, paused);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
             match (&setup.queues, &setup.logs) {

@@ -132,6 +132,16 @@ fn interrupted(detail: String) -> JobStatus {
     ended_early(JobOutcome::Interrupted { detail: Detail::new(detail) })
 }
 
+/// Below this much free space, the host's disk counts as full.
+const HOST_FULL_BELOW: u64 = MIB;
+
+/// The free space under `dir`, if it is below [`HOST_FULL_BELOW`].
+fn host_full(dir: &Path) -> Option<String> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    (free < HOST_FULL_BELOW).then(|| format!("{} KiB free under {}", free / 1024, dir.display()))
+}
+
 /// How often a job whose preparation met a full disk looks again.
 const ROOM_POLL: Duration = Duration::from_secs(5);
 /// How long it waits for room at most; then the attempt counts as interrupted.
@@ -265,6 +275,7 @@ fn run(
         oom_killed: cgroup.is_some_and(|c| c.oom_kills() > 0),
         disk: disk_verdict(paths, &request.limits),
         sandbox_failed: sandbox_failure(paths, request, exit),
+        host_full: host_full(paths.dir()),
         cause: log_cause(request, exit, &stderr_tail, &stdout_tail),
     };
     let Verdict { outcome, note, rule, matched } = classify(&end, request);
@@ -458,6 +469,8 @@ struct End {
     disk: Option<String>,
     /// What bubblewrap said when it failed before the program started.
     sandbox_failed: Option<String>,
+    /// How full the host's disk under the job was when it ended, if full.
+    host_full: Option<String>,
     /// What the program's log shows it died of.
     cause: Option<Cause>,
 }
@@ -508,6 +521,11 @@ fn classify(end: &End, request: &JobRequest) -> Verdict {
     }
     if let Some(note) = &end.disk {
         return disk(note); // also when the program ignored EFBIG and exited by itself
+    }
+    // Within its limits, a job that fails on a full disk failed for the host's want of space.
+    if let (Some(full), false) = (&end.host_full, end.exit.success()) {
+        let detail = Detail::new(format!("the host's disk filled up while it ran: {full}"));
+        return Verdict::new(JobOutcome::Interrupted { detail }, "host-disk-full", None);
     }
     if let Some(said) = &end.sandbox_failed {
         let detail = Detail::new(format!("the sandbox could not start: {said}"));
@@ -564,7 +582,7 @@ mod tests {
     }
 
     fn end(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> End {
-        End { exit, stop, oom_killed, disk: None, sandbox_failed: None, cause: None }
+        End { exit, stop, oom_killed, disk: None, sandbox_failed: None, host_full: None, cause: None }
     }
 
     fn outcome(exit: ExitStatus, stop: Option<Stop>, oom_killed: bool) -> JobOutcome {
@@ -604,6 +622,20 @@ mod tests {
         let Verdict { outcome, note, .. } = classify(&ended, &request());
         assert_eq!(outcome, JobOutcome::LimitExceeded { limit: Limit::Disk }, "a program that ignored EFBIG");
         assert_eq!(note.as_deref(), Some("stopped: it wrote more than 256 MiB"));
+    }
+
+    #[test]
+    fn a_job_that_fails_on_a_full_host_disk_is_interrupted_unless_over_its_own_limit() {
+        let full = Some("12 KiB free under /data/jobs/ef-a-public-a1".to_owned());
+        let ended = End { host_full: full.clone(), ..end(exited(1), None, false) };
+        let verdict = classify(&ended, &request());
+        assert_eq!(verdict.rule.as_deref(), Some("host-disk-full"));
+        let JobOutcome::Interrupted { detail } = verdict.outcome else { panic!("not interrupted") };
+        assert!(detail.as_str().ends_with("filled up while it ran: 12 KiB free under /data/jobs/ef-a-public-a1"));
+        let over = End { disk: Some("it wrote more than 256 MiB".into()), host_full: full.clone(), ..ended };
+        assert_eq!(classify(&over, &request()).outcome, JobOutcome::LimitExceeded { limit: Limit::Disk });
+        let succeeded = End { host_full: full, ..end(exited(0), None, false) };
+        assert_eq!(classify(&succeeded, &request()).outcome, JobOutcome::Succeeded);
     }
 
     #[test]
