@@ -18,11 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use evalflow_workflow::{Attempt, RunId, Stage, SubmissionId, TeamId, Timestamp, job_name};
-use serde::{Deserialize, Serialize};
+use evalflow_workflow::{Attempt, RunId, Stage, job_name};
 
 use crate::fsutil::write_atomic;
-use crate::leaderboard::Leaderboard;
+use crate::leaderboard::{Leaderboard, PublishedResult};
 use crate::untrusted::{self, Contents, Refusal};
 use crate::{ActivityError, blocking};
 
@@ -144,25 +143,6 @@ pub fn check_stage_files(test_set: &Path, labels: &Path) -> Result<usize, String
         ));
     }
     Ok(files.len())
-}
-
-/// A score as published: what the leaderboard is built from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishedResult {
-    /// The run.
-    pub run: RunId,
-    /// The submission.
-    pub submission: SubmissionId,
-    /// Its team.
-    pub team: TeamId,
-    /// The stage.
-    pub stage: Stage,
-    /// The attempt whose predictions were scored.
-    pub attempt: Attempt,
-    /// The score.
-    pub score: f64,
-    /// When the submission was made.
-    pub submitted_at: Timestamp,
 }
 
 /// Predictions, labels, results and leaderboards.

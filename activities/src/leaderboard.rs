@@ -4,10 +4,42 @@
 
 use std::collections::BTreeMap;
 
-use evalflow_workflow::{RunId, Stage, SubmissionId, TeamId, Timestamp};
+use evalflow_workflow::{Attempt, RunId, RunSpec, Score, Stage, SubmissionId, TeamId, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::artifacts::PublishedResult;
+/// A score as published: what the leaderboard is built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedResult {
+    /// The run.
+    pub run: RunId,
+    /// The submission.
+    pub submission: SubmissionId,
+    /// Its team.
+    pub team: TeamId,
+    /// The stage.
+    pub stage: Stage,
+    /// The attempt whose predictions were scored.
+    pub attempt: Attempt,
+    /// The score.
+    pub score: f64,
+    /// When the submission was made.
+    pub submitted_at: Timestamp,
+}
+
+impl PublishedResult {
+    /// The result of `spec`'s attempt `attempt`, scored `score`.
+    pub fn new(spec: &RunSpec, attempt: Attempt, score: Score) -> PublishedResult {
+        PublishedResult {
+            run: spec.run.clone(),
+            submission: spec.submission.clone(),
+            team: spec.team.clone(),
+            stage: spec.stage,
+            attempt,
+            score: score.value(),
+            submitted_at: spec.submitted_at,
+        }
+    }
+}
 
 /// One team's row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

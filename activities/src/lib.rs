@@ -15,6 +15,7 @@
 
 pub mod artifacts;
 pub mod aws;
+pub mod backoff;
 pub mod causes;
 pub mod fsutil;
 pub mod leaderboard;
@@ -26,7 +27,8 @@ pub mod untrusted;
 use async_trait::async_trait;
 use evalflow_workflow::{Attempt, Evidence, JobId, JobOutcome, JobUsage, Profile, RunId, RunSpec, Stage, Timestamp};
 
-pub use artifacts::{ArtifactStore, Labels, Predictions, PublishedResult};
+pub use artifacts::{ArtifactStore, Labels, Predictions};
+pub use leaderboard::PublishedResult;
 
 /// Why an activity failed.
 #[derive(Debug, thiserror::Error)]

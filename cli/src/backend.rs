@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_activities::local::sandbox::Isolation;
-use evalflow_worker::api::{ErrorBody, ReplayRequest, Selection};
+use evalflow_worker::api::{ErrorBody, ReplayRequest};
 use evalflow_worker::config::Config;
 use evalflow_worker::lock::{EngineInfo, LockState, try_lock};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
 use evalflow_worker::token::ApiToken;
+use evalflow_worker::views::Selection;
 use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
 use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
 use serde::Serialize;
@@ -173,14 +174,14 @@ impl Backend {
     pub async fn cancel(&self, selection: Selection) -> Result<Vec<ActionView>> {
         match self {
             Backend::Engine(c) => c.post("/v1/cancel", &selection).await,
-            Backend::Direct(n) => Ok(n.cancel(select(n, selection).await?).await?),
+            Backend::Direct(n) => Ok(n.cancel(selection).await?),
         }
     }
 
     pub async fn retry(&self, selection: Selection) -> Result<Vec<ActionView>> {
         match self {
             Backend::Engine(c) => c.post("/v1/retry", &selection).await,
-            Backend::Direct(n) => Ok(n.retry(select(n, selection).await?).await?),
+            Backend::Direct(n) => Ok(n.retry(selection).await?),
         }
     }
 
@@ -197,11 +198,4 @@ impl Backend {
             Backend::Direct(n) => Ok(n.cost().await?),
         }
     }
-}
-
-async fn select(node: &Node, selection: Selection) -> Result<Vec<RunId>> {
-    Ok(match selection {
-        Selection::Runs(runs) => runs,
-        Selection::State(state) => node.runs_in(state).await?,
-    })
 }

@@ -13,7 +13,6 @@ use anyhow::{Result, bail};
 use evalflow_activities::aws::logs::{LOG_GROUP, TAIL_BYTES_MAX, TAIL_EVENTS, stream_of};
 use evalflow_activities::local::job::{JobPaths, tail};
 use evalflow_worker::config::Config;
-use evalflow_worker::views::outcome_words;
 use evalflow_workflow::{Attempt, Event, Evidence, JobId, RunId, job_name};
 
 use crate::backend::Backend;
@@ -31,7 +30,7 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
     println!("job {} ({})", job_name(run, attempt), paths.dir().display());
     match paths.read_status()? {
         Some(status) => {
-            println!("ended: {}", outcome_words(&status.outcome));
+            println!("ended: {}", status.outcome);
             if let Some(note) = &status.note {
                 println!("note: {}", printable(note));
             }
@@ -72,7 +71,7 @@ pub async fn print_aws(config: &Config, backend: &Backend, run: &RunId, attempt:
     let recorded = ended.as_ref().and_then(|(_, evidence)| evidence.log_stream.as_ref().map(|s| s.to_string()));
     match &ended {
         Some((outcome, evidence)) => {
-            println!("ended: {}", outcome_words(outcome));
+            println!("ended: {outcome}");
             print_evidence(evidence);
         }
         None => println!("running"),

@@ -24,11 +24,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
-use evalflow_worker::api::Selection;
 use evalflow_worker::config::Config;
 use evalflow_worker::submit::{
     SubmissionRequest, SubmitLock, check_requests, check_stages, clear_unsubmitted, prepare_all, read_manifest,
 };
+use evalflow_worker::views::Selection;
 use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 
 use crate::backend::{Backend, connect};

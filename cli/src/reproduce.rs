@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use evalflow_activities::ArtifactStore;
 use evalflow_activities::scoring::{PREDICTIONS_MAX_BYTES, compare};
 use evalflow_worker::config::Config;
+use evalflow_worker::node::ControlError;
 use evalflow_worker::views::{AuditView, ReproduceView, RunView};
 use evalflow_workflow::{Attempt, Event, RunId, Stage, StateTag, Timestamp};
 
@@ -51,7 +52,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
     let runs = by_id(backend.runs(None).await?);
     let mut new = Vec::new();
     for original in &originals {
-        let Some(view) = runs.get(original) else { bail!("no run {original}: `evalflow runs` lists them") };
+        let Some(view) = runs.get(original) else { bail!("{}", ControlError::UnknownRun(original.clone())) };
         if let Some(audited) = &view.audit_of {
             bail!("{original} is itself an audit run: reproduce the run it audits, {audited}");
         }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use evalflow_activities::backoff::Backoff;
 use evalflow_activities::scoring::{self, PREDICTIONS_MAX_BYTES};
 use evalflow_activities::{ActivityError, ArtifactStore, JobRunner, LaunchRequest, PublishedResult};
 use evalflow_workflow::{Activity, Command, Detail, Dispatch, Envelope, Event, Input, Policy};
@@ -83,16 +84,7 @@ impl Activities {
                 return Err(ActivityError::Permanent(format!("{} is an audit run: it is never published", spec.run)));
             }
             Command::Publish { attempt, score } => {
-                let result = PublishedResult {
-                    run: spec.run.clone(),
-                    submission: spec.submission.clone(),
-                    team: spec.team.clone(),
-                    stage: spec.stage,
-                    attempt: *attempt,
-                    score: score.value(),
-                    submitted_at: spec.submitted_at,
-                };
-                self.artifacts.publish(&result).await?;
+                self.artifacts.publish(&PublishedResult::new(spec, *attempt, *score)).await?;
                 Event::Published { attempt: *attempt }
             }
         };
@@ -107,7 +99,7 @@ impl Activities {
     /// node's shutdown, when it stays owed), then goes on.
     pub async fn execute_with_retries(&self, dispatch: &Dispatch) -> Vec<Input> {
         let (run, kind) = (&dispatch.spec.run, dispatch.command.kind());
-        let mut delay = RETRY_BASE;
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_BASE * (1 << RETRIES_MAX));
         let mut failures = 0;
         loop {
             match (self.execute(dispatch).await, &self.space) {
@@ -122,8 +114,7 @@ impl Activities {
                 (Err(e), _) if e.is_retryable() && failures + 1 < RETRIES_MAX => {
                     tracing::warn!(%run, command = kind, "retrying: {e}");
                     failures += 1;
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    tokio::time::sleep(backoff.delay()).await;
                 }
                 (Err(e), _) => {
                     tracing::error!(%run, command = kind, "giving up: {e}");

@@ -53,7 +53,7 @@ use crate::config::ApiConfig;
 use crate::lock::EngineInfo;
 use crate::node::{ControlError, Node};
 use crate::token::ApiToken;
-use crate::views::{ActionView, RunView, StatusView};
+use crate::views::{ActionView, RunView, Selection, StatusView};
 
 /// How long connections still open at shutdown may take to finish their
 /// request; the rest are then closed.
@@ -87,6 +87,7 @@ impl From<ControlError> for ApiError {
         let code = match e {
             ControlError::UnknownRun(_) => StatusCode::NOT_FOUND,
             ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ControlError::Stopped(_) | ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
@@ -110,16 +111,6 @@ type Answer<T> = Result<Json<T>, ApiError>;
 
 fn parse_run(run: &str) -> Result<RunId, ApiError> {
     RunId::parse(run).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
-}
-
-/// Which runs an operator's request is for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selection {
-    /// These runs.
-    Runs(Vec<RunId>),
-    /// Every run in this state.
-    State(StateTag),
 }
 
 /// The body of `/v1/replay`.
@@ -359,21 +350,12 @@ async fn submit(State(api): State<Api>, Json(specs): Json<Vec<RunSpec>>) -> Answ
     Ok(Json(api.node.submit(specs).await?))
 }
 
-async fn selected(node: &Node, selection: Selection) -> Result<Vec<RunId>, ApiError> {
-    Ok(match selection {
-        Selection::Runs(runs) => runs,
-        Selection::State(state) => node.runs_in(state).await?,
-    })
-}
-
 async fn cancel(State(api): State<Api>, Json(selection): Json<Selection>) -> Answer<Vec<ActionView>> {
-    let runs = selected(&api.node, selection).await?;
-    Ok(Json(api.node.cancel(runs).await?))
+    Ok(Json(api.node.cancel(selection).await?))
 }
 
 async fn retry(State(api): State<Api>, Json(selection): Json<Selection>) -> Answer<Vec<ActionView>> {
-    let runs = selected(&api.node, selection).await?;
-    Ok(Json(api.node.retry(runs).await?))
+    Ok(Json(api.node.retry(selection).await?))
 }
 
 async fn leaderboard(

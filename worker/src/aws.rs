@@ -27,6 +27,7 @@ use evalflow_activities::aws::outputs::{OutputKey, OutputKeyError};
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::s3::{S3Artifacts, S3Location};
 use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
+use evalflow_activities::backoff::Backoff;
 use evalflow_activities::{ArtifactStore, JobRunner};
 
 use crate::activity::{Activities, gave_up};
@@ -127,6 +128,8 @@ pub enum ConnectError {
 
 /// The longest wait between two tries of a failing queue call.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The first delay after a queue failed.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 
 /// Sends the engine's commands to the tasks queue until `shutdown`. A command
 /// not sent by then is still owed: the next engine sends it again.
@@ -146,11 +149,10 @@ pub async fn publish_tasks(
             batch.push(next);
         }
         tracing::debug!(commands = batch.len(), "sending to the tasks queue");
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
         while let Err(e) = queues.send_tasks(&batch).await {
             tracing::warn!("cannot send {} commands to the tasks queue, trying again: {e}", batch.len());
-            tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! { _ = tokio::time::sleep(backoff.delay()) => {}, _ = shutdown.cancelled() => return }
         }
     }
 }
@@ -162,7 +164,7 @@ pub async fn publish_tasks(
 /// `max_receive_count` receives it moves to the dead-letter queue, where
 /// `evalflow status` shows it.
 pub async fn consume_events(queues: Arc<Queues>, logs: BatchLogs, engine: EngineHandle, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
     loop {
         let received = tokio::select! {
             received = queues.receive(&queues.events, BATCH_MAX) => received,
@@ -172,12 +174,11 @@ pub async fn consume_events(queues: Arc<Queues>, logs: BatchLogs, engine: Engine
             Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!("cannot read the events queue: {e}");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::select! { _ = tokio::time::sleep(backoff.delay()) => {}, _ = shutdown.cancelled() => return }
                 continue;
             }
         };
-        backoff = Duration::from_millis(250);
+        backoff.reset();
         let mut inputs = Vec::new();
         let mut done = Vec::new();
         for message in messages {

@@ -34,7 +34,6 @@ const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
 enum Request {
     Apply { inputs: Vec<Input>, reply: Option<oneshot::Sender<Vec<Outcome>>> },
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
-    Live { reply: oneshot::Sender<LiveCounts> },
     HoldStages { stages: BTreeSet<Stage> },
     PauseLaunches { paused: bool },
     Tick,
@@ -45,15 +44,6 @@ type CommandKey = (RunId, &'static str, Attempt);
 
 fn key(dispatch: &Dispatch) -> CommandKey {
     (dispatch.spec.run.clone(), dispatch.command.kind(), dispatch.command.attempt())
-}
-
-/// Runs the engine knows to be live, and how many of them hold a job slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LiveCounts {
-    /// Runs not ended, or owed a command.
-    pub live: usize,
-    /// Runs launching or running.
-    pub active: usize,
 }
 
 /// The engine thread has stopped (after a store failure, or at shutdown).
@@ -100,13 +90,6 @@ impl EngineHandle {
     /// launches owed meanwhile then go out (those still owed).
     pub async fn pause_launches(&self, paused: bool) -> Result<(), EngineStopped> {
         self.tx.send(Request::PauseLaunches { paused }).await.map_err(|_| EngineStopped)
-    }
-
-    /// How many runs are live and active.
-    pub async fn live(&self) -> Result<LiveCounts, EngineStopped> {
-        let (reply, answer) = oneshot::channel();
-        self.tx.send(Request::Live { reply }).await.map_err(|_| EngineStopped)?;
-        answer.await.map_err(|_| EngineStopped)
     }
 }
 
@@ -315,10 +298,6 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             }
             let _ = reply.send(jobs);
         }
-        Request::Live { reply } => {
-            let (live, active) = engine.live_counts();
-            let _ = reply.send(LiveCounts { live, active });
-        }
         Request::Apply { .. } | Request::HoldStages { .. } | Request::PauseLaunches { .. } | Request::Tick => {
             unreachable!("handled by the loop")
         }
@@ -378,7 +357,7 @@ mod tests {
         /// Wakes the engine thread and waits until it has handled the tick.
         async fn tick(&self) {
             self.engine.tx.send(Request::Tick).await.unwrap();
-            self.engine.live().await.unwrap();
+            self.engine.running().await.unwrap();
         }
 
         fn sent(&mut self) -> Vec<(String, &'static str)> {

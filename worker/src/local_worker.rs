@@ -13,8 +13,8 @@ use crate::activity::Activities;
 use crate::engine_thread::EngineHandle;
 
 /// Runs commands until `shutdown`, then lets the running ones finish. A
-/// command dropped at shutdown (waiting for a slot) is still owed and is sent
-/// again when the engine reopens.
+/// command dropped at shutdown (waiting for a slot, or not yet received) is
+/// still owed and is sent again when the engine reopens.
 pub async fn run(
     activities: Arc<Activities>,
     mut dispatches: mpsc::UnboundedReceiver<Dispatch>,
@@ -30,9 +30,14 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let (activities, engine, slots) = (activities.clone(), engine.clone(), slots.clone());
+        // A slot before a task: at most `concurrency` tasks, however many commands wait.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot { Ok(slot) => slot, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let (activities, engine) = (activities.clone(), engine.clone());
         tasks.spawn(async move {
-            let Ok(_slot) = slots.acquire().await else { return };
+            let _slot = slot;
             let inputs = activities.execute_with_retries(&dispatch).await;
             if engine.send(inputs).await.is_err() {
                 tracing::warn!(run = %dispatch.spec.run, "the engine stopped before the answer to {} reached it", dispatch.command.kind());

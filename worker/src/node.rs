@@ -39,8 +39,8 @@ use crate::lock::DataDirLock;
 use crate::space::Space;
 use crate::sqs::Queues;
 use crate::views::{
-    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, StageProblem, StatusView, Wait,
-    WaitingView, waiting,
+    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, Selection, StageProblem, StatusView,
+    Wait, WaitingView, waiting,
 };
 use crate::watcher::{self, Watch};
 
@@ -120,6 +120,9 @@ pub enum ControlError {
     /// The request itself is wrong.
     #[error("{0}")]
     BadRequest(String),
+    /// evalflow itself failed (a worker thread, a service it depends on): not the request's fault.
+    #[error("{0}")]
+    Internal(String),
 }
 
 struct Direct {
@@ -450,7 +453,7 @@ impl Node {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || work(&store))
             .await
-            .map_err(|e| ControlError::BadRequest(format!("reader thread: {e}")))?
+            .map_err(|e| ControlError::Internal(format!("reader thread: {e}")))?
     }
 
     /// Runs per state.
@@ -479,7 +482,7 @@ impl Node {
             dead_letters: match &self.queues {
                 Some(queues) => {
                     let (tasks, events) =
-                        queues.dead_letters().await.map_err(|e| ControlError::BadRequest(e.to_string()))?;
+                        queues.dead_letters().await.map_err(|e| ControlError::Internal(e.to_string()))?;
                     Some(DeadLetters { tasks, events })
                 }
                 None => None,
@@ -609,22 +612,27 @@ impl Node {
         Ok(views)
     }
 
-    /// Cancels runs, terminating their jobs.
-    pub async fn cancel(&self, runs: Vec<RunId>) -> Result<Vec<ActionView>, ControlError> {
+    /// Cancels the selected runs, terminating their jobs.
+    pub async fn cancel(&self, selection: Selection) -> Result<Vec<ActionView>, ControlError> {
+        let runs = self.selected(selection).await?;
         self.request(runs, Event::CancelRequested, "cancelled").await
     }
 
-    /// Retries failed or cancelled runs.
-    pub async fn retry(&self, runs: Vec<RunId>) -> Result<Vec<ActionView>, ControlError> {
+    /// Retries the selected runs (failed or cancelled ones).
+    pub async fn retry(&self, selection: Selection) -> Result<Vec<ActionView>, ControlError> {
+        let runs = self.selected(selection).await?;
         self.request(runs, Event::RetryRequested, "requeued").await
     }
 
-    /// Every run in a terminal state, for a bulk retry or cancel.
-    pub async fn runs_in(&self, state: StateTag) -> Result<Vec<RunId>, ControlError> {
-        if !state.is_terminal() {
-            return Ok(self.runs(Some(state)).await?.into_iter().map(|r| r.id).collect());
+    /// The runs a selection names: the one place a bulk request's runs are chosen.
+    async fn selected(&self, selection: Selection) -> Result<Vec<RunId>, ControlError> {
+        match selection {
+            Selection::Runs(runs) => Ok(runs),
+            Selection::State(state) if !state.is_terminal() => {
+                Ok(self.runs(Some(state)).await?.into_iter().map(|r| r.id).collect())
+            }
+            Selection::State(state) => self.read(move |store| Ok(all_runs(store, RunFilter::Terminal(state))?)).await,
         }
-        self.read(move |store| Ok(all_runs(store, RunFilter::Terminal(state))?)).await
     }
 
     async fn request(&self, runs: Vec<RunId>, event: Event, done: &str) -> Result<Vec<ActionView>, ControlError> {
@@ -669,15 +677,7 @@ impl Node {
                 // An audit run's score is its audit's, never the leaderboard's.
                 let counts = spec.stage == stage && spec.audit.is_none();
                 if let (RunState::Published { attempt, score }, true) = (status.state, counts) {
-                    results.push(PublishedResult {
-                        run: spec.run,
-                        submission: spec.submission,
-                        team: spec.team,
-                        stage,
-                        attempt,
-                        score: score.value(),
-                        submitted_at: spec.submitted_at,
-                    });
+                    results.push(PublishedResult::new(&spec, attempt, score));
                 }
             }
             Ok(Leaderboard::build(stage, results))
@@ -717,7 +717,7 @@ fn action(outcome: Outcome, done: &str) -> ActionView {
         }
         Outcome::Rejected { run, error } => {
             let message = match error {
-                InputError::UnknownRun(_) => format!("no run {run}: list runs with `evalflow runs`"),
+                InputError::UnknownRun(_) => ControlError::UnknownRun(run.clone()).to_string(),
                 InputError::Transition(e) => e.to_string(),
             };
             ActionView { run, accepted: false, state: None, message }

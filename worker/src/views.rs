@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use evalflow_workflow::cost::{Billing, CostReport, attempt_cost, run_cost_usd};
 use evalflow_workflow::{
-    AttemptEnd, AttemptRecord, Detail, Disposition, Event, Evidence, HistoryEntry, JobId, JobOutcome, JobUsage, Policy,
+    AttemptEnd, AttemptRecord, Detail, Disposition, Event, Evidence, HistoryEntry, JobId, JobUsage, Policy,
     ProfileName, Run, RunId, RunState, RunStatus, Stage, StateTag, SubmissionId, TeamId, Timestamp,
 };
 use serde::{Deserialize, Serialize};
@@ -226,7 +226,7 @@ fn summary(outcome: &str, profile: &ProfileName, evidence: &Evidence) -> String 
 
 fn end_words(end: &AttemptEnd) -> String {
     match end {
-        AttemptEnd::Job(outcome) => outcome_words(outcome),
+        AttemptEnd::Job(outcome) => outcome.to_string(),
         AttemptEnd::LaunchFailed => "could not be launched".into(),
         AttemptEnd::Cancelled => "cancelled".into(),
     }
@@ -289,9 +289,9 @@ fn describe(event: &Event, after: &RunStatus) -> String {
             let ran = format!("ran {:.1} s{peak}", usage.running_secs());
             match after.attempt(*attempt) {
                 Some(record) => {
-                    format!("attempt {attempt}: {}; {ran}", summary(&outcome_words(outcome), &record.profile, evidence))
+                    format!("attempt {attempt}: {}; {ran}", summary(&outcome.to_string(), &record.profile, evidence))
                 }
-                None => format!("attempt {attempt}: {}, {ran}", outcome_words(outcome)),
+                None => format!("attempt {attempt}: {outcome}, {ran}"),
             }
         }
         Event::JobWaiting { attempt, status, reason, .. } => match reason {
@@ -311,20 +311,6 @@ fn describe(event: &Event, after: &RunStatus) -> String {
                 _ => String::new(),
             }
         }
-    }
-}
-
-/// A job outcome in words.
-pub fn outcome_words(outcome: &JobOutcome) -> String {
-    match outcome {
-        JobOutcome::Succeeded => "succeeded".into(),
-        JobOutcome::OutOfMemory { resource } => format!("out of {}", resource.words()),
-        JobOutcome::Interrupted { detail } => format!("interrupted: {detail}"),
-        JobOutcome::TimedOut => "timed out".into(),
-        JobOutcome::Crashed { exit_code: Some(code) } => format!("crashed with exit code {code}"),
-        JobOutcome::Crashed { exit_code: None } => "killed by a signal".into(),
-        JobOutcome::CannotStart { detail } => format!("could not start: {detail}"),
-        JobOutcome::LimitExceeded { limit } => format!("exceeded the sandbox's limit on {}", limit.words()),
     }
 }
 
@@ -456,4 +442,14 @@ pub struct CostView {
     /// Per profile and in total.
     #[serde(flatten)]
     pub report: CostReport,
+}
+
+/// Which runs an operator's request is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// These runs.
+    Runs(Vec<RunId>),
+    /// Every run in this state.
+    State(StateTag),
 }

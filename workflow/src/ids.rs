@@ -265,13 +265,6 @@ impl fmt::Display for RunId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Attempt(pub u32);
 
-impl Attempt {
-    /// The attempt after this one.
-    pub fn next(self) -> Attempt {
-        Attempt(self.0 + 1)
-    }
-}
-
 impl fmt::Display for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

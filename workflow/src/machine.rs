@@ -256,14 +256,6 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::Processes => "processes",
-            Limit::Disk => "disk",
-        }
-    }
-
     /// What the limit bounds, in words.
     pub fn words(self) -> &'static str {
         match self {
@@ -374,6 +366,33 @@ impl FailureReason {
     }
 }
 
+/// A job outcome in words.
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOutcome::Succeeded => f.write_str("succeeded"),
+            JobOutcome::OutOfMemory { resource } => write!(f, "out of {}", resource.words()),
+            JobOutcome::Interrupted { detail } => write!(f, "interrupted: {detail}"),
+            JobOutcome::TimedOut => f.write_str("timed out"),
+            JobOutcome::Crashed { exit_code: Some(code) } => write!(f, "crashed with exit code {code}"),
+            JobOutcome::Crashed { exit_code: None } => f.write_str(KILLED),
+            JobOutcome::CannotStart { detail } => could_not_start(f, detail),
+            JobOutcome::LimitExceeded { limit } => limit_exceeded(f, *limit),
+        }
+    }
+}
+
+/// The words a job killed by a signal and a run failed by one share.
+const KILLED: &str = "killed by a signal";
+
+fn could_not_start(f: &mut std::fmt::Formatter<'_>, detail: &Detail) -> std::fmt::Result {
+    write!(f, "could not start: {detail}")
+}
+
+fn limit_exceeded(f: &mut std::fmt::Formatter<'_>, limit: Limit) -> std::fmt::Result {
+    write!(f, "exceeded the sandbox's limit on {}", limit.words())
+}
+
 impl std::fmt::Display for FailureReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -382,9 +401,9 @@ impl std::fmt::Display for FailureReason {
             }
             FailureReason::TimedOut { profile } => write!(f, "exceeded the time limit on {profile}"),
             FailureReason::Crashed { exit_code: Some(code) } => write!(f, "exited with code {code}"),
-            FailureReason::Crashed { exit_code: None } => f.write_str("killed by a signal"),
-            FailureReason::CannotStart { detail } => write!(f, "could not start: {detail}"),
-            FailureReason::LimitExceeded { limit } => write!(f, "exceeded the sandbox's limit on {}", limit.words()),
+            FailureReason::Crashed { exit_code: None } => f.write_str(KILLED),
+            FailureReason::CannotStart { detail } => could_not_start(f, detail),
+            FailureReason::LimitExceeded { limit } => limit_exceeded(f, *limit),
             FailureReason::Interrupted { interruptions } => write!(f, "interrupted {interruptions} times in a row"),
             FailureReason::InvalidPredictions { reason } => write!(f, "invalid predictions: {reason}"),
             FailureReason::NoEligibleProfile { cpu_only: true } => f.write_str("no cpu_only profile is configured"),

@@ -45,14 +45,6 @@ pub enum Resource {
 }
 
 impl Resource {
-    /// The lowercase name used in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Resource::HostMemory => "host_memory",
-            Resource::GpuMemory => "gpu_memory",
-        }
-    }
-
     /// The resource in words.
     pub fn words(self) -> &'static str {
         match self {

@@ -34,6 +34,7 @@ use super::classify::{BatchJob, STARTED, UNPLACEABLE_REASON};
 use super::logs::BatchLogs;
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
+use crate::backoff::Backoff;
 use crate::submission::GPU_OOM_EXIT_CODE;
 use crate::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob, WaitingJob};
 
@@ -229,7 +230,7 @@ impl BatchRunner {
             ("attempt".to_owned(), request.attempt.to_string()),
             ("profile".to_owned(), request.profile.name.to_string()),
         ]);
-        let mut backoff = SUBMIT_BACKOFF;
+        let mut backoff = Backoff::new(SUBMIT_BACKOFF, SUBMIT_BACKOFF_MAX);
         for _ in 0..SUBMIT_TRIES_MAX {
             let submitted = self
                 .client
@@ -261,8 +262,7 @@ impl BatchRunner {
                 ActivityError::Transient(_) => {}
                 permanent => return Err(permanent),
             }
-            tokio::time::sleep(jittered(backoff)).await;
-            backoff = (backoff * 2).min(SUBMIT_BACKOFF_MAX);
+            tokio::time::sleep(jittered(backoff.delay())).await;
             if !throttled && let Some(existing) = self.find(queue, name).await? {
                 return Ok(existing);
             }

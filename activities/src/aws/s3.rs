@@ -32,8 +32,9 @@ use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
-use crate::artifacts::{ArtifactStore, Labels, Predictions, PublishedResult, withdrawal_name};
+use crate::artifacts::{ArtifactStore, Labels, Predictions, withdrawal_name};
 use crate::leaderboard::Leaderboard;
+use crate::leaderboard::PublishedResult;
 
 /// Rebuilds of a leaderboard a publisher tries before giving up (for now).
 const PUBLISH_TRIES_MAX: usize = 8;

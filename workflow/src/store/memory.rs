@@ -58,16 +58,7 @@ impl Inner {
         if let Some(tag) = delta.terminal_in {
             self.terminal.entry(tag).or_default().insert(change.run.clone());
         }
-        if let Some(tag) = delta.count_out {
-            self.counts[tag] = self.counts[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
-                run: change.run.clone(),
-                problem: format!("leaves state {tag}, which counts no run"),
-            })?;
-        }
-        if let Some(tag) = delta.count_in {
-            self.counts[tag] += 1;
-        }
-        Ok(())
+        self.counts.count(&change.run, delta)
     }
 }
 

@@ -166,6 +166,21 @@ impl StateCounts {
         self.0.iter().sum()
     }
 
+    /// Moves `run`'s count as `delta` says, refusing to go below zero; the
+    /// one counter update of both stores.
+    fn count(&mut self, run: &RunId, delta: IndexDelta) -> Result<(), StoreError> {
+        if let Some(tag) = delta.count_out {
+            self[tag] = self[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
+                run: run.clone(),
+                problem: format!("leaves state {tag}, which counts no run"),
+            })?;
+        }
+        if let Some(tag) = delta.count_in {
+            self[tag] += 1;
+        }
+        Ok(())
+    }
+
     /// Each state with its count, in [`StateTag::ALL`] order.
     pub fn iter(&self) -> impl Iterator<Item = (StateTag, u64)> + '_ {
         StateTag::ALL.into_iter().map(|tag| (tag, self[tag]))

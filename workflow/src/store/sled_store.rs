@@ -281,7 +281,7 @@ impl SledStore {
         if let Some(tag) = delta.terminal_in {
             batch.insert(terminal_key(tag, &change.run), EMPTY);
         }
-        count(counts, change, delta)
+        counts.count(&change.run, delta)
     }
 
     fn load_now(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
@@ -328,20 +328,6 @@ impl SledStore {
         }
         Ok(runs)
     }
-}
-
-/// Applies a delta's counter moves to `counts`, refusing to go below zero.
-fn count(counts: &mut StateCounts, change: &RunChange, delta: IndexDelta) -> Result<(), StoreError> {
-    if let Some(tag) = delta.count_out {
-        counts[tag] = counts[tag].checked_sub(1).ok_or_else(|| StoreError::InvalidWrite {
-            run: change.run.clone(),
-            problem: format!("leaves state {tag}, which counts no run"),
-        })?;
-    }
-    if let Some(tag) = delta.count_in {
-        counts[tag] += 1;
-    }
-    Ok(())
 }
 
 impl WorkflowStore for SledStore {
