@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::ProfileName;
+use crate::machine::{AttemptRecord, RunStatus};
 use crate::policy::Policy;
-use crate::run::{AttemptRecord, RunStatus};
 
 /// How running time becomes billed time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +87,7 @@ pub fn cost_report<'a>(runs: impl IntoIterator<Item = &'a RunStatus>, policy: &P
 mod tests {
     use super::*;
     use crate::ids::Attempt;
-    use crate::run::JobUsage;
+    use crate::machine::JobUsage;
     use crate::time::Timestamp;
 
     fn record(profile: &str, secs: u64) -> AttemptRecord {

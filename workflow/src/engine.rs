@@ -17,9 +17,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::ids::{RunId, Stage, SubmissionId};
-use crate::machine::{Command, Event, LearnedStart, TransitionError, learned_start, step};
+use crate::machine::{
+    AUDIT_SUFFIX, Command, Disposition, Envelope, Event, HistoryEntry, LearnedStart, Run, RunSpec, RunStatus, StateTag,
+    TransitionError, is_audit_name, learned_start, step,
+};
 use crate::policy::Policy;
-use crate::run::{AUDIT_SUFFIX, Disposition, Envelope, HistoryEntry, Run, RunSpec, RunStatus, StateTag, is_audit_name};
 use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, WorkflowStore};
 use crate::time::Timestamp;
 
@@ -438,7 +440,7 @@ mod tests {
     use super::*;
     use crate::ids::{Attempt, Stage, SubmissionId, TeamId};
     use crate::machine::JobOutcome;
-    use crate::run::{Detail, Evidence, JobUsage, SubmissionSource};
+    use crate::machine::{Detail, Evidence, JobUsage, SubmissionSource};
     use crate::store::MemoryStore;
 
     fn spec(name: &str, submitted_at: u64) -> RunSpec {

@@ -23,7 +23,6 @@ pub mod ids;
 pub mod machine;
 pub mod policy;
 pub mod replay;
-pub mod run;
 pub mod sim;
 pub mod store;
 pub mod time;
@@ -31,14 +30,12 @@ pub mod time;
 pub use engine::{Dispatch, Engine, EngineError, Input, Outcome};
 pub use ids::{Attempt, IdError, JobId, ProfileName, RunId, Stage, SubmissionId, TeamId, job_name, parse_job_name};
 pub use machine::{
-    Activity, Command, Event, FailureReason, JobOutcome, LearnedStart, Limit, Resume, RunState, Score, Transition,
-    TransitionError, learned_start, step,
+    AUDIT_SUFFIX, Activity, AttemptEnd, AttemptRecord, Audit, Command, Detail, Disposition, Envelope, Event, Evidence,
+    FailureReason, HistoryEntry, IgnoreReason, JobOutcome, JobUsage, LearnedStart, Limit, Resume, Run, RunSpec,
+    RunState, RunStatus, Score, StateTag, SubmissionSource, Termination, Transition, TransitionError, Waiting,
+    is_audit_name, learned_start, step,
 };
 pub use policy::{Policy, PolicyConfig, PolicyError, Profile, Resource, RetryPolicy};
 pub use replay::{ReplayError, replay};
-pub use run::{
-    AUDIT_SUFFIX, AttemptEnd, AttemptRecord, Audit, Detail, Disposition, Envelope, Evidence, HistoryEntry,
-    IgnoreReason, JobUsage, Run, RunSpec, RunStatus, StateTag, SubmissionSource, Termination, Waiting, is_audit_name,
-};
 pub use store::{MemoryStore, SledStore, StateCounts, StoreError, WorkflowStore};
 pub use time::Timestamp;

@@ -8,9 +8,8 @@
 
 use crate::engine::EngineError;
 use crate::ids::RunId;
-use crate::machine::{Event, RunState, TransitionError, step};
+use crate::machine::{Disposition, Event, HistoryEntry, Run, RunState, RunStatus, TransitionError, step};
 use crate::policy::Policy;
-use crate::run::{Disposition, HistoryEntry, Run, RunStatus};
 use crate::store::WorkflowStore;
 
 /// A history that does not replay to what was recorded.
@@ -170,8 +169,8 @@ mod tests {
     use crate::engine::{Engine, Input};
     use crate::ids::{Stage, SubmissionId, TeamId};
     use crate::machine::JobOutcome;
+    use crate::machine::{RunSpec, StateTag, SubmissionSource};
     use crate::policy::Resource;
-    use crate::run::{RunSpec, StateTag, SubmissionSource};
     use crate::sim::InstantWorld;
     use crate::store::MemoryStore;
     use crate::time::Timestamp;

@@ -4,8 +4,7 @@
 
 use crate::engine::{Dispatch, Input};
 use crate::ids::JobId;
-use crate::machine::{Command, Event, JobOutcome, Score};
-use crate::run::{Envelope, Evidence, JobUsage};
+use crate::machine::{Command, Envelope, Event, Evidence, JobOutcome, JobUsage, Score};
 use crate::time::Timestamp;
 
 /// Answers commands instantly; `outcome` decides how each launched job ends.

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::StoreError;
-use crate::run::{HistoryEntry, RunSpec};
+use crate::machine::{HistoryEntry, RunSpec};
 
 /// The record format this build reads and writes. Bump it, and teach
 /// [`decode`] the old one, whenever a stored type changes shape.

@@ -9,7 +9,7 @@ use super::{
     Commit, IndexDelta, LIST_LIMIT_MAX, RunChange, RunFilter, StateCounts, StoreError, StoredRun, WorkflowStore,
 };
 use crate::ids::RunId;
-use crate::run::{HistoryEntry, Run, RunSpec, StateTag};
+use crate::machine::{HistoryEntry, Run, RunSpec, StateTag};
 
 /// Runs kept in memory; lost when dropped.
 #[derive(Default)]

@@ -25,7 +25,7 @@ pub use sled_store::{SledOptions, SledStore};
 use std::ops::{Index, IndexMut};
 
 use crate::ids::RunId;
-use crate::run::{HistoryEntry, Run, RunSpec, RunStatus, StateTag};
+use crate::machine::{HistoryEntry, Run, RunSpec, RunStatus, StateTag};
 
 /// How many runs a listing returns at most per call.
 pub const LIST_LIMIT_MAX: usize = 10_000;

@@ -29,7 +29,7 @@ use super::{
     Commit, IndexDelta, LIST_LIMIT_MAX, RunChange, RunFilter, StateCounts, StoreError, StoredRun, WorkflowStore,
 };
 use crate::ids::RunId;
-use crate::run::{HistoryEntry, Run, RunSpec, StateTag};
+use crate::machine::{HistoryEntry, Run, RunSpec, StateTag};
 
 /// How long opening waits for sled's file lock to clear.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -399,7 +399,7 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, Input};
     use crate::ids::{Stage, SubmissionId, TeamId};
-    use crate::run::SubmissionSource;
+    use crate::machine::SubmissionSource;
     use crate::time::Timestamp;
 
     fn submit(store: SledStore, name: &str) -> SledStore {
