@@ -1,15 +1,16 @@
 //! The engine thread: the one owner of the engine and its store.
 //!
 //! It takes every request waiting in its channel (up to [`GROUP_MAX`]),
-//! applies their inputs as one group (one flush), answers each requester and
-//! only then sends the group's commands out. While it flushes, new requests
+//! applies their inputs as one group (one flush), sends the group's commands
+//! out, and then answers each requester: when a requester hears back, what
+//! its inputs caused is already on its way. While it flushes, new requests
 //! queue up and form the next group: group commit without a timer.
 //!
-//! It also keeps the commands' timing: a launch after a backoff is held until
-//! its `not_before` and dropped if the run moved on meanwhile (a cancel), and
-//! a command owed for too long is sent again. A [`tick`] loop wakes it for both.
-//! While launching is paused (the host's disk is short of space), every
-//! launch, a retry's too, waits in it until launching resumes.
+//! Its [`Dispatcher`] keeps the commands' timing: a launch after a backoff is
+//! held until its `not_before` and dropped if the run moved on meanwhile (a
+//! cancel), and a command owed for too long is sent again. A [`tick`] loop
+//! wakes it for both. While launching is paused (the host's disk is short of
+//! space), every launch, a retry's too, waits in it until launching resumes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ pub const QUEUE_MAX: usize = 8192;
 pub const TICK: Duration = Duration::from_secs(1);
 /// The longest time between two looks for commands owed too long.
 const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
+/// The dispatcher forgets the commands no longer owed once it remembers
+/// twice as many as after it last did, and at least this many.
+const SENT_FORGET_MIN: usize = 4096;
 
 enum Request {
     Apply { inputs: Vec<Input>, reply: Option<oneshot::Sender<Vec<Outcome>>> },
@@ -119,9 +123,10 @@ pub fn spawn(
     paused: bool,
 ) -> (EngineHandle, std::thread::JoinHandle<Result<(), EngineError>>) {
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
-    let outbox = Outbox {
+    let dispatcher = Dispatcher {
         channel: dispatch,
         sent: HashMap::new(),
+        forget_at: SENT_FORGET_MIN,
         held: BTreeMap::new(),
         paused: paused.then(BTreeMap::new),
         resend_after,
@@ -129,15 +134,20 @@ pub fn spawn(
     };
     let thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(engine, recovered, rx, outbox))
+        .spawn(move || run(engine, recovered, rx, dispatcher))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (EngineHandle { tx }, thread)
 }
 
-/// Sends commands out, remembering when each was sent.
-struct Outbox {
+/// Sends the engine's commands out, remembering when each was sent (not the
+/// run's outbox, which is what its status owes). Every map is bounded by the
+/// live runs' owed commands: `sent` by [`Dispatcher::forget_unowed`], `held`
+/// by one launch per owed attempt until its time, `paused` until resuming.
+struct Dispatcher {
     channel: mpsc::UnboundedSender<Dispatch>,
     sent: HashMap<CommandKey, Instant>,
+    /// `sent`'s size at which [`Dispatcher::forget_unowed`] next prunes it.
+    forget_at: usize,
     /// Launches waiting for the end of their backoff, by when it ends.
     held: BTreeMap<(Timestamp, CommandKey), Dispatch>,
     /// While launching is paused, the launches owed meanwhile (one per run
@@ -148,7 +158,7 @@ struct Outbox {
     checked: Instant,
 }
 
-impl Outbox {
+impl Dispatcher {
     /// Sends `dispatch` now, or holds it if it is a launch whose backoff is not over.
     fn send(&mut self, dispatch: Dispatch) {
         let key = key(&dispatch);
@@ -209,40 +219,59 @@ impl Outbox {
         Ok(())
     }
 
-    /// Sends again what live runs have owed for longer than `resend_after`.
+    /// Sends again what live runs have owed for longer than `resend_after`,
+    /// and forgets what is no longer owed.
     fn resend(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
-        let older_than = self.resend_after;
-        let mut owed = HashMap::new();
-        let runs: Vec<RunId> = engine.live_run_ids().cloned().collect();
-        for run in runs {
-            let Some(stored) = engine.store().load(&run)? else { continue };
-            let Run { spec, status } = stored.run;
-            for command in status.outbox() {
-                let dispatch = Dispatch { spec: spec.clone(), version: status.version, command };
-                let sent = self.sent.get(&key(&dispatch)).copied();
-                owed.insert(key(&dispatch), sent);
-                if sent.is_none_or(|at| at.elapsed() >= older_than) {
-                    tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
-                    self.send(dispatch);
-                }
+        let owed = owed(engine)?;
+        self.sent.retain(|k, _| owed.contains_key(k));
+        for (key, dispatch) in owed {
+            if self.sent.get(&key).is_none_or(|at| at.elapsed() >= self.resend_after) {
+                tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
+                self.send(dispatch);
             }
         }
-        // Forget what is no longer owed.
-        self.sent.retain(|k, _| owed.contains_key(k));
+        self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
         Ok(())
     }
+
+    /// Forgets the commands no live run owes any more, once `sent` has
+    /// doubled since it last did: amortized, one look at the live runs per
+    /// as many sends as it remembers.
+    fn forget_unowed(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
+        if self.sent.len() >= self.forget_at {
+            let owed = owed(engine)?;
+            self.sent.retain(|k, _| owed.contains_key(k));
+            self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
+        }
+        Ok(())
+    }
+}
+
+/// Every command the live runs owe, as it would be sent.
+fn owed(engine: &Engine<SledStore>) -> Result<HashMap<CommandKey, Dispatch>, EngineError> {
+    let mut owed = HashMap::new();
+    let runs: Vec<RunId> = engine.live_run_ids().cloned().collect();
+    for run in runs {
+        let Some(stored) = engine.store().load(&run)? else { continue };
+        let Run { spec, status } = stored.run;
+        for command in status.outbox() {
+            let dispatch = Dispatch { spec: spec.clone(), version: status.version, command };
+            owed.insert(key(&dispatch), dispatch);
+        }
+    }
+    Ok(owed)
 }
 
 fn run(
     mut engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     mut rx: mpsc::Receiver<Request>,
-    mut outbox: Outbox,
+    mut dispatcher: Dispatcher,
 ) -> Result<(), EngineError> {
-    recovered.into_iter().for_each(|d| outbox.send(d));
+    recovered.into_iter().for_each(|d| dispatcher.send(d));
     // Admit what waited while no engine ran.
     let admitted = engine.apply(Vec::new(), Timestamp::now())?;
-    admitted.dispatches.into_iter().for_each(|d| outbox.send(d));
+    admitted.dispatches.into_iter().for_each(|d| dispatcher.send(d));
     while let Some(first) = rx.blocking_recv() {
         let mut requests = vec![first];
         while requests.len() < GROUP_MAX {
@@ -261,13 +290,14 @@ fn run(
                 }
                 // Before this group's admissions.
                 Request::HoldStages { stages } => engine.hold_stages(stages),
-                Request::PauseLaunches { paused } => outbox.pause(&engine, paused)?,
+                Request::PauseLaunches { paused } => dispatcher.pause(&engine, paused)?,
                 question => questions.push(question),
             }
         }
         let applied = engine.apply(inputs, Timestamp::now())?;
         // Commands first: when a requester hears back, what its inputs caused is already queued.
-        applied.dispatches.into_iter().for_each(|d| outbox.send(d));
+        applied.dispatches.into_iter().for_each(|d| dispatcher.send(d));
+        dispatcher.forget_unowed(&engine)?;
         let outcomes = applied.outcomes;
         for (reply, range) in replies {
             if let Some(reply) = reply {
@@ -276,7 +306,7 @@ fn run(
         }
         for question in questions {
             match question {
-                Request::Tick => outbox.tick(&engine)?,
+                Request::Tick => dispatcher.tick(&engine)?,
                 other => answer(&engine, other)?,
             }
         }
@@ -376,6 +406,37 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         h.tick().await;
         assert_eq!(h.sent(), [("spot-public".to_owned(), "launch_job")]);
+    }
+
+    #[test]
+    fn the_dispatcher_forgets_what_no_run_owes_any_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        let (mut engine, _) = Engine::open(store, testing::policy(), 8).unwrap();
+        let (channel, _commands) = mpsc::unbounded_channel();
+        let mut dispatcher = Dispatcher {
+            channel,
+            sent: HashMap::new(),
+            forget_at: 0,
+            held: BTreeMap::new(),
+            paused: None,
+            resend_after: Duration::from_secs(3600),
+            checked: Instant::now(),
+        };
+        let spec = testing::spec("gone");
+        let run = spec.run.clone();
+        let applied = engine.apply(vec![Input::Submit(spec)], Timestamp::now()).unwrap();
+        applied.dispatches.into_iter().for_each(|d| dispatcher.send(d));
+        dispatcher.forget_unowed(&engine).unwrap();
+        assert_eq!(dispatcher.sent.len(), 1, "the launch is owed: remembered");
+        let cancel = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::CancelRequested) };
+        let terminated = Event::JobTerminated { attempt: Attempt(1), job: None };
+        let acknowledged = Input::Event { run, envelope: Envelope::unfenced(terminated) };
+        engine.apply(vec![cancel, acknowledged], Timestamp::now()).unwrap();
+        dispatcher.forget_at = 0;
+        dispatcher.forget_unowed(&engine).unwrap();
+        assert!(dispatcher.sent.is_empty(), "{:?}", dispatcher.sent);
+        assert_eq!(dispatcher.forget_at, SENT_FORGET_MIN);
     }
 
     #[tokio::test]
