@@ -236,7 +236,7 @@ fn main() -> ExitCode {
     // sled's own log lines restate, in its raw words, what evalflow reports:
     // shown only when EVALFLOW_LOG names sled.
     let mut filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());
-    if !filter.contains("sled") {
+    if !filter.split(',').any(|directive| directive.trim().starts_with("sled")) {
         filter.push_str(",sled=off");
     }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| Stderr).init();
@@ -339,19 +339,14 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             if cleared > 0 {
                 eprintln!("removed {cleared} copies left by a submit that did not finish (none of them had a run)");
             }
-            let prepared = prepare_all(&config, &requests, Timestamp::now())?;
-            let views = match backend.submit(prepared.specs.clone()).await {
-                Ok(views) if views.iter().any(|v| v.accepted) => views,
-                // Nothing went through: nothing of it stays behind.
-                Ok(views) => {
-                    prepared.discard();
-                    views
-                }
-                Err(e) => {
-                    prepared.discard();
-                    return Err(e);
-                }
-            };
+            let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock)?;
+            // Without an answer the engine may or may not have them: the
+            // journal stays, and the next submit removes what it does not have.
+            let views = backend.submit(prepared.specs.clone()).await?;
+            if !views.iter().any(|v| v.accepted) {
+                prepared.discard(); // nothing went through: nothing of it stays behind
+            }
+            lock.done().with_context(|| format!("cannot empty {}", config.submit_lock().display()))?;
             report_actions(&views, json, "submit")
         }
         Command::Reproduce { runs, top, stage, wait, json } => {

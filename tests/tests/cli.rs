@@ -297,4 +297,11 @@ fn a_submit_killed_half_way_leaves_nothing_that_blocks_the_next() {
     let views: Vec<ActionView> = cli.json(&["submit", "--manifest", manifest.to_str().unwrap(), "--json"]);
     assert!(views.iter().filter(|v| v.accepted).count() >= 2999, "{:?}", &views[..2]);
     assert_eq!(copies(), 3000);
+    // A submit that died after the engine took its runs (its journal still
+    // names them) leaves copies that are kept: their runs are stored.
+    fs::write(cli.data_dir.join("state/submit.lock"), "s1\ns2\n").unwrap();
+    let out = cli.run(&["submit", "--id", "extra", "--team", "t", dir.path().join("subs/s3").to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && !said.contains("removed"), "{said}");
+    assert_eq!(copies(), 3001);
 }

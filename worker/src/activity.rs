@@ -15,6 +15,10 @@ use crate::space::Space;
 pub const RETRIES_MAX: u32 = 5;
 /// The first delay between two attempts; it doubles each time.
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
+/// The longest a command waits for disk space in its task; then it stays
+/// owed, and the engine sends it again (a local engine after 5 minutes), so
+/// that no task holds a slot for ever on a disk whose writes keep failing.
+pub const ROOM_WAIT_MAX: Duration = Duration::from_secs(240);
 
 /// What activities act on.
 pub struct Activities {
@@ -101,14 +105,15 @@ impl Activities {
         let (run, kind) = (&dispatch.spec.run, dispatch.command.kind());
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_BASE * (1 << RETRIES_MAX));
         let mut failures = 0;
+        let started = std::time::Instant::now();
         loop {
             match (self.execute(dispatch).await, &self.space) {
                 (Ok(inputs), _) => return inputs,
                 (Err(ActivityError::HostFull(error)), Some(space)) => {
                     tracing::warn!(%run, command = kind, "out of disk space ({error}): waiting for room");
                     space.full(&error);
-                    if !space.room().await {
-                        return Vec::new();
+                    if started.elapsed() >= ROOM_WAIT_MAX || !space.room().await {
+                        return Vec::new(); // still owed
                     }
                 }
                 (Err(e), _) if e.is_retryable() && failures + 1 < RETRIES_MAX => {

@@ -223,14 +223,13 @@ impl Dispatcher {
     /// and forgets what is no longer owed.
     fn resend(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
         let owed = owed(engine)?;
-        self.sent.retain(|k, _| owed.contains_key(k));
+        self.forget(&owed);
         for (key, dispatch) in owed {
             if self.sent.get(&key).is_none_or(|at| at.elapsed() >= self.resend_after) {
                 tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
                 self.send(dispatch);
             }
         }
-        self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
         Ok(())
     }
 
@@ -240,10 +239,18 @@ impl Dispatcher {
     fn forget_unowed(&mut self, engine: &Engine<SledStore>) -> Result<(), EngineError> {
         if self.sent.len() >= self.forget_at {
             let owed = owed(engine)?;
-            self.sent.retain(|k, _| owed.contains_key(k));
-            self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
+            self.forget(&owed);
         }
         Ok(())
+    }
+
+    /// Keeps only what `owed` holds, in `sent` and in the paused launches.
+    fn forget(&mut self, owed: &HashMap<CommandKey, Dispatch>) {
+        self.sent.retain(|k, _| owed.contains_key(k));
+        if let Some(paused) = &mut self.paused {
+            paused.retain(|k, _| owed.contains_key(k));
+        }
+        self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
     }
 }
 

@@ -228,19 +228,25 @@ fn stages_held(config: &Config, problems: &BTreeMap<Stage, String>, space: Optio
     }
 }
 
+/// What the engine was told at start: the stages it holds, and whether launching is paused.
+struct Holding {
+    stages: BTreeSet<Stage>,
+    paused: bool,
+}
+
 /// Looks at the stages' test sets and labels, and at the free disk space,
 /// every [`STAGE_WATCH`] until `shutdown`, and holds the queued runs that
 /// cannot launch, so that an organizer's fix (or freed space) is taken up
-/// without a restart.
+/// without a restart. `told` is what the engine was told at start.
 async fn watch_launching(
     config: Arc<Config>,
     held: StageProblems,
     space: Option<Arc<Space>>,
     engine: EngineHandle,
+    told: Holding,
     shutdown: CancellationToken,
 ) {
-    let mut holding = stages_held(&config, &lock_stages(&held), space.as_deref());
-    let mut paused = space.as_ref().is_some_and(|space| space.short().is_some());
+    let Holding { stages: mut holding, mut paused } = told;
     loop {
         tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
         let (checked, looked) = (config.clone(), space.clone());
@@ -344,10 +350,13 @@ impl Node {
             Arc::new(space)
         });
         // A direct node (a CLI command while no engine runs) holds nothing and checks when asked.
+        let paused = space.as_ref().is_some_and(|space| space.short().is_some());
+        let mut told = Holding { stages: BTreeSet::new(), paused };
         let held = (options.mode == Mode::Engine).then(|| {
             let problems = config.stage_problems();
             warn_not_ready(&problems, &BTreeMap::new());
-            engine.hold_stages(stages_held(&config, &problems, space.as_deref()));
+            told.stages = stages_held(&config, &problems, space.as_deref());
+            engine.hold_stages(told.stages.clone());
             Arc::new(std::sync::Mutex::new(problems))
         });
         let activities = Arc::new(Activities {
@@ -365,7 +374,6 @@ impl Node {
                 (Vec::new(), Some(direct), None)
             }
         };
-        let paused = space.as_ref().is_some_and(|space| space.short().is_some());
         let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after, paused);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
@@ -392,8 +400,14 @@ impl Node {
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
             if let Some(held) = &held {
-                let watch =
-                    watch_launching(config.clone(), held.clone(), space.clone(), engine.clone(), shutdown.clone());
+                let watch = watch_launching(
+                    config.clone(),
+                    held.clone(),
+                    space.clone(),
+                    engine.clone(),
+                    told,
+                    shutdown.clone(),
+                );
                 loops.push(tokio::spawn(watch));
             }
         }
@@ -506,8 +520,10 @@ impl Node {
         }
     }
 
-    /// The runs, all or those in one state, in id order.
+    /// The runs, all or those in one state, in id order, read after the
+    /// engine applied every input sent to it before.
     pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
+        self.engine.running().await?;
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         let problems = self.stage_problems().await?;
         let short = self.space.as_ref().and_then(|space| space.short());

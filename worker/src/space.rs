@@ -38,6 +38,13 @@ impl Space {
         let short = self.dirs.iter().find_map(|dir| {
             let stats = rustix::fs::statvfs(dir).ok()?;
             let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+            if stats.f_files > 0 && stats.f_favail == 0 {
+                return Some(format!(
+                    "the disk under {} has no inodes left (no file can be made): remove some files and launching \
+                     resumes by itself",
+                    dir.display()
+                ));
+            }
             (free < self.min_free_bytes || free == 0).then(|| {
                 format!(
                     "the disk under {} has {} MiB free, less than the {} MiB evalflow keeps free ([local] \

@@ -57,6 +57,14 @@ pub enum SubmitError {
         /// Why.
         error: std::io::Error,
     },
+    /// The submit's journal cannot be written.
+    #[error("cannot write {path}, the journal of this submit: {error}")]
+    Journal {
+        /// The journal.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// A manifest line is not a submission.
     #[error(
         "manifest {path}, line {line}: {problem} (each line is a JSON object: \
@@ -153,62 +161,85 @@ pub enum SubmitError {
     },
 }
 
-/// One submit at a time in a data directory, from before it reads what is
-/// stored until the engine took (or refused) its specs: what a submit finds
-/// copied but not stored is then known to be left by one that did not finish.
+/// One submit at a time in a data directory. The lock file is also the
+/// submit's journal: before its first copy, a submit writes there the ids it
+/// is about to copy anew, and empties it once the engine took (or refused)
+/// them. What the next submit finds written there was left by one that did
+/// not finish.
 #[derive(Debug)]
 pub struct SubmitLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    /// The ids a submit that did not finish was copying.
+    left: Vec<SubmissionId>,
 }
 
 impl SubmitLock {
-    /// Takes the lock, waiting while another submit holds it.
+    /// Takes the lock, waiting while another submit holds it, and reads what
+    /// the last holder left in its journal.
     pub fn take(config: &Config) -> std::io::Result<SubmitLock> {
+        use std::io::Read;
         let path = config.submit_lock();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::File::options().create(true).truncate(false).write(true).open(&path)?;
+        let mut file = std::fs::File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
         file.lock()?;
-        Ok(SubmitLock { _file: file })
+        let mut journal = String::new();
+        file.read_to_string(&mut journal)?;
+        let left = journal.lines().filter_map(|line| SubmissionId::new(line).ok()).collect();
+        Ok(SubmitLock { file, left })
+    }
+
+    /// Writes the ids this submit is about to copy anew, replacing what was there.
+    fn record<'a>(&self, ids: impl IntoIterator<Item = &'a SubmissionId>) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        let journal: String = ids.into_iter().map(|id| format!("{id}\n")).collect();
+        let mut file = &self.file;
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.write_all(journal.as_bytes())
+    }
+
+    /// The engine took or refused this submit's specs: nothing of it is left over.
+    pub fn done(self) -> std::io::Result<()> {
+        self.file.set_len(0)
     }
 }
 
-/// Removes what submits that did not go through left in the submissions
-/// directory: copies of ids no stored run has (a submit killed between its
-/// copies and the engine's answer) and half-made copies. `stored` must be
-/// read under `_lock`. Returns how many it removed.
-pub fn clear_unsubmitted(config: &Config, stored: &HashMap<SubmissionId, TeamId>, _lock: &SubmitLock) -> usize {
-    let Ok(entries) = std::fs::read_dir(config.submissions_dir()) else { return 0 };
+/// Removes the copies a submit that did not finish made (those its journal
+/// names) that no stored run has, with their half-made copies. `stored` must
+/// be read under the lock, and after the engine applied what was sent before.
+/// Returns how many directories it removed; nothing else is touched.
+pub fn clear_unsubmitted(config: &Config, stored: &HashMap<SubmissionId, TeamId>, lock: &SubmitLock) -> usize {
+    let submissions = config.submissions_dir();
     let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let left = match SubmissionId::new(&name) {
-            _ if name.starts_with(".new-") => true,
-            Ok(id) => !stored.contains_key(&id),
-            Err(_) => false,
-        };
-        if left && entry.file_type().is_ok_and(|t| t.is_dir()) {
-            match std::fs::remove_dir_all(entry.path()) {
+    for id in lock.left.iter().filter(|id| !stored.contains_key(*id)) {
+        removed += clear_staging(&submissions, id);
+        let kept = submissions.join(id.as_str());
+        if std::fs::symlink_metadata(&kept).is_ok_and(|m| m.is_dir()) {
+            match std::fs::remove_dir_all(&kept) {
                 Ok(()) => removed += 1,
-                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", kept.display()),
             }
         }
     }
     removed
 }
 
-/// Removes copies of `id` left half-made by a process that died while copying.
-fn clear_staging(dir: &Path, id: &SubmissionId) {
+/// Removes copies of `id` left half-made by a process that died while
+/// copying; returns how many.
+fn clear_staging(dir: &Path, id: &SubmissionId) -> usize {
     let prefix = format!(".new-{id}-");
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.strip_prefix(&prefix).unwrap_or_default();
         if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
-            let _ = std::fs::remove_dir_all(entry.path());
+            removed += usize::from(std::fs::remove_dir_all(entry.path()).is_ok());
         }
     }
+    removed
 }
 
 /// Checks, once per stage submitted to, that the stage's test set and
@@ -313,18 +344,26 @@ impl Prepared {
     }
 }
 
-/// Prepares every request ([`prepare`]); if one fails, removes the copies
-/// the others made, so that a corrected manifest can be submitted again.
-pub fn prepare_all(config: &Config, requests: &[SubmissionRequest], now: Timestamp) -> Result<Prepared, SubmitError> {
+/// Prepares every request ([`prepare`]), its new copies written in `lock`'s
+/// journal first; if one fails, removes the copies the others made, so that
+/// a corrected manifest can be submitted again.
+pub fn prepare_all(
+    config: &Config,
+    requests: &[SubmissionRequest],
+    now: Timestamp,
+    lock: &SubmitLock,
+) -> Result<Prepared, SubmitError> {
     let submissions = config.submissions_dir();
-    let mut fresh: Vec<PathBuf> = requests
+    let mut new_ids: Vec<&SubmissionId> = requests
         .iter()
-        .filter(|r| r.path.is_some())
-        .map(|r| submissions.join(r.id.as_str()))
-        .filter(|kept| !kept.exists())
+        .filter(|r| r.path.is_some() && !submissions.join(r.id.as_str()).exists())
+        .map(|r| &r.id)
         .collect();
-    fresh.sort();
-    fresh.dedup();
+    new_ids.sort();
+    new_ids.dedup();
+    lock.record(new_ids.iter().copied())
+        .map_err(|error| SubmitError::Journal { path: config.submit_lock().display().to_string(), error })?;
+    let fresh: Vec<PathBuf> = new_ids.iter().map(|id| submissions.join(id.as_str())).collect();
     let prepared = requests.iter().map(|r| prepare(config, r, now)).collect::<Result<Vec<_>, _>>();
     match prepared {
         Ok(specs) => Ok(Prepared { specs, fresh }),

@@ -85,6 +85,15 @@ struct FlushState {
     failed: Option<String>,
 }
 
+/// Stops the store when dropped: dropped only if a write unwinds.
+struct CutShort<'a>(&'a Flushes);
+
+impl Drop for CutShort<'_> {
+    fn drop(&mut self) {
+        self.0.cut_short();
+    }
+}
+
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -104,7 +113,10 @@ impl Flushes {
             }
             state.begun += 1;
         }
+        // A write that panics stops the store too: no reader waits for it for ever.
+        let cut_short = CutShort(self);
         let result = write();
+        std::mem::forget(cut_short);
         let mut state = locked(&self.state);
         let result = match result {
             Ok(()) => {
@@ -123,6 +135,13 @@ impl Flushes {
         };
         self.flushed.notify_all();
         result
+    }
+
+    /// Stops the store after a write that did not return.
+    fn cut_short(&self) {
+        let mut state = locked(&self.state);
+        state.failed.get_or_insert_with(|| "a write to the store was cut short".into());
+        self.flushed.notify_all();
     }
 
     /// `read`'s answer, once everything it may have seen is flushed.
@@ -364,8 +383,8 @@ impl WorkflowStore for SledStore {
     }
 
     fn counts(&self) -> Result<StateCounts, StoreError> {
-        // Updated after each flushed commit only.
-        Ok(*locked(&self.counts))
+        // Updated after each flushed commit only; and nothing is answered after a failed one.
+        self.flushes.durable(|| Ok(*locked(&self.counts)))
     }
 }
 
@@ -446,6 +465,16 @@ mod tests {
         std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), cut).unwrap();
         let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
         assert_eq!(store.tree.get(b"kept").unwrap().as_deref(), Some(&b"acknowledged"[..]));
+    }
+
+    #[test]
+    fn a_write_that_panics_stops_the_store_instead_of_keeping_readers_waiting() {
+        let flushes = Flushes::default();
+        let panicked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flushes.flush(|| panic!("a write cut short"))));
+        assert!(panicked.is_err());
+        let read = flushes.durable(|| Ok(1));
+        assert!(matches!(&read, Err(StoreError::Stopped { problem }) if problem.contains("cut short")), "{read:?}");
     }
 
     #[test]
