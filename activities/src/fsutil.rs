@@ -81,6 +81,24 @@ pub fn dir_digest(dir: &Path, bytes_max: u64) -> io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// What is left on the filesystem under a directory, for writers that are not root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeSpace {
+    /// Bytes free.
+    pub bytes: u64,
+    /// Whether no file can be made any more: no inodes are left.
+    pub no_inodes: bool,
+}
+
+/// The free space under `dir`.
+pub fn free_space(dir: &Path) -> io::Result<FreeSpace> {
+    let stats = rustix::fs::statvfs(dir)?;
+    Ok(FreeSpace {
+        bytes: stats.f_bavail.saturating_mul(stats.f_frsize),
+        no_inodes: stats.f_files > 0 && stats.f_favail == 0,
+    })
+}
+
 /// Copies the files of `from` into `to` (created), refusing what
 /// [`list_files`] refuses; every file is opened beneath `from`, through no link.
 pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {

@@ -1,11 +1,9 @@
 //! The AWS deployment's commands: `evalflow worker` and `evalflow aws bootstrap`.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use evalflow_worker::activity::Activities;
 use evalflow_worker::aws::{ConnectError, WorkerSettings, connect_worker, work};
 use evalflow_worker::bootstrap::bootstrap as make;
 use evalflow_worker::config::Config;
@@ -21,12 +19,7 @@ pub async fn worker(config: &Config) -> Result<ExitCode> {
     let aws = config.aws.as_ref().ok_or(ConnectError::NotAws)?;
     let parts = connect_worker(config).await?;
     let requests = parts.requests.clone();
-    let activities = Arc::new(Activities {
-        runner: parts.runner,
-        artifacts: parts.artifacts,
-        policy: config.policy.clone(),
-        space: None,
-    });
+    let activities = parts.activities(config);
     let settings = WorkerSettings {
         concurrency: aws.worker_concurrency,
         visibility_timeout_secs: aws.visibility_timeout_secs,

@@ -10,7 +10,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use evalflow_activities::JobRunner;
 use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::scoring::log_loss;
-use evalflow_worker::activity::Activities;
 use evalflow_worker::aws::{WorkerSettings, connect, work};
 use evalflow_worker::config::Config;
 use evalflow_worker::lock::{LockState, try_lock};
@@ -80,12 +79,7 @@ impl AwsCompetition {
         let node = Node::start(config.clone(), lock, options).await.unwrap_or_else(|e| panic!("{e}"));
         let parts = connect(&config, Some(runner)).await.unwrap_or_else(|e| panic!("{e}"));
         let queues = parts.queues.clone();
-        let activities = Arc::new(Activities {
-            runner: parts.runner,
-            artifacts: parts.artifacts,
-            policy: config.policy.clone(),
-            space: None,
-        });
+        let activities = parts.activities(&config);
         let settings = WorkerSettings {
             concurrency: 4,
             visibility_timeout_secs: 10,

@@ -26,8 +26,7 @@ impl Tmpfs {
 
     /// Bytes free.
     pub fn free(&self) -> u64 {
-        let stats = rustix::fs::statvfs(&self.dir).unwrap();
-        stats.f_bavail * stats.f_frsize
+        evalflow_activities::fsutil::free_space(&self.dir).unwrap().bytes
     }
 
     /// Fills the filesystem up to `leave` free bytes with the file `name`,

@@ -29,10 +29,12 @@ struct Seen {
     refused: usize,
 }
 
-/// Lists and loads every run, again and again, until `stop`.
+/// Lists and loads every run, again and again, until `stop`, and once more after it.
 fn read_until(store: SledStore, stop: Arc<AtomicBool>) -> Seen {
     let mut seen = Seen::default();
-    while !stop.load(Ordering::Relaxed) {
+    let mut last = false;
+    while !last {
+        last = stop.load(Ordering::Relaxed);
         let listed = match all_runs(&store, RunFilter::All) {
             Ok(listed) => listed,
             Err(StoreError::Stopped { .. }) => {
@@ -121,7 +123,6 @@ fn fill_the_store(seed: u64, free: u64) {
     let said = refused.to_string();
     assert!(said.contains("No space left on device") && said.contains("free space"), "{said}");
     assert!(matches!(all_runs(&store, RunFilter::All), Err(StoreError::Stopped { .. })));
-    std::thread::sleep(Duration::from_millis(20));
     stop.store(true, Ordering::Relaxed);
     let seen = reader.join().unwrap();
     assert!(seen.refused > 0, "the reader read on after the failure");

@@ -51,6 +51,19 @@ pub struct AwsParts {
     pub requests: RequestCounter,
 }
 
+impl AwsParts {
+    /// What a worker carries out commands with: Batch and S3 under `config`'s
+    /// policy (no disk watch: Batch jobs do not write this machine's disk).
+    pub fn activities(&self, config: &Config) -> Arc<Activities> {
+        Arc::new(Activities {
+            runner: self.runner.clone(),
+            artifacts: self.artifacts.clone(),
+            policy: config.policy.clone(),
+            space: None,
+        })
+    }
+}
+
 /// Connects to the AWS deployment `config` describes, as its engine (or a
 /// command acting on the engine's data directory): the output key is made if
 /// there is none yet. `runner` replaces AWS Batch, for tests that script job

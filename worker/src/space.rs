@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use evalflow_activities::fsutil::{FreeSpace, free_space};
 use tokio_util::sync::CancellationToken;
 
 /// How often free space is looked at while it is short.
@@ -36,9 +37,8 @@ impl Space {
     /// Looks at the free space now, and returns why launching pauses, if it does.
     pub fn check(&self) -> Option<String> {
         let short = self.dirs.iter().find_map(|dir| {
-            let stats = rustix::fs::statvfs(dir).ok()?;
-            let free = stats.f_bavail.saturating_mul(stats.f_frsize);
-            if stats.f_files > 0 && stats.f_favail == 0 {
+            let FreeSpace { bytes: free, no_inodes } = free_space(dir).ok()?;
+            if no_inodes {
                 return Some(format!(
                     "the disk under {} has no inodes left (no file can be made): remove some files and launching \
                      resumes by itself",

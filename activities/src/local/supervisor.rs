@@ -25,7 +25,7 @@ use super::sandbox::{
 };
 use super::uid::JobUid;
 use crate::causes::{Cause, Signatures};
-use crate::fsutil::{copy_dir, write_atomic};
+use crate::fsutil::{copy_dir, free_space, write_atomic};
 use crate::submission::{GPU_OOM_EXIT_CODE, Manifest};
 use crate::untrusted::{self, Unmeasurable};
 
@@ -135,11 +135,13 @@ fn interrupted(detail: String) -> JobStatus {
 /// Below this much free space, the host's disk counts as full.
 const HOST_FULL_BELOW: u64 = MIB;
 
-/// The free space under `dir`, if it is below [`HOST_FULL_BELOW`].
+/// How full the disk under `dir` is, if below [`HOST_FULL_BELOW`] or out of inodes.
 fn host_full(dir: &Path) -> Option<String> {
-    let stats = rustix::fs::statvfs(dir).ok()?;
-    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
-    (free < HOST_FULL_BELOW).then(|| format!("{} KiB free under {}", free / 1024, dir.display()))
+    let free = free_space(dir).ok()?;
+    (free.bytes < HOST_FULL_BELOW || free.no_inodes).then(|| {
+        let inodes = if free.no_inodes { ", no inodes left" } else { "" };
+        format!("{} KiB free{inodes} under {}", free.bytes / 1024, dir.display())
+    })
 }
 
 /// How often a job whose preparation met a full disk looks again.
