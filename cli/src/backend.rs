@@ -6,17 +6,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_activities::local::sandbox::Isolation;
-use evalflow_worker::api::{ErrorBody, ReplayRequest};
+use evalflow_worker::api::ErrorBody;
+use evalflow_worker::api::operations::{Method, Operation, Ping};
+use evalflow_worker::api::token::ApiToken;
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::{EngineInfo, LockState, try_lock};
+use evalflow_worker::datadir::lock::{EngineInfo, LockState, try_lock};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
-use evalflow_worker::token::ApiToken;
-use evalflow_worker::views::Selection;
-use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, RunView, StatusView};
-use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// How long an engine waits for a CLI command holding the data directory.
@@ -53,12 +49,12 @@ impl Client {
             .with_context(|| format!("unexpected answer from the engine at {}", self.info.api))
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.call(self.http.get(format!("{}{path}", self.info.api))).await
-    }
-
-    async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
-        self.call(self.http.post(format!("{}{path}", self.info.api)).json(body)).await
+    async fn call_operation<O: Operation>(&self, operation: &O) -> Result<O::Answer> {
+        let request = match O::METHOD {
+            Method::Get => self.http.get(format!("{}{}", self.info.api, operation.target()?)),
+            Method::Post => self.http.post(format!("{}{}", self.info.api, O::ROUTE)).json(operation),
+        };
+        self.call(request).await
     }
 }
 
@@ -116,7 +112,7 @@ async fn reach(data_dir: &Path, info: EngineInfo) -> Result<Client> {
     };
     let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
     let client = Client { http, info: info.clone(), token };
-    client.get::<String>("/v1/ping").await.map_err(unanswered)?;
+    client.call_operation(&Ping {}).await.map_err(unanswered)?;
     Ok(client)
 }
 
@@ -129,73 +125,11 @@ impl Backend {
         }
     }
 
-    pub async fn status(&self) -> Result<StatusView> {
+    /// Does `operation`: through the engine's API, or on the store.
+    pub async fn call<O: Operation>(&self, operation: O) -> Result<O::Answer> {
         match self {
-            Backend::Engine(c) => c.get("/v1/status").await,
-            Backend::Direct(n) => Ok(n.status().await?),
-        }
-    }
-
-    pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>> {
-        match self {
-            Backend::Engine(c) => c.get(&state.map_or("/v1/runs".into(), |s| format!("/v1/runs?state={s}"))).await,
-            Backend::Direct(n) => Ok(n.runs(state).await?),
-        }
-    }
-
-    pub async fn stopping(&self, run: &RunId) -> Result<bool> {
-        match self {
-            Backend::Engine(c) => c.get(&format!("/v1/runs/{run}/stopping")).await,
-            Backend::Direct(n) => Ok(n.stopping(run).await?),
-        }
-    }
-
-    pub async fn history(&self, run: &RunId) -> Result<Vec<EventView>> {
-        match self {
-            Backend::Engine(c) => c.get(&format!("/v1/runs/{run}/history")).await,
-            Backend::Direct(n) => Ok(n.history(run).await?),
-        }
-    }
-
-    pub async fn replay(&self, run: Option<RunId>) -> Result<ReplayView> {
-        match self {
-            Backend::Engine(c) => c.post("/v1/replay", &ReplayRequest { run }).await,
-            Backend::Direct(n) => Ok(n.replay(run).await?),
-        }
-    }
-
-    pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>> {
-        match self {
-            Backend::Engine(c) => c.post("/v1/submit", &specs).await,
-            Backend::Direct(n) => Ok(n.submit(specs).await?),
-        }
-    }
-
-    pub async fn cancel(&self, selection: Selection) -> Result<Vec<ActionView>> {
-        match self {
-            Backend::Engine(c) => c.post("/v1/cancel", &selection).await,
-            Backend::Direct(n) => Ok(n.cancel(selection).await?),
-        }
-    }
-
-    pub async fn retry(&self, selection: Selection) -> Result<Vec<ActionView>> {
-        match self {
-            Backend::Engine(c) => c.post("/v1/retry", &selection).await,
-            Backend::Direct(n) => Ok(n.retry(selection).await?),
-        }
-    }
-
-    pub async fn leaderboard(&self, stage: Stage) -> Result<Leaderboard> {
-        match self {
-            Backend::Engine(c) => c.get(&format!("/v1/leaderboard?stage={stage}")).await,
-            Backend::Direct(n) => Ok(n.leaderboard(stage).await?),
-        }
-    }
-
-    pub async fn cost(&self) -> Result<CostView> {
-        match self {
-            Backend::Engine(c) => c.get("/v1/cost").await,
-            Backend::Direct(n) => Ok(n.cost().await?),
+            Backend::Engine(c) => c.call_operation(&operation).await,
+            Backend::Direct(n) => Ok(operation.run(n).await?),
         }
     }
 }

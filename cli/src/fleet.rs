@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
+use evalflow_worker::aws::bootstrap::bootstrap as make;
 use evalflow_worker::aws::{ConnectError, WorkerSettings, connect_worker, work};
-use evalflow_worker::bootstrap::bootstrap as make;
 use evalflow_worker::config::Config;
 use tokio_util::sync::CancellationToken;
 

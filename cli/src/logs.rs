@@ -12,6 +12,7 @@ use std::fs;
 use anyhow::{Result, bail};
 use evalflow_activities::aws::logs::{LOG_GROUP, TAIL_BYTES_MAX, TAIL_EVENTS, stream_of};
 use evalflow_activities::local::job::{JobPaths, tail};
+use evalflow_worker::api::operations::History;
 use evalflow_worker::config::Config;
 use evalflow_workflow::{Attempt, Event, Evidence, JobId, RunId, job_name};
 
@@ -50,7 +51,7 @@ pub fn print(config: &Config, run: &RunId, attempt: Option<u32>) -> Result<()> {
 /// Prints, on AWS, how the job of `run`'s `attempt` (the latest when
 /// `None`) ended and the end of its CloudWatch Logs stream.
 pub async fn print_aws(config: &Config, backend: &Backend, run: &RunId, attempt: Option<u32>) -> Result<()> {
-    let history = backend.history(run).await?;
+    let history = backend.call(History { run: run.clone() }).await?;
     let latest = history.iter().filter_map(|e| job_of(&e.data).map(|(attempt, _)| attempt.0)).max();
     let Some(attempt) = attempt.or(latest).map(Attempt) else { bail!("run {run} has no job yet") };
     let mut job = None;

@@ -24,8 +24,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
+use evalflow_worker::api::operations::{
+    Cancel, Cost, History, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+};
 use evalflow_worker::config::Config;
-use evalflow_worker::submit::{
+use evalflow_worker::datadir::submit::{
     SubmissionRequest, SubmitLock, check_requests, check_stages, clear_unsubmitted, prepare_all, read_manifest,
 };
 use evalflow_worker::views::Selection;
@@ -333,7 +336,8 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             check_stages(&config, &requests)?;
             let lock = SubmitLock::take(&config)
                 .with_context(|| format!("cannot take {} for this submit", config.submit_lock().display()))?;
-            let stored = backend.runs(None).await?.into_iter().map(|r| (r.submission, r.team)).collect();
+            let stored =
+                backend.call(Runs { state: None }).await?.into_iter().map(|r| (r.submission, r.team)).collect();
             check_requests(&requests, &stored)?;
             let cleared = clear_unsubmitted(&config, &stored, &lock);
             if cleared > 0 {
@@ -342,7 +346,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock)?;
             // Without an answer the engine may or may not have them: the
             // journal stays, and the next submit removes what it does not have.
-            let views = backend.submit(prepared.specs.clone()).await?;
+            let views = backend.call(Submit(prepared.specs.clone())).await?;
             if !views.iter().any(|v| v.accepted) {
                 prepared.discard(); // nothing went through: nothing of it stays behind
             }
@@ -363,13 +367,13 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json: true } => output::json(&backend.status().await?).map(|()| ExitCode::SUCCESS),
+        Command::Status { json: true } => output::json(&backend.call(Status {}).await?).map(|()| ExitCode::SUCCESS),
         Command::Status { json: false } => Ok({
-            output::status(&backend.status().await?);
+            output::status(&backend.call(Status {}).await?);
             ExitCode::SUCCESS
         }),
         Command::Runs { state, json } => {
-            let runs = backend.runs(state).await?;
+            let runs = backend.call(Runs { state }).await?;
             if json {
                 output::json(&runs)?
             } else {
@@ -378,7 +382,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         Command::History { run, json } => {
-            let events = backend.history(&run).await?;
+            let events = backend.call(History { run: run.clone() }).await?;
             if json {
                 output::json(&events)?
             } else {
@@ -387,7 +391,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { run, json, .. } => {
-            let view = backend.replay(run).await?;
+            let view = backend.call(Replay { run }).await?;
             if json {
                 output::json(&view)?
             } else {
@@ -401,19 +405,19 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                     "retry --state {state}: only failed or cancelled runs are retried (`evalflow runs --state {state}` lists these)"
                 );
             }
-            let views = backend.retry(selection(runs, state)?).await?;
+            let views = backend.call(Retry(selection(runs, state)?)).await?;
             report_actions(&views, json, "retry")
         }
         Command::Cancel { runs, state, json } => {
             if let Some(state) = state.filter(|s| s.is_terminal()) {
                 bail!("cancel --state {state}: a {state} run has ended already, there is nothing to stop");
             }
-            let views = backend.cancel(selection(runs, state)?).await?;
+            let views = backend.call(Cancel(selection(runs, state)?)).await?;
             wait_for_terminations(backend, &views).await?;
             report_actions(&views, json, "cancel")
         }
         Command::Leaderboard { stage, json } => {
-            let board = backend.leaderboard(stage).await?;
+            let board = backend.call(Standings { stage: Some(stage) }).await?;
             if json {
                 output::json(&board)?
             } else {
@@ -422,7 +426,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         Command::Cost { json } => {
-            let cost = backend.cost().await?;
+            let cost = backend.call(Cost {}).await?;
             if json {
                 output::json(&cost)?
             } else {
@@ -467,7 +471,7 @@ const TERMINATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60)
 async fn wait_for_terminations(backend: &Backend, views: &[evalflow_worker::views::ActionView]) -> Result<()> {
     let deadline = std::time::Instant::now() + TERMINATION_WAIT;
     for view in views.iter().filter(|v| v.state == Some(StateTag::Cancelled)) {
-        while backend.stopping(&view.run).await? {
+        while backend.call(Stopping { run: view.run.clone() }).await? {
             if std::time::Instant::now() > deadline {
                 bail!("{}: cancelled, but its job has not stopped yet: see `evalflow logs {}`", view.run, view.run);
             }

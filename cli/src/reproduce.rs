@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use evalflow_activities::ArtifactStore;
 use evalflow_activities::scoring::{PREDICTIONS_MAX_BYTES, compare};
+use evalflow_worker::api::operations::{History, Runs, Standings, Submit};
 use evalflow_worker::config::Config;
 use evalflow_worker::node::ControlError;
 use evalflow_worker::views::{AuditView, ReproduceView, RunView};
@@ -41,7 +42,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
     let originals = match chosen {
         Chosen::Runs(runs) => runs,
         Chosen::Top { n, stage } => {
-            let board = backend.leaderboard(stage).await?;
+            let board = backend.call(Standings { stage: Some(stage) }).await?;
             if board.entries.is_empty() {
                 bail!("the {stage} leaderboard is empty: nothing is published to reproduce yet");
             }
@@ -49,7 +50,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
         }
         Chosen::Report => Vec::new(),
     };
-    let runs = by_id(backend.runs(None).await?);
+    let runs = by_id(backend.call(Runs { state: None }).await?);
     let mut new = Vec::new();
     for original in &originals {
         let Some(view) = runs.get(original) else { bail!("{}", ControlError::UnknownRun(original.clone())) };
@@ -60,7 +61,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
             bail!("{original} is {}: only a published run can be reproduced", view.state);
         }
         if latest_audit(&runs, original).is_none() {
-            let history = backend.history(original).await?;
+            let history = backend.call(History { run: original.clone() }).await?;
             let Some(Event::Submitted(spec)) = history.first().map(|e| &e.data) else {
                 bail!("{original}'s history does not start with its submission");
             };
@@ -70,14 +71,14 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
         }
     }
     if !new.is_empty() {
-        for action in backend.submit(new).await? {
+        for action in backend.call(Submit(new)).await? {
             if !action.accepted {
                 bail!("the audit {} was refused: {}", action.run, action.message);
             }
             eprintln!("audit {} started", action.run);
         }
     }
-    let mut runs = by_id(backend.runs(None).await?);
+    let mut runs = by_id(backend.call(Runs { state: None }).await?);
     let audited: Vec<RunId> = if originals.is_empty() {
         let mut all: Vec<RunId> = runs.values().filter_map(|r| r.audit_of.clone()).collect();
         all.sort();
@@ -88,7 +89,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
     };
     while wait && audited.iter().any(|o| latest_audit(&runs, o).is_some_and(|a| !a.state.is_terminal())) {
         tokio::time::sleep(WAIT_POLL).await;
-        runs = by_id(backend.runs(None).await?);
+        runs = by_id(backend.call(Runs { state: None }).await?);
     }
     report(config, &runs, &audited).await
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api;
+use evalflow_worker::api::token::ApiToken;
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::{EngineInfo, LockState, lock_for_engine};
+use evalflow_worker::datadir::lock::{EngineInfo, LockState, lock_for_engine};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
-use evalflow_worker::token::ApiToken;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{LOCK_WAIT, supervisor};
@@ -26,7 +26,7 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
             "--listen {listen}: the API is for this machine's operator, so it listens on loopback only (127.0.0.1 or ::1)"
         );
     }
-    let lock =
+    let mut lock =
         match lock_for_engine(data_dir, LOCK_WAIT).with_context(|| format!("cannot lock {}", data_dir.display()))? {
             LockState::Acquired(lock) => lock,
             LockState::HeldBy(Some(info)) => bail!(
@@ -59,7 +59,7 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     println!("evalflow engine (pid {}) serving {} at {}", info.pid, data_dir.display(), info.api);
     let shutdown = CancellationToken::new();
     let watchdog = tokio::spawn(stop_on_signal_or_failure(node.clone(), shutdown.clone()));
-    api::serve(node.clone(), info, token, listener, shutdown).await?;
+    api::serve(node.clone(), token, listener, shutdown).await?;
     // Waited for, not only aborted: the task may still hold the node (it
     // drops it only after cancelling `shutdown`, which ends `serve` at once).
     watchdog.abort();

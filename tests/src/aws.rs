@@ -10,11 +10,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use evalflow_activities::JobRunner;
 use evalflow_activities::aws::outputs::OutputKey;
 use evalflow_activities::scoring::log_loss;
+use evalflow_worker::aws::queues::Queues;
 use evalflow_worker::aws::{WorkerSettings, connect, work};
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::{LockState, try_lock};
+use evalflow_worker::datadir::lock::{LockState, try_lock};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
-use evalflow_worker::sqs::Queues;
 use evalflow_workflow::{Attempt, RunId};
 use tokio_util::sync::CancellationToken;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use evalflow_activities::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob};
 use evalflow_tests::aws::{AwsCompetition, Tuning};
-use evalflow_worker::sqs::EventMessage;
+use evalflow_worker::aws::queues::EventMessage;
 use evalflow_worker::views::{EventView, RunView};
 use evalflow_workflow::{
     Attempt, Detail, Envelope, Event, Input, JobId, JobOutcome, JobUsage, Resource, RunId, RunSpec, Stage, StateTag,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use evalflow_tests::cli::{Cli, wait_until};
-use evalflow_worker::lock::EngineInfo;
+use evalflow_worker::datadir::lock::EngineInfo;
 use evalflow_worker::views::{ActionView, RunView};
 use evalflow_workflow::StateTag;
 

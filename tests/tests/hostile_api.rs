@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use evalflow_activities::fsutil::dir_digest;
 use evalflow_tests::cli::{Cli, Process, competition, wait_until};
 use evalflow_worker::config::Config;
-use evalflow_worker::lock::EngineInfo;
-use evalflow_worker::submit::{SubmissionRequest, prepare};
+use evalflow_worker::datadir::lock::EngineInfo;
+use evalflow_worker::datadir::submit::{SubmissionRequest, prepare};
 use evalflow_worker::views::{RunView, StatusView};
 use evalflow_workflow::{RunSpec, Stage, SubmissionId, SubmissionSource, TeamId, Timestamp};
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use evalflow_tests::cli::{Cli, competition, wait_until};
-use evalflow_worker::lock::EngineInfo;
+use evalflow_worker::datadir::lock::EngineInfo;
 use evalflow_worker::views::{RunView, StatusView};
 use evalflow_workflow::{Stage, StateTag};
 

@@ -1,24 +1,29 @@
-//! evalflow's long-running parts: the engine thread that owns the store,
-//! the activity workers, the job watcher, the data directory's lock, and the
-//! HTTP API, put together as a [`node::Node`].
+//! evalflow's long-running parts, by deployment.
+//!
+//! - [`engine`]: what both deployments drive the engine with: the engine
+//!   thread that owns the store, the commands' timing, the job watcher, and
+//!   carrying out one command.
+//! - [`local`]: the embedded deployment's own parts: its in-process workers
+//!   and the watch on this machine's free disk space.
+//! - [`aws`]: the AWS deployment's: its queues, the engine's and the
+//!   workers' loops on them, and the bootstrap of what it runs on.
+//! - [`node`]: either deployment put together on one data directory, and the
+//!   operations the CLI and the API offer on it.
+//! - [`views`]: what a node answers, through the API or to the CLI itself.
+//! - [`api`]: the HTTP API over a node, its operations and its token.
+//! - [`config`]: what `evalflow.toml` says.
+//! - [`datadir`]: the data directory's lock, and the submissions kept in it.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod activity;
 pub mod api;
 pub mod aws;
-pub mod bootstrap;
 pub mod config;
-pub mod engine_thread;
-pub mod local_worker;
-pub mod lock;
+pub mod datadir;
+pub mod engine;
+pub mod local;
 pub mod node;
-pub mod space;
-pub mod sqs;
-pub mod submit;
-pub mod token;
 pub mod views;
-pub mod watcher;
 
 #[cfg(test)]
 mod testing {

@@ -31,18 +31,18 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::activity::Activities;
+use crate::aws::queues::Queues;
 use crate::config::{AwsConfig, Config, ConfigError};
-use crate::engine_thread::{self, EngineHandle, EngineStopped};
-use crate::local_worker;
-use crate::lock::DataDirLock;
-use crate::space::Space;
-use crate::sqs::Queues;
+use crate::datadir::lock::DataDirLock;
+use crate::engine::activity::Activities;
+use crate::engine::watcher::{self, Watch};
+use crate::engine::{self, EngineHandle, EngineStopped};
+use crate::local::space::Space;
+use crate::local::worker;
 use crate::views::{
     ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, Selection, StageProblem, StatusView,
     Wait, WaitingView, waiting,
 };
-use crate::watcher::{self, Watch};
 
 /// Activities carried out at once by an engine node.
 const ACTIVITY_CONCURRENCY: usize = 16;
@@ -108,8 +108,8 @@ pub enum NodeError {
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// No such run.
-    #[error("no run {0}: list runs with `evalflow runs`")]
+    /// No such run (in the engine's words).
+    #[error("{}", InputError::UnknownRun(.0.clone()))]
     UnknownRun(RunId),
     /// The engine stopped.
     #[error(transparent)]
@@ -148,7 +148,7 @@ pub struct Node {
     /// Free disk space, where an engine runs jobs on this machine.
     space: Option<Arc<Space>>,
     billing: Billing,
-    _lock: DataDirLock,
+    lock: DataDirLock,
 }
 
 /// What a deployment acts with.
@@ -363,7 +363,6 @@ impl Node {
             runner: setup.runner.clone(),
             artifacts: setup.artifacts.clone(),
             policy: config.policy.clone(),
-            space: space.clone(),
         });
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let (recovered, direct, worker_rx) = match options.mode {
@@ -374,13 +373,14 @@ impl Node {
                 (Vec::new(), Some(direct), None)
             }
         };
-        let (engine, engine_thread) = engine_thread::spawn(engine, recovered, dispatch_tx, setup.resend_after, paused);
+        let (engine, engine_thread) = engine::spawn(engine, recovered, dispatch_tx, setup.resend_after, paused);
         let mut loops = Vec::new();
         if let Some(dispatches) = worker_rx {
             match (&setup.queues, &setup.logs) {
                 (None, _) | (_, None) => {
-                    let worker = local_worker::run(
+                    let worker = worker::run(
                         activities,
+                        space.clone(),
                         dispatches,
                         engine.clone(),
                         ACTIVITY_CONCURRENCY,
@@ -398,7 +398,7 @@ impl Node {
                 }
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
-            loops.push(tokio::spawn(engine_thread::tick(engine.clone(), shutdown.clone())));
+            loops.push(tokio::spawn(engine::tick(engine.clone(), shutdown.clone())));
             if let Some(held) = &held {
                 let watch = watch_launching(
                     config.clone(),
@@ -425,7 +425,7 @@ impl Node {
             held,
             space,
             billing,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -492,7 +492,7 @@ impl Node {
             counts: counts.iter().collect(),
             total: counts.total(),
             active: counts[StateTag::Launching] + counts[StateTag::Running],
-            engine: None,
+            engine: self.lock.announced().map(|info| format!("pid {} at {}", info.pid, info.api)),
             dead_letters: match &self.queues {
                 Some(queues) => {
                     let (tasks, events) =
@@ -605,15 +605,15 @@ impl Node {
     }
 
     /// Submits runs; the same submission again is a no-op. The specs are
-    /// checked first, whoever sent them ([`crate::submit::check_specs`]: a
+    /// checked first, whoever sent them ([`crate::datadir::submit::check_specs`]: a
     /// directory only as `evalflow submit` keeps it, with its digest), and
     /// none is submitted if one is refused.
     pub async fn submit(&self, specs: Vec<RunSpec>) -> Result<Vec<ActionView>, ControlError> {
         let (config, now) = (self.config.clone(), Timestamp::now());
         let specs = self
             .read(move |store| {
-                let checked = crate::submit::check_specs(&config, &specs, now)
-                    .and_then(|()| crate::submit::check_audits(store, &specs));
+                let checked = crate::datadir::submit::check_specs(&config, &specs, now)
+                    .and_then(|()| crate::datadir::submit::check_audits(store, &specs));
                 match checked {
                     Ok(()) => Ok(specs),
                     Err(refused) => Err(ControlError::BadRequest(refused.to_string())),
@@ -673,7 +673,7 @@ impl Node {
         for _ in 0..SETTLE_ROUNDS_MAX {
             let mut answers = Vec::new();
             while let Ok(dispatch) = dispatches.try_recv() {
-                answers.extend(direct.activities.execute_with_retries(&dispatch).await);
+                answers.extend(worker::execute_with_retries(&direct.activities, None, &dispatch).await);
             }
             if answers.is_empty() {
                 return Ok(());
@@ -732,11 +732,7 @@ fn action(outcome: Outcome, done: &str) -> ActionView {
             ActionView { run, accepted: true, state: Some(state), message }
         }
         Outcome::Rejected { run, error } => {
-            let message = match error {
-                InputError::UnknownRun(_) => ControlError::UnknownRun(run.clone()).to_string(),
-                InputError::Transition(e) => e.to_string(),
-            };
-            ActionView { run, accepted: false, state: None, message }
+            ActionView { run, accepted: false, state: None, message: error.to_string() }
         }
     }
 }

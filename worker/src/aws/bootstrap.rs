@@ -16,8 +16,8 @@ use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::aws::s3::S3Location;
 use evalflow_activities::aws::{Endpoint, batch_client, s3_client, sdk_config};
 
+use crate::aws::queues::dead_letter_name;
 use crate::config::Config;
-use crate::sqs::dead_letter_name;
 
 /// Messages are kept this long (the most SQS allows: 14 days), in seconds.
 const RETENTION_SECS: u32 = 1_209_600;

@@ -19,11 +19,8 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
     QueueAttributeName, SendMessageBatchRequestEntry,
 };
-use evalflow_activities::aws::classify::{BatchEvent, BatchJob, JOB_STATE_CHANGE};
 use evalflow_activities::aws::describe;
-use evalflow_workflow::{
-    Attempt, Detail, Dispatch, Envelope, Event, Evidence, Input, JobId, JobOutcome, JobUsage, RunId, parse_job_name,
-};
+use evalflow_workflow::{Dispatch, Input};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AwsConfig;
@@ -291,98 +288,4 @@ fn deduplication_id(dispatch: &Dispatch) -> String {
 /// Heartbeats for a message being worked on, every third of `visibility`.
 pub fn heartbeat_interval(visibility_secs: u32) -> Duration {
     Duration::from_secs(u64::from(visibility_secs / 3).max(1))
-}
-
-/// What an events-queue message carries.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Carried {
-    /// A worker's results.
-    Inputs(Vec<Input>),
-    /// A state change of one of evalflow's Batch jobs: whether and how it
-    /// ended is read from it, and from its log ([`BatchLogs::ended`]).
-    ///
-    /// [`BatchLogs::ended`]: evalflow_activities::aws::logs::BatchLogs::ended
-    Batch {
-        /// The run.
-        run: RunId,
-        /// The attempt.
-        attempt: Attempt,
-        /// The job.
-        job: JobId,
-        /// What Batch said of it.
-        detail: Box<BatchJob>,
-    },
-    /// Nothing of evalflow's: another event of Batch, another service's job.
-    Nothing,
-}
-
-/// What an events-queue message carries: a worker's results, or a state
-/// change of one of evalflow's Batch jobs. An unreadable body is an error.
-pub fn parse_event_message(body: &str) -> Result<Carried, String> {
-    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-    if value.get("detail-type").is_none() {
-        let message: EventMessage = serde_json::from_value(value).map_err(|e| format!("not an event message: {e}"))?;
-        return Ok(Carried::Inputs(message.inputs));
-    }
-    let event: BatchEvent = serde_json::from_value(value).map_err(|e| format!("not a Batch event: {e}"))?;
-    if event.detail_type != JOB_STATE_CHANGE {
-        return Ok(Carried::Nothing);
-    }
-    let Some((run, attempt)) = parse_job_name(&event.detail.job_name) else { return Ok(Carried::Nothing) };
-    let job = JobId::new(event.detail.job_id.clone()).map_err(|e| e.to_string())?;
-    Ok(Carried::Batch { run, attempt, job, detail: Box::new(event.detail) })
-}
-
-/// The input a job that has not started makes: its status and Batch's reason.
-pub fn job_waiting(run: RunId, attempt: Attempt, job: JobId, detail: &BatchJob) -> Input {
-    let event = Event::JobWaiting {
-        attempt,
-        job,
-        status: Detail::new(&detail.status),
-        reason: detail.waiting_reason().map(Detail::new),
-    };
-    Input::Event { run, envelope: Envelope::unfenced(event) }
-}
-
-/// The input a job's end makes.
-pub fn job_ended(run: RunId, attempt: Attempt, job: JobId, end: (JobOutcome, JobUsage, Evidence)) -> Input {
-    let (outcome, usage, evidence) = end;
-    Input::Event { run, envelope: Envelope::unfenced(Event::JobEnded { attempt, job, outcome, usage, evidence }) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use evalflow_activities::aws::classify::classify;
-    use evalflow_workflow::{JobOutcome, Resource};
-
-    #[test]
-    fn events_queue_messages_parse() {
-        let run = RunId::parse("good-public").unwrap();
-        let input = Input::Event {
-            run: run.clone(),
-            envelope: Envelope::answering(Event::Published { attempt: Attempt(1) }, 5),
-        };
-        let body = serde_json::to_string(&EventMessage { inputs: vec![input.clone()] }).unwrap();
-        assert_eq!(parse_event_message(&body).unwrap(), Carried::Inputs(vec![input]));
-
-        let batch = r#"{"version":"0","detail-type":"Batch Job State Change","source":"aws.batch",
-            "detail":{"jobName":"ef-good-public-a2","jobId":"j-9","status":"FAILED","newField":1,
-            "statusReason":"Essential container in task exited",
-            "attempts":[{"container":{"exitCode":137,"reason":"OutOfMemoryError: Container killed due to memory usage"},
-            "startedAt":1000,"stoppedAt":5000}]}}"#;
-        let carried = parse_event_message(batch).unwrap();
-        let Carried::Batch { run: got, attempt: Attempt(2), job, detail } = carried else { panic!("{carried:?}") };
-        assert_eq!((got, job.as_str()), (run, "j-9"));
-        let (outcome, _, evidence) = classify(&detail).unwrap();
-        assert_eq!(outcome, JobOutcome::OutOfMemory { resource: Resource::HostMemory });
-        assert_eq!(evidence.rule.unwrap().as_str(), "batch:OutOfMemoryError");
-        let running = batch.replace("FAILED", "RUNNING");
-        let Carried::Batch { detail, .. } = parse_event_message(&running).unwrap() else { panic!("not a job") };
-        assert_eq!(classify(&detail), None, "a job starting is not an end");
-        let foreign = batch.replace("ef-good-public-a2", "nightly-etl");
-        assert_eq!(parse_event_message(&foreign).unwrap(), Carried::Nothing, "not one of evalflow's jobs");
-        assert!(parse_event_message("{\"hello\":1}").is_err());
-        assert!(parse_event_message("poison").is_err());
-    }
 }

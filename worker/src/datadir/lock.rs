@@ -24,6 +24,7 @@ pub struct EngineInfo {
 pub struct DataDirLock {
     _file: File,
     info_path: PathBuf,
+    announced: Option<EngineInfo>,
 }
 
 /// What trying the lock found.
@@ -45,7 +46,7 @@ pub fn try_lock(data_dir: &Path) -> io::Result<LockState> {
         Ok(()) => {
             // A previous engine died without removing its announcement.
             let _ = fs::remove_file(&info_path);
-            Ok(LockState::Acquired(DataDirLock { _file: file, info_path }))
+            Ok(LockState::Acquired(DataDirLock { _file: file, info_path, announced: None }))
         }
         Err(fs::TryLockError::WouldBlock) => {
             // A killed engine leaves its announcement behind until the next
@@ -81,8 +82,15 @@ pub fn lock_for_engine(data_dir: &Path, wait: std::time::Duration) -> io::Result
 
 impl DataDirLock {
     /// Tells other processes how to reach this engine.
-    pub fn announce(&self, info: &EngineInfo) -> io::Result<()> {
-        write_atomic(&self.info_path, &serde_json::to_vec_pretty(info).map_err(io::Error::other)?)
+    pub fn announce(&mut self, info: &EngineInfo) -> io::Result<()> {
+        write_atomic(&self.info_path, &serde_json::to_vec_pretty(info).map_err(io::Error::other)?)?;
+        self.announced = Some(info.clone());
+        Ok(())
+    }
+
+    /// How this engine said it is reached, if it did.
+    pub fn announced(&self) -> Option<&EngineInfo> {
+        self.announced.as_ref()
     }
 }
 
@@ -99,7 +107,7 @@ mod tests {
     #[test]
     fn an_announcement_from_a_dead_process_does_not_count() {
         let dir = tempfile::tempdir().unwrap();
-        let LockState::Acquired(held) = try_lock(dir.path()).unwrap() else { panic!("the lock is free") };
+        let LockState::Acquired(mut held) = try_lock(dir.path()).unwrap() else { panic!("the lock is free") };
         let live = EngineInfo { pid: std::process::id(), api: "http://127.0.0.1:1".into() };
         held.announce(&live).unwrap();
         assert!(matches!(try_lock(dir.path()).unwrap(), LockState::HeldBy(Some(info)) if info == live));

@@ -3,10 +3,12 @@
 //!
 //! Every request must carry the data directory's token
 //! (`Authorization: Bearer TOKEN`, the token in `DIR/state/api.token`, see
-//! [`crate::token`]) and a `Host` naming this engine's loopback address
+//! [`crate::api::token`]) and a `Host` naming this engine's loopback address
 //! (`127.0.0.1:PORT`, `localhost:PORT` or `[::1]:PORT`), so that a web page
 //! that renamed its host to 127.0.0.1 (DNS rebinding) is refused too. A
 //! request without them gets 421 (host) or 401 (token), whatever its path.
+//!
+//! The operations, each with its request and answer, are in [`operations`]:
 //!
 //! | method | path | answer |
 //! |---|---|---|
@@ -15,12 +17,12 @@
 //! | GET | `/v1/runs?state=S` | [`RunView`]s |
 //! | GET | `/v1/runs/{run}` | [`RunView`] |
 //! | GET | `/v1/runs/{run}/stopping` | whether a termination is still owed |
-//! | GET | `/v1/runs/{run}/history` | [`EventView`](crate::views::EventView)s |
-//! | POST | `/v1/replay` `{"run": R?}` | [`ReplayView`](crate::views::ReplayView) |
-//! | POST | `/v1/submit` `[RunSpec]` | [`ActionView`]s; specs as `evalflow submit` prepares them (see [`crate::submit::check_specs`]) |
+//! | GET | `/v1/runs/{run}/history` | [`EventView`](EventView)s |
+//! | POST | `/v1/replay` `{"run": R?}` | [`ReplayView`](ReplayView) |
+//! | POST | `/v1/submit` `[RunSpec]` | [`ActionView`]s; specs as `evalflow submit` prepares them (see [`crate::datadir::submit::check_specs`]) |
 //! | POST | `/v1/cancel`, `/v1/retry` `{"runs": [R]}` or `{"state": S}` | [`ActionView`]s |
 //! | GET | `/v1/leaderboard?stage=S` | the leaderboard |
-//! | GET | `/v1/cost` | [`CostView`](crate::views::CostView) |
+//! | GET | `/v1/cost` | [`CostView`](CostView) |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
 //! at once, headers within `header_read_timeout_secs` (which also ends a
@@ -39,7 +41,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -49,22 +50,24 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub mod operations;
+pub mod token;
+
 use crate::config::ApiConfig;
-use crate::lock::EngineInfo;
 use crate::node::{ControlError, Node};
-use crate::token::ApiToken;
-use crate::views::{ActionView, RunView, Selection, StatusView};
+use operations::{
+    Cancel, Cost, GetRun, History, Method, Operation, Ping, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+};
+use token::ApiToken;
 
 /// How long connections still open at shutdown may take to finish their
 /// request; the rest are then closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The API's state: the node, how it announced itself, and what a request
-/// must carry.
+/// The API's state: the node, and what a request must carry.
 #[derive(Clone)]
 struct Api {
     node: Arc<Node>,
-    info: EngineInfo,
     guard: Arc<Guard>,
 }
 
@@ -109,32 +112,10 @@ impl IntoResponse for ApiError {
 
 type Answer<T> = Result<Json<T>, ApiError>;
 
-fn parse_run(run: &str) -> Result<RunId, ApiError> {
-    RunId::parse(run).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
-}
-
-/// The body of `/v1/replay`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReplayRequest {
-    /// One run, or every run when absent.
-    pub run: Option<RunId>,
-}
-
-#[derive(Debug, Deserialize)]
-struct StateQuery {
-    state: Option<StateTag>,
-}
-
-#[derive(Debug, Deserialize)]
-struct StageQuery {
-    stage: Option<Stage>,
-}
-
 /// Serves the API on `listener` until `shutdown`, to clients presenting
 /// `token`; then lets open requests finish (for up to 10 s).
 pub async fn serve(
     node: Arc<Node>,
-    info: EngineInfo,
     token: ApiToken,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -147,24 +128,24 @@ pub async fn serve(
         request_timeout: Duration::from_secs(limits.request_timeout_secs),
         body_max_bytes: limits.body_max_mib.saturating_mul(1 << 20),
     };
-    let app = router(Api { node, info, guard: Arc::new(guard) });
+    let app = router(Api { node, guard: Arc::new(guard) });
     accept(app, listener, &limits, shutdown).await
 }
 
 fn router(api: Api) -> Router {
     Router::new()
-        .route("/v1/ping", get(|| async { Json("pong") }))
-        .route("/v1/status", get(status))
-        .route("/v1/runs", get(runs))
-        .route("/v1/runs/{run}", get(run))
-        .route("/v1/runs/{run}/stopping", get(stopping))
-        .route("/v1/runs/{run}/history", get(history))
-        .route("/v1/replay", post(replay))
-        .route("/v1/submit", post(submit))
-        .route("/v1/cancel", post(cancel))
-        .route("/v1/retry", post(retry))
-        .route("/v1/leaderboard", get(leaderboard))
-        .route("/v1/cost", get(cost))
+        .serves::<Ping>()
+        .serves::<Status>()
+        .serves::<Runs>()
+        .serves::<GetRun>()
+        .serves::<Stopping>()
+        .serves::<History>()
+        .serves::<Replay>()
+        .serves::<Submit>()
+        .serves::<Cancel>()
+        .serves::<Retry>()
+        .serves::<Standings>()
+        .serves::<Cost>()
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
         // The last layer sees a request first: host, token, size, deadline.
@@ -320,51 +301,31 @@ async fn accept_failed(e: io::Error) {
     }
 }
 
-async fn status(State(api): State<Api>) -> Answer<StatusView> {
-    let mut view = api.node.status().await?;
-    view.engine = Some(format!("pid {} at {}", api.info.pid, api.info.api));
-    Ok(Json(view))
+/// Routes of the operations, each to a generic handler.
+trait Serves {
+    fn serves<O: Operation>(self) -> Self;
 }
 
-async fn runs(State(api): State<Api>, Query(query): Query<StateQuery>) -> Answer<Vec<RunView>> {
-    Ok(Json(api.node.runs(query.state).await?))
+impl Serves for Router<Api> {
+    fn serves<O: Operation>(self) -> Self {
+        match O::METHOD {
+            Method::Get => self.route(O::ROUTE, get(read::<O>)),
+            Method::Post => self.route(O::ROUTE, post(act::<O>)),
+        }
+    }
 }
 
-async fn run(State(api): State<Api>, Path(run): Path<String>) -> Answer<RunView> {
-    Ok(Json(api.node.run(&parse_run(&run)?).await?))
-}
-
-async fn stopping(State(api): State<Api>, Path(run): Path<String>) -> Answer<bool> {
-    Ok(Json(api.node.stopping(&parse_run(&run)?).await?))
-}
-
-async fn history(State(api): State<Api>, Path(run): Path<String>) -> Answer<Vec<crate::views::EventView>> {
-    Ok(Json(api.node.history(&parse_run(&run)?).await?))
-}
-
-async fn replay(State(api): State<Api>, Json(request): Json<ReplayRequest>) -> Answer<crate::views::ReplayView> {
-    Ok(Json(api.node.replay(request.run).await?))
-}
-
-async fn submit(State(api): State<Api>, Json(specs): Json<Vec<RunSpec>>) -> Answer<Vec<ActionView>> {
-    Ok(Json(api.node.submit(specs).await?))
-}
-
-async fn cancel(State(api): State<Api>, Json(selection): Json<Selection>) -> Answer<Vec<ActionView>> {
-    Ok(Json(api.node.cancel(selection).await?))
-}
-
-async fn retry(State(api): State<Api>, Json(selection): Json<Selection>) -> Answer<Vec<ActionView>> {
-    Ok(Json(api.node.retry(selection).await?))
-}
-
-async fn leaderboard(
+/// Answers a `GET`: the request from its path and query.
+async fn read<O: Operation>(
     State(api): State<Api>,
-    Query(query): Query<StageQuery>,
-) -> Answer<evalflow_activities::leaderboard::Leaderboard> {
-    Ok(Json(api.node.leaderboard(query.stage.unwrap_or(Stage::Public)).await?))
+    path: Option<Path<Vec<(String, String)>>>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Answer<O::Answer> {
+    let request = O::from_fields(path.map(|Path(path)| path).unwrap_or_default(), query)?;
+    Ok(Json(request.run(&api.node).await?))
 }
 
-async fn cost(State(api): State<Api>) -> Answer<crate::views::CostView> {
-    Ok(Json(api.node.cost().await?))
+/// Answers a `POST`: the request is its body.
+async fn act<O: Operation>(State(api): State<Api>, Json(request): Json<O>) -> Answer<O::Answer> {
+    Ok(Json(request.run(&api.node).await?))
 }

@@ -1,24 +1,13 @@
-//! Carrying out one command: the activity it names, and the events that
-//! answer it. Workers call this; retries and queues are theirs.
+//! Carrying out one command, once: the activity it names, and the events
+//! that answer it. Both deployments' workers call this; retries are theirs
+//! (in process: [`crate::local::worker::execute_with_retries`]; on AWS, the
+//! tasks queue's receives).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use evalflow_activities::backoff::Backoff;
 use evalflow_activities::scoring::{self, PREDICTIONS_MAX_BYTES};
 use evalflow_activities::{ActivityError, ArtifactStore, JobRunner, LaunchRequest, PublishedResult};
 use evalflow_workflow::{Activity, Command, Detail, Dispatch, Envelope, Event, Input, Policy};
-
-use crate::space::Space;
-
-/// Attempts of an activity failing with a retryable error before giving up.
-pub const RETRIES_MAX: u32 = 5;
-/// The first delay between two attempts; it doubles each time.
-pub const RETRY_BASE: Duration = Duration::from_millis(500);
-/// The longest a command waits for disk space in its task; then it stays
-/// owed, and the engine sends it again (a local engine after 5 minutes), so
-/// that no task holds a slot for ever on a disk whose writes keep failing.
-pub const ROOM_WAIT_MAX: Duration = Duration::from_secs(240);
 
 /// What activities act on.
 pub struct Activities {
@@ -28,9 +17,6 @@ pub struct Activities {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// The policy: profiles and the time limit.
     pub policy: Policy,
-    /// Free disk space, where an engine runs jobs on this machine: a command
-    /// that meets a full disk waits for room there.
-    pub space: Option<Arc<Space>>,
 }
 
 impl Activities {
@@ -93,40 +79,6 @@ impl Activities {
             }
         };
         Ok(vec![answer(event)])
-    }
-
-    /// Carries out the command, retrying retryable failures with backoff.
-    /// When it gives up, the answer is `ActivityFailed` (which fails the run
-    /// with a resumable reason), except for a termination or a withdrawal,
-    /// which stays owed (and is sent again). A full disk counts no retry:
-    /// with [`Activities::space`], the command waits for room (or the
-    /// node's shutdown, when it stays owed), then goes on.
-    pub async fn execute_with_retries(&self, dispatch: &Dispatch) -> Vec<Input> {
-        let (run, kind) = (&dispatch.spec.run, dispatch.command.kind());
-        let mut backoff = Backoff::new(RETRY_BASE, RETRY_BASE * (1 << RETRIES_MAX));
-        let mut failures = 0;
-        let started = std::time::Instant::now();
-        loop {
-            match (self.execute(dispatch).await, &self.space) {
-                (Ok(inputs), _) => return inputs,
-                (Err(ActivityError::HostFull(error)), Some(space)) => {
-                    tracing::warn!(%run, command = kind, "out of disk space ({error}): waiting for room");
-                    space.full(&error);
-                    if started.elapsed() >= ROOM_WAIT_MAX || !space.room().await {
-                        return Vec::new(); // still owed
-                    }
-                }
-                (Err(e), _) if e.is_retryable() && failures + 1 < RETRIES_MAX => {
-                    tracing::warn!(%run, command = kind, "retrying: {e}");
-                    failures += 1;
-                    tokio::time::sleep(backoff.delay()).await;
-                }
-                (Err(e), _) => {
-                    tracing::error!(%run, command = kind, "giving up: {e}");
-                    return gave_up(dispatch, &e).into_iter().collect();
-                }
-            }
-        }
     }
 }
 
@@ -200,7 +152,6 @@ mod tests {
             runner: Arc::new(runner),
             artifacts: Arc::new(FsArtifacts::new(dir.path(), BTreeMap::new())),
             policy: testing::policy(),
-            space: None,
         };
         let spec = testing::spec("late");
         let run = spec.run.clone();

@@ -17,7 +17,7 @@ use evalflow_activities::{Checked, EndedJob, JobRunner, RunningJob, WaitingJob};
 use evalflow_workflow::{Attempt, Detail, Envelope, Event, Input, RunId, Timestamp};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine_thread::EngineHandle;
+use crate::engine::EngineHandle;
 
 /// How often to look, and at which jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
