@@ -18,8 +18,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::ids::{RunId, Stage, SubmissionId};
 use crate::machine::{
-    AUDIT_SUFFIX, Command, Disposition, Envelope, Event, HistoryEntry, LearnedStart, Run, RunSpec, RunStatus, StateTag,
-    TransitionError, is_audit_name, learned_start, step,
+    AUDIT_SUFFIX, Activity, Command, Detail, Disposition, Envelope, Event, HistoryEntry, LearnedStart, Run, RunSpec,
+    RunStatus, StateTag, TransitionError, is_audit_name, learned_start, step,
 };
 use crate::policy::Policy;
 use crate::store::{self, Commit, RunChange, RunFilter, StoreError, StoredRun, WorkflowStore};
@@ -95,6 +95,22 @@ pub struct Dispatch {
     pub version: u64,
     /// What to do.
     pub command: Command,
+}
+
+impl Dispatch {
+    /// The answer of a worker that gave up on this command after `error`:
+    /// the run fails with a resumable `activity_failed`. A termination or a
+    /// withdrawal has none: it stays owed, and is sent again.
+    pub fn given_up(&self, error: impl Into<String>) -> Option<Input> {
+        let (attempt, activity) = match &self.command {
+            Command::LaunchJob { attempt, .. } => (*attempt, Activity::Launch),
+            Command::ScorePredictions { attempt, .. } => (*attempt, Activity::Score),
+            Command::Publish { attempt, .. } => (*attempt, Activity::Publish),
+            Command::TerminateJob { .. } | Command::Withdraw { .. } => return None,
+        };
+        let event = Event::ActivityFailed { attempt, activity, error: Detail::new(error) };
+        Some(Input::Event { run: self.spec.run.clone(), envelope: Envelope::answering(event, self.version) })
+    }
 }
 
 /// The result of one group commit.

@@ -10,6 +10,8 @@
 //! - [`engine::Engine`] applies events in groups with one flush per group,
 //!   hands out commands only after the flush, and on open recovers the
 //!   commands every live run is owed.
+//! - [`dispatcher::Dispatcher`] decides when the engine's commands go out:
+//!   held launches, resends, the launch pause.
 //! - [`replay`] rebuilds a run from its history and compares.
 //!
 //! Nothing here is async and nothing talks to a cloud: the worker crate
@@ -18,6 +20,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cost;
+pub mod dispatcher;
 pub mod engine;
 pub mod ids;
 pub mod machine;

@@ -25,6 +25,11 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(secs.saturating_mul(1000)))
     }
 
+    /// This time plus `ms` milliseconds.
+    pub fn plus_ms(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+
     /// The time elapsed from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))

@@ -90,14 +90,7 @@ pub fn gave_up(dispatch: &Dispatch, error: &ActivityError) -> Option<Input> {
         tracing::warn!(run = %dispatch.spec.run, command = dispatch.command.kind(), "{error}: it is carried out later");
         return None;
     }
-    let (attempt, activity) = match &dispatch.command {
-        Command::LaunchJob { attempt, .. } => (*attempt, Activity::Launch),
-        Command::ScorePredictions { attempt, .. } => (*attempt, Activity::Score),
-        Command::Publish { attempt, .. } => (*attempt, Activity::Publish),
-        Command::TerminateJob { .. } | Command::Withdraw { .. } => return None,
-    };
-    let event = Event::ActivityFailed { attempt, activity, error: Detail::new(error.to_string()) };
-    Some(Input::Event { run: dispatch.spec.run.clone(), envelope: Envelope::answering(event, dispatch.version) })
+    dispatch.given_up(error.to_string())
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The engine's driver, the same in both deployments: the engine thread
-//! (here), the commands' timing ([`dispatcher`]), the job watcher
-//! ([`watcher`]), and carrying out one command ([`activity`]).
+//! (here), the job watcher ([`watcher`]), and carrying out one command
+//! ([`activity`]).
 //!
 //! The engine thread is the one owner of the engine and its store.
 //!
@@ -10,18 +10,19 @@
 //! its inputs caused is already on its way. While it flushes, new requests
 //! queue up and form the next group: group commit without a timer.
 //!
-//! Its dispatcher keeps the commands' timing: a launch after a backoff is
-//! held until its `not_before` and dropped if the run moved on meanwhile (a
-//! cancel), and a command owed for too long is sent again. A [`tick`] loop
-//! wakes it for both. While launching is paused (the host's disk is short of
-//! space), every launch, a retry's too, waits in it until launching resumes.
+//! Its [`Dispatcher`] (pure, in the workflow crate, the same code the
+//! simulation runs on a virtual clock) keeps the commands' timing: a launch
+//! after a backoff is held until its `not_before` and dropped if the run
+//! moved on meanwhile (a cancel), and a command owed for too long is sent
+//! again. A [`tick`] loop wakes it for both. While launching is paused (the
+//! host's disk is short of space), every launch, a retry's too, waits in it
+//! until launching resumes.
 
 pub mod activity;
-mod dispatcher;
 pub mod watcher;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use evalflow_activities::RunningJob;
 use evalflow_workflow::{
@@ -31,7 +32,7 @@ use evalflow_workflow::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use dispatcher::Dispatcher;
+use evalflow_workflow::dispatcher::Dispatcher;
 
 /// The most requests one group takes.
 pub const GROUP_MAX: usize = 1024;
@@ -121,24 +122,61 @@ pub fn spawn(
     paused: bool,
 ) -> (EngineHandle, std::thread::JoinHandle<Result<(), EngineError>>) {
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
-    let dispatcher = Dispatcher::new(dispatch, resend_after, paused);
+    let clock = Clock { wall: Timestamp::now(), start: Instant::now() };
+    let dispatcher = Dispatcher::new(resend_after, paused, clock.now());
     let thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(engine, recovered, rx, dispatcher))
+        .spawn(move || run(engine, recovered, rx, Out { dispatcher, channel: dispatch, clock }))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (EngineHandle { tx }, thread)
+}
+
+/// The dispatcher's clock: the wall time the thread started at, moved on by
+/// a monotonic clock, so that a step of the wall clock neither holds resends
+/// back nor sends everything again at once.
+struct Clock {
+    wall: Timestamp,
+    start: Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Timestamp {
+        self.wall.plus_ms(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// The dispatcher, the channel what it decides goes out on, and its clock.
+struct Out {
+    dispatcher: Dispatcher,
+    channel: mpsc::UnboundedSender<Dispatch>,
+    clock: Clock,
+}
+
+impl Out {
+    fn send(&mut self, dispatches: Vec<Dispatch>) {
+        let now = self.clock.now();
+        dispatches.into_iter().for_each(|d| self.dispatcher.send(d, now));
+        self.flush();
+    }
+
+    /// Sends what the dispatcher decided goes out now.
+    fn flush(&mut self) {
+        for dispatch in self.dispatcher.take_outgoing() {
+            let _ = self.channel.send(dispatch);
+        }
+    }
 }
 
 fn run(
     mut engine: Engine<SledStore>,
     recovered: Vec<Dispatch>,
     mut rx: mpsc::Receiver<Request>,
-    mut dispatcher: Dispatcher,
+    mut out: Out,
 ) -> Result<(), EngineError> {
-    recovered.into_iter().for_each(|d| dispatcher.send(d));
+    out.send(recovered);
     // Admit what waited while no engine ran.
     let admitted = engine.apply(Vec::new(), Timestamp::now())?;
-    admitted.dispatches.into_iter().for_each(|d| dispatcher.send(d));
+    out.send(admitted.dispatches);
     while let Some(first) = rx.blocking_recv() {
         let mut requests = vec![first];
         while requests.len() < GROUP_MAX {
@@ -157,14 +195,17 @@ fn run(
                 }
                 // Before this group's admissions.
                 Request::HoldStages { stages } => engine.hold_stages(stages),
-                Request::PauseLaunches { paused } => dispatcher.pause(&engine, paused)?,
+                Request::PauseLaunches { paused } => {
+                    out.dispatcher.pause(&engine, paused, out.clock.now())?;
+                    out.flush();
+                }
                 question => questions.push(question),
             }
         }
         let applied = engine.apply(inputs, Timestamp::now())?;
         // Commands first: when a requester hears back, what its inputs caused is already queued.
-        applied.dispatches.into_iter().for_each(|d| dispatcher.send(d));
-        dispatcher.forget_unowed(&engine)?;
+        out.send(applied.dispatches);
+        out.dispatcher.forget_unowed(&engine)?;
         let outcomes = applied.outcomes;
         for (reply, range) in replies {
             if let Some(reply) = reply {
@@ -173,7 +214,10 @@ fn run(
         }
         for question in questions {
             match question {
-                Request::Tick => dispatcher.tick(&engine)?,
+                Request::Tick => {
+                    out.dispatcher.tick(&engine, out.clock.now())?;
+                    out.flush();
+                }
                 other => answer(&engine, other)?,
             }
         }
