@@ -13,7 +13,6 @@ use evalflow_worker::api::token::ApiToken;
 use evalflow_worker::config::Config;
 use evalflow_worker::datadir::lock::{EngineInfo, LockState, try_lock};
 use evalflow_worker::node::{Mode, Node, NodeOptions};
-use serde::de::DeserializeOwned;
 
 /// How long an engine waits for a CLI command holding the data directory.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -35,7 +34,12 @@ pub struct Client {
 }
 
 impl Client {
-    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+    /// Does `operation` through the engine's API.
+    async fn call<O: Operation>(&self, operation: &O) -> Result<O::Answer> {
+        let request = match O::METHOD {
+            Method::Get => self.http.get(format!("{}{}", self.info.api, operation.target()?)),
+            Method::Post => self.http.post(format!("{}{}", self.info.api, O::ROUTE)).json(operation),
+        };
         let unreachable =
             |e: reqwest::Error| anyhow!("the engine (pid {}) does not answer at {}: {e}", self.info.pid, self.info.api);
         let response = request.bearer_auth(self.token.as_str()).send().await.map_err(unreachable)?;
@@ -47,14 +51,6 @@ impl Client {
         }
         serde_json::from_slice(&bytes)
             .with_context(|| format!("unexpected answer from the engine at {}", self.info.api))
-    }
-
-    async fn call_operation<O: Operation>(&self, operation: &O) -> Result<O::Answer> {
-        let request = match O::METHOD {
-            Method::Get => self.http.get(format!("{}{}", self.info.api, operation.target()?)),
-            Method::Post => self.http.post(format!("{}{}", self.info.api, O::ROUTE)).json(operation),
-        };
-        self.call(request).await
     }
 }
 
@@ -112,7 +108,7 @@ async fn reach(data_dir: &Path, info: EngineInfo) -> Result<Client> {
     };
     let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
     let client = Client { http, info: info.clone(), token };
-    client.call_operation(&Ping {}).await.map_err(unanswered)?;
+    client.call(&Ping {}).await.map_err(unanswered)?;
     Ok(client)
 }
 
@@ -128,7 +124,7 @@ impl Backend {
     /// Does `operation`: through the engine's API, or on the store.
     pub async fn call<O: Operation>(&self, operation: O) -> Result<O::Answer> {
         match self {
-            Backend::Engine(c) => c.call_operation(&operation).await,
+            Backend::Engine(c) => c.call(&operation).await,
             Backend::Direct(n) => Ok(operation.run(n).await?),
         }
     }

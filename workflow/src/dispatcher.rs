@@ -162,7 +162,9 @@ impl Dispatcher {
         let owed = owed(engine)?;
         self.forget(&owed);
         for (key, dispatch) in owed {
-            if self.sent.get(&key).is_none_or(|at| now.since(*at) >= self.resend_after) {
+            // A launch whose backoff is not over is waiting, not late: it is held already.
+            let waiting = matches!(dispatch.command, Command::LaunchJob { not_before: Some(at), .. } if at > now);
+            if !waiting && self.sent.get(&key).is_none_or(|at| now.since(*at) >= self.resend_after) {
                 tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
                 self.send(dispatch, now);
             }
