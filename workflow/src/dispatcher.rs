@@ -212,7 +212,7 @@ fn still_owed<S: WorkflowStore>(engine: &Engine<S>, dispatch: &Dispatch) -> Resu
 /// Every command the live runs owe, as it would be sent, in key order.
 fn owed<S: WorkflowStore>(engine: &Engine<S>) -> Result<BTreeMap<CommandKey, Dispatch>, EngineError> {
     let mut owed = BTreeMap::new();
-    let runs: Vec<RunId> = engine.live_run_ids().cloned().collect();
+    let runs: Vec<RunId> = engine.owing_run_ids().cloned().collect();
     for run in runs {
         let Some(stored) = engine.store().load(&run)? else { continue };
         let Run { spec, status } = stored.run;

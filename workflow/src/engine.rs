@@ -148,6 +148,8 @@ struct LiveSet {
     queue: BTreeSet<(Timestamp, RunId)>,
     /// Runs launching or running: the jobs that hold a slot.
     active: usize,
+    /// Runs that owe a command (their outbox is not empty).
+    owing: BTreeSet<RunId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -176,6 +178,11 @@ impl LiveSet {
             }
             self.active += usize::from(holds_slot(tag));
             self.runs.insert(run.clone(), LiveRun { tag, submitted_at: spec.submitted_at });
+        }
+        if status.is_live() && !status.outbox().is_empty() {
+            self.owing.insert(run.clone());
+        } else {
+            self.owing.remove(run);
         }
     }
 }
@@ -265,6 +272,12 @@ impl<S: WorkflowStore> Engine<S> {
     /// Every live run.
     pub fn live_run_ids(&self) -> impl Iterator<Item = &RunId> {
         self.live.runs.keys()
+    }
+
+    /// The live runs that owe a command: those the dispatcher looks at for
+    /// what is owed too long (a run waiting for its job owes none).
+    pub fn owing_run_ids(&self) -> impl Iterator<Item = &RunId> {
+        self.live.owing.iter()
     }
 
     /// How many runs are live, and how many of them hold a launch slot.
@@ -392,6 +405,9 @@ impl<S: WorkflowStore> Engine<S> {
     /// Where `run` should start, learned from its submission's runs on the
     /// other stages ([`learned_start`]), as this group leaves them.
     fn learned_start(&self, group: &Group, run: &RunId) -> Result<Option<LearnedStart>, EngineError> {
+        if !self.policy.learns_across_stages() {
+            return Ok(None);
+        }
         let (submission, stage) = run.parts();
         // An audit learns from its original's stage too: `<submission>-audit<n>-<stage>`.
         let original = (submission.as_str().rsplit_once(AUDIT_SUFFIX))

@@ -26,6 +26,12 @@ struct Inner {
     counts: StateCounts,
 }
 
+impl Clone for MemoryStore {
+    fn clone(&self) -> MemoryStore {
+        MemoryStore { inner: Mutex::new(self.lock().clone()) }
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
@@ -37,7 +43,50 @@ impl MemoryStore {
     }
 }
 
+/// What one run was in the store before a change, to put back should a
+/// later change of the same commit be refused.
+struct Saved {
+    run: RunId,
+    spec: Option<RunSpec>,
+    history_len: Option<usize>,
+    live: bool,
+    terminal: Option<StateTag>,
+}
+
 impl Inner {
+    fn save(&self, run: &RunId) -> Saved {
+        Saved {
+            run: run.clone(),
+            spec: self.specs.get(run).cloned(),
+            history_len: self.history.get(run).map(Vec::len),
+            live: self.live.contains(run),
+            terminal: self.terminal.iter().find(|(_, runs)| runs.contains(run)).map(|(tag, _)| *tag),
+        }
+    }
+
+    fn restore(&mut self, saved: Saved) {
+        let Saved { run, spec, history_len, live, terminal } = saved;
+        match spec {
+            Some(spec) => _ = self.specs.insert(run.clone(), spec),
+            None => _ = self.specs.remove(&run),
+        }
+        match history_len {
+            Some(len) => self.history.entry(run.clone()).or_default().truncate(len),
+            None => _ = self.history.remove(&run),
+        }
+        if live {
+            self.live.insert(run.clone());
+        } else {
+            self.live.remove(&run);
+        }
+        for runs in self.terminal.values_mut() {
+            runs.remove(&run);
+        }
+        if let Some(tag) = terminal {
+            self.terminal.entry(tag).or_default().insert(run);
+        }
+    }
+
     fn apply(&mut self, change: &RunChange) -> Result<(), StoreError> {
         let last_seq_before = self.history.get(&change.run).and_then(|h| h.last()).map_or(0, |e| e.seq);
         change.validate(last_seq_before)?;
@@ -76,12 +125,20 @@ impl WorkflowStore for MemoryStore {
 
     fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        // All or nothing: work on a copy, swap it in at the end.
-        let mut next = inner.clone();
+        // All or nothing: what each change touches is saved first, and put
+        // back, last first, when a later one is refused.
+        let counts = inner.counts;
+        let mut saved = Vec::with_capacity(commit.changes.len());
         for change in &commit.changes {
-            next.apply(change)?;
+            saved.push(inner.save(&change.run));
+            if let Err(e) = inner.apply(change) {
+                for before in saved.into_iter().rev() {
+                    inner.restore(before);
+                }
+                inner.counts = counts;
+                return Err(e);
+            }
         }
-        *inner = next;
         Ok(())
     }
 
@@ -109,5 +166,57 @@ impl WorkflowStore for MemoryStore {
 
     fn counts(&self) -> Result<StateCounts, StoreError> {
         Ok(self.lock().counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Engine, Input};
+    use crate::ids::{Stage, SubmissionId, TeamId};
+    use crate::machine::SubmissionSource;
+    use crate::store::Commit;
+    use crate::time::Timestamp;
+
+    fn spec(name: &str) -> RunSpec {
+        let source = SubmissionSource::Image { uri: "img".into() };
+        RunSpec::new(
+            SubmissionId::new(name).unwrap(),
+            TeamId::new("t").unwrap(),
+            Stage::Public,
+            false,
+            source,
+            Timestamp(0),
+        )
+    }
+
+    #[test]
+    fn a_commit_with_one_change_refused_changes_nothing() {
+        let (mut engine, _) = Engine::open(MemoryStore::new(), crate::policy::tests::case_policy(), 0).unwrap();
+        engine.apply(vec![Input::Submit(spec("a"))], Timestamp(1)).unwrap();
+        let store = engine.into_store();
+        let a = RunId::parse("a-public").unwrap();
+        let stored = store.load(&a).unwrap().unwrap();
+        let first = store.history(&a).unwrap().remove(0);
+        // A new run "b", accepted on its own; then a change of "a" that skips a seq.
+        let b = RunChange {
+            run: RunId::parse("b-public").unwrap(),
+            spec: Some(spec("b")),
+            before: None,
+            entries: vec![first.clone()],
+        };
+        let broken = RunChange {
+            run: a.clone(),
+            spec: None,
+            before: Some(stored.run.status),
+            entries: vec![HistoryEntry { seq: 3, ..first }],
+        };
+        let counts = store.counts().unwrap();
+        let err = store.commit(&Commit { changes: vec![b, broken] }).unwrap_err();
+        assert!(err.to_string().contains("entry seq 3 after seq 1"), "{err}");
+        assert_eq!(store.load(&RunId::parse("b-public").unwrap()).unwrap(), None, "b is not kept");
+        assert_eq!(store.runs(RunFilter::Live, None, 10).unwrap(), std::slice::from_ref(&a));
+        assert_eq!(store.history(&a).unwrap().len(), 1);
+        assert_eq!(store.counts().unwrap(), counts);
     }
 }
