@@ -12,6 +12,7 @@ mod demo;
 mod fleet;
 mod logs;
 mod output;
+mod plan;
 mod reproduce;
 mod serve;
 mod signals;
@@ -188,6 +189,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Plan a competition's run: simulate it on the engine and policy, for
+    /// each policy compared, and find the smallest fleet for its deadline.
+    Plan {
+        /// The workload file (see examples/dfdc.toml).
+        #[arg(long)]
+        workload: PathBuf,
+        /// Draw the running times from the runs whose job succeeded in this
+        /// competition's data directory instead of the workload's [run_time].
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Find the smallest fleet for this deadline instead of the workload's [fleet].
+        #[arg(long)]
+        deadline_hours: Option<f64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// On AWS: carry out the engine's commands from the tasks queue until stopped.
     Worker,
     /// AWS resources.
@@ -299,6 +317,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { listen, no_sandbox } => serve::run(&dir(), listen, isolation(no_sandbox)).await,
         Command::Worker => fleet::worker(&Config::load(&dir())?).await,
+        Command::Plan { workload, from, deadline_hours, json } => {
+            plan::run(&workload, from.as_deref(), deadline_hours, json).await
+        }
         Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         Command::Logs { run, attempt } => {
@@ -439,6 +460,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         | Command::Serve { .. }
         | Command::Logs { .. }
         | Command::Worker
+        | Command::Plan { .. }
         | Command::Aws { .. } => unreachable!("handled without a backend"),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }

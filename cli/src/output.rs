@@ -4,6 +4,7 @@ use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, ReproduceView, RunView, StatusView};
+use evalflow_workflow::plan::Plan;
 use evalflow_workflow::{StateTag, Timestamp};
 use serde::Serialize;
 
@@ -217,4 +218,59 @@ pub fn failures(views: &[RunView]) {
         ]);
     }
     println!("failures\n{table}");
+}
+
+/// `evalflow plan`.
+pub fn plan(plan: &Plan) {
+    let after = plan.after.map(|s| format!(", after the {s} stage ran on evalflow")).unwrap_or_default();
+    println!(
+        "{} submissions on the {} stage{after}; {:.2} h a run on the reference profile (mean drawn)",
+        plan.submissions, plan.stage, plan.mean_run_hours
+    );
+    let mut limits = Vec::new();
+    if let Some(deadline) = plan.deadline_hours {
+        limits.push(format!("deadline {deadline} h ({:.1} days)", deadline / 24.0));
+    }
+    if let Some(budget) = plan.budget_usd {
+        limits.push(format!("budget ${budget:.0}"));
+    }
+    if !limits.is_empty() {
+        println!("{}", limits.join(", "));
+    }
+    let mut policies = table(&["policy", "makespan h", "hours", "cost $", "fleet", "failed", "deadline"]);
+    for policy in &plan.policies {
+        let fleet: Vec<String> =
+            policy.profiles.iter().filter(|p| p.fleet > 0).map(|p| format!("{} {}", p.fleet, p.name)).collect();
+        let marker = if policy.variant == plan.chosen.variant { " *" } else { "" };
+        policies.add_row(vec![
+            Cell::new(format!("{}{marker}", policy.name)),
+            right(policy.makespan_hours.map_or("never ends".into(), |h| format!("{h:.0}"))),
+            right(format!("{:.0}", policy.total_hours)),
+            right(format!("{:.0}", policy.total_cost_usd)),
+            Cell::new(fleet.join(", ")),
+            right(policy.runs.failed + policy.runs.unfinished),
+            Cell::new(policy.deadline_met.map_or("", |met| if met { "met" } else { "missed" })),
+        ]);
+    }
+    println!("{policies}");
+    let chosen = &plan.chosen;
+    println!("* the workload's policy: {}", chosen.name);
+    let mut table = table(&["profile", "hours", "cost $", "peak", "fleet", "provision"]);
+    for profile in &chosen.profiles {
+        table.add_row(vec![
+            Cell::new(&profile.name),
+            right(format!("{:.0}", profile.hours)),
+            right(format!("{:.0}", profile.cost_usd)),
+            right(profile.peak_instances),
+            right(profile.fleet),
+            right(profile.provision),
+        ]);
+    }
+    println!("{table}");
+    if plan.headroom > 0.0 {
+        println!("provision: the fleet with {:.0}% spare capacity", plan.headroom * 100.0);
+    }
+    for policy in plan.policies.iter().filter(|p| p.note.is_some()) {
+        println!("{}: {}", policy.name, policy.note.as_deref().unwrap_or_default());
+    }
 }

@@ -53,6 +53,7 @@ fn the_demo_evaluates_every_example_and_does_no_work_twice() {
     assert!(runs.values().all(|r| !r.state.is_terminal() || r.cost_usd > 0.0 || r.attempts == 0));
 
     oom_g4_escalated(&cli);
+    planned_from_what_ran(&cli, &runs);
     escape_got_nothing(&cli, &runs, baseline);
     score_matches_an_independent_log_loss(&cli, good);
     leaderboard_is_published(&cli);
@@ -66,6 +67,36 @@ fn the_demo_evaluates_every_example_and_does_no_work_twice() {
     assert_eq!(fs::read_dir(cli.data_dir.join("jobs")).unwrap().count(), jobs);
     assert_eq!(runs.keys().map(|id| history(&cli, id).len()).collect::<Vec<_>>(), histories);
     assert!(cli.ok(&["replay", "--all"]).contains("10 runs replayed, 0 diverge"));
+}
+
+/// `plan --from` draws its running times from the runs whose job ran to its
+/// end: their last attempt's time (locally, already the reference profile's).
+fn planned_from_what_ran(cli: &Cli, runs: &BTreeMap<String, RunView>) {
+    let last = |r: &RunView| r.attempt_details.last().cloned();
+    let secs: Vec<f64> = (runs.values().filter_map(last))
+        .filter(|a| a.outcome.as_deref() == Some("succeeded"))
+        .map(|a| a.running_secs.unwrap())
+        .collect();
+    assert_eq!(secs.len(), 7, "the published ones and bad-csv, whose predictions were refused");
+    let workload = cli.data_dir.join("../workload.toml");
+    let text = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/dfdc.toml")).unwrap();
+    let text = text.replace("submissions = 4200", "submissions = 3000");
+    let text = text.replace("[run_time]\nmean_hours = 10.0\ncv = 0.2\n", "");
+    fs::write(&workload, text).unwrap();
+    let plan: evalflow_workflow::plan::Plan = cli.json(&[
+        "plan",
+        "--workload",
+        workload.to_str().unwrap(),
+        "--from",
+        cli.data_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let observed = secs.iter().sum::<f64>() / secs.len() as f64 / 3600.0;
+    let off = (plan.mean_run_hours - observed).abs() / observed;
+    assert!(off < 0.05, "drawn {} h, observed {observed} h: {secs:?}", plan.mean_run_hours);
+    // Without --from, and without [run_time], the workload is refused with the fix.
+    let output = cli.run(&["plan", "--workload", workload.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--from DIR"), "{output:?}");
 }
 
 fn history(cli: &Cli, run: &str) -> Vec<EventView> {

@@ -22,6 +22,7 @@ use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
 use evalflow_activities::{ArtifactStore, JobRunner, PublishedResult};
 use evalflow_workflow::cost::{Billing, cost_report};
 use evalflow_workflow::engine::InputError;
+use evalflow_workflow::plan::observed_secs;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
     Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
@@ -40,8 +41,8 @@ use crate::engine::{self, EngineHandle, EngineStopped};
 use crate::local::space::Space;
 use crate::local::worker;
 use crate::views::{
-    ActionView, CostView, DeadLetters, Divergence, EventView, ReplayView, RunView, Selection, StageProblem, StatusView,
-    Wait, WaitingView, waiting,
+    ActionView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReplayView, RunView, Selection,
+    StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
 /// Activities carried out at once by an engine node.
@@ -713,6 +714,22 @@ impl Node {
             }
             let report = cost_report(&statuses, &policy, billing);
             Ok(CostView { billing, report })
+        })
+        .await
+    }
+
+    /// How long the runs that succeeded took on the reference profile.
+    pub async fn durations(&self) -> Result<DurationsView, ControlError> {
+        let (policy, billing) = (self.config.policy.clone(), self.billing);
+        self.read(move |store| {
+            let mut runs = Vec::new();
+            for id in all_runs(store, RunFilter::All)? {
+                if let Some(stored) = store.load(&id)? {
+                    runs.push(stored.run);
+                }
+            }
+            let reference_secs = observed_secs(&runs, &policy, billing);
+            Ok(DurationsView { runs: runs.len(), reference_secs })
         })
         .await
     }

@@ -444,6 +444,16 @@ pub struct CostView {
     pub report: CostReport,
 }
 
+/// How long the runs whose job succeeded took, for `evalflow plan --from`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DurationsView {
+    /// Runs in the store.
+    pub runs: usize,
+    /// The running time of each run whose last job succeeded, on a profile of
+    /// `relative_speed` 1, in seconds.
+    pub reference_secs: Vec<f64>,
+}
+
 /// Which runs an operator's request is for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -13,6 +13,9 @@
 //! - [`dispatcher::Dispatcher`] decides when the engine's commands go out:
 //!   held launches, resends, the launch pause.
 //! - [`replay`] rebuilds a run from its history and compares.
+//! - [`sim`] runs the engine and dispatcher on a virtual clock against a
+//!   model of the fleet, with faults; [`plan`] uses it without faults to
+//!   say how many instances, how long and how much.
 //!
 //! Nothing here is async and nothing talks to a cloud: the worker crate
 //! drives the engine and carries out its commands.
@@ -24,6 +27,7 @@ pub mod dispatcher;
 pub mod engine;
 pub mod ids;
 pub mod machine;
+pub mod plan;
 pub mod policy;
 pub mod replay;
 pub mod sim;

@@ -149,6 +149,15 @@ pub struct PolicyConfig {
     /// The placement ladder.
     #[serde(default)]
     pub profile: Vec<Profile>,
+    /// Whether a run starts where its submission succeeded on another stage
+    /// after an escalation (on by default): a submission that ran out of
+    /// memory on g4 in the public stage starts its private run on p3.
+    #[serde(default = "default_learn_across_stages")]
+    pub learn_across_stages: bool,
+}
+
+fn default_learn_across_stages() -> bool {
+    true
 }
 
 /// A configuration that cannot be used, with what to change.
@@ -225,12 +234,13 @@ pub struct Policy {
     profiles: Vec<Profile>,
     retry: RetryPolicy,
     time_limit_secs: u64,
+    learn_across_stages: bool,
 }
 
 impl Policy {
     /// Validates a configuration.
     pub fn new(config: PolicyConfig) -> Result<Policy, PolicyError> {
-        let PolicyConfig { time_limit_secs, retry, profile: profiles } = config;
+        let PolicyConfig { time_limit_secs, retry, profile: profiles, learn_across_stages } = config;
         if profiles.is_empty() {
             return Err(PolicyError::EmptyLadder);
         }
@@ -250,7 +260,7 @@ impl Policy {
         if retry.backoff_base_secs > retry.backoff_max_secs {
             return Err(PolicyError::BackoffRange { base: retry.backoff_base_secs, max: retry.backoff_max_secs });
         }
-        Ok(Policy { profiles, retry, time_limit_secs })
+        Ok(Policy { profiles, retry, time_limit_secs, learn_across_stages })
     }
 
     /// Parses and validates a document whose top level is the `[policy]` table.
@@ -277,6 +287,12 @@ impl Policy {
     /// The wall-clock limit of one job, in seconds.
     pub fn time_limit_secs(&self) -> u64 {
         self.time_limit_secs
+    }
+
+    /// Whether a run starts where another stage of its submission succeeded
+    /// after an escalation.
+    pub fn learns_across_stages(&self) -> bool {
+        self.learn_across_stages
     }
 
     /// Where a new run starts: the cheapest profile of its ladder.

@@ -23,6 +23,7 @@
 //! | POST | `/v1/cancel`, `/v1/retry` `{"runs": [R]}` or `{"state": S}` | [`ActionView`]s |
 //! | GET | `/v1/leaderboard?stage=S` | the leaderboard |
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
+//! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
 //! at once, headers within `header_read_timeout_secs` (which also ends a
@@ -56,7 +57,8 @@ pub mod token;
 use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
-    Cancel, Cost, GetRun, History, Method, Operation, Ping, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+    Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Replay, Retry, Runs, Standings, Status,
+    Stopping, Submit,
 };
 use token::ApiToken;
 
@@ -146,6 +148,7 @@ fn router(api: Api) -> Router {
         .serves::<Retry>()
         .serves::<Standings>()
         .serves::<Cost>()
+        .serves::<Durations>()
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
         // The last layer sees a request first: host, token, size, deadline.

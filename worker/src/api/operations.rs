@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::node::{ControlError, Node};
-use crate::views::{ActionView, CostView, EventView, ReplayView, RunView, Selection, StatusView};
+use crate::views::{ActionView, CostView, DurationsView, EventView, ReplayView, RunView, Selection, StatusView};
 
 /// How an operation travels over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +279,19 @@ impl Operation for Cost {
     const ROUTE: &'static str = "/v1/cost";
     async fn run(self, node: &Node) -> Result<CostView, ControlError> {
         node.cost().await
+    }
+}
+
+/// `evalflow plan --from`: how long the runs whose job succeeded took.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Durations {}
+
+impl Operation for Durations {
+    type Answer = DurationsView;
+    const METHOD: Method = Method::Get;
+    const ROUTE: &'static str = "/v1/durations";
+    async fn run(self, node: &Node) -> Result<DurationsView, ControlError> {
+        node.durations().await
     }
 }
 

@@ -20,10 +20,11 @@ use crate::time::Timestamp;
 /// Tries of an activity that meets throttling before the worker gives up
 /// (as the in-process worker does).
 const TRIES_MAX: u32 = 5;
-/// Happenings one simulation handles at most (a seed takes about 3,600 on
-/// average): a scenario that never settles ends there, with its live runs
-/// reported as never ended.
+/// Happenings one simulation handles at most, per run and in all (a seed
+/// takes about 3,600 on average): a scenario that never settles ends there,
+/// with its live runs reported as never ended.
 const STEPS_MAX: u64 = 500_000;
+const STEPS_PER_RUN_MAX: u64 = 1_000;
 /// The first delay between two tries; it doubles each time.
 const RETRY_FIRST_MS: u64 = 500;
 
@@ -115,9 +116,14 @@ struct Driver<'a> {
 
 /// Runs `scenario` with `seed` until every run ended or the horizon.
 pub fn simulate(scenario: &Scenario, seed: u64) -> Result<Simulated, EngineError> {
-    let (engine, recovered) = Engine::open(FlakyStore::default(), scenario.policy.clone(), scenario.max_active)?;
-    let natures = scenario.submissions.iter().map(|(spec, nature)| (spec.run.clone(), nature.clone())).collect();
-    let world = World::new(scenario.policy.clone(), &scenario.instances, natures, scenario.interruptions_per_hour);
+    simulate_on(MemoryStore::default(), scenario, seed)
+}
+
+/// Runs `scenario` with `seed` on an engine whose store already holds
+/// `store` (the runs of an earlier stage, to learn from).
+pub fn simulate_on(store: MemoryStore, scenario: &Scenario, seed: u64) -> Result<Simulated, EngineError> {
+    let (engine, recovered) = Engine::open(FlakyStore::new(store), scenario.policy.clone(), scenario.max_active)?;
+    let world = World::new(scenario);
     let start = scenario.submissions.iter().map(|(spec, _)| spec.submitted_at).min().unwrap_or_default();
     let mut driver = Driver {
         scenario,
@@ -148,9 +154,10 @@ pub fn simulate(scenario: &Scenario, seed: u64) -> Result<Simulated, EngineError
         driver.schedule(start.plus_ms(after), Happening::ClockJump);
     }
     let horizon = start.plus_ms(millis(scenario.horizon));
+    let steps_max = STEPS_MAX.max(STEPS_PER_RUN_MAX.saturating_mul(scenario.submissions.len() as u64));
     let mut steps = 0;
     while let Some(((at, _), happening)) = driver.queue.pop_first() {
-        if at > horizon.0 || steps >= STEPS_MAX {
+        if at > horizon.0 || steps >= steps_max {
             break;
         }
         driver.now = Timestamp(at);

@@ -24,7 +24,7 @@ mod store;
 pub mod world;
 
 pub use check::{Violation, check};
-pub use driver::{FaultCounts, Simulated, simulate};
+pub use driver::{FaultCounts, Simulated, simulate, simulate_on};
 pub use instant::InstantWorld;
 pub use world::Nature;
 
@@ -39,6 +39,9 @@ pub struct Scenario {
     pub instances: BTreeMap<ProfileName, usize>,
     /// Spot interruptions per instance-hour.
     pub interruptions_per_hour: f64,
+    /// How far into its run a job that needs more memory than its profile
+    /// has gets before it runs out, as a share of its running time.
+    pub oom_after: f64,
     /// Jobs launching or running at once, at most (the engine's admission).
     pub max_active: usize,
     /// The operator's requests (cancels, retries): when, which run, what.

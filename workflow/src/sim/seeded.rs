@@ -117,6 +117,7 @@ pub fn scenario(seed: u64) -> Scenario {
         submissions,
         instances,
         interruptions_per_hour: rng.random_range(0.0..0.2),
+        oom_after: 0.05,
         max_active: rng.random_range(2..=16),
         requests,
         faults,

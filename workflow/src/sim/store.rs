@@ -16,6 +16,11 @@ pub struct FlakyStore {
 }
 
 impl FlakyStore {
+    /// A flaky store holding what `inner` holds.
+    pub fn new(inner: MemoryStore) -> FlakyStore {
+        FlakyStore { inner, failing: Cell::new(false) }
+    }
+
     /// Makes the next commits fail (`true`) or succeed again.
     pub fn fail_commits(&self, failing: bool) {
         self.failing.set(failing);

@@ -81,6 +81,9 @@ pub struct World {
     pools: BTreeMap<ProfileName, Pool>,
     /// Spot interruptions per instance-hour.
     interruptions_per_hour: f64,
+    /// The share of its running time a job gets through before it runs out
+    /// of memory.
+    oom_after: f64,
     /// Every job ever made, by (run, attempt).
     pub jobs: BTreeMap<(RunId, Attempt), Job>,
     /// How many jobs were made for each (run, attempt): more than one is a
@@ -102,14 +105,12 @@ pub struct World {
 pub type Started = ((RunId, Attempt), Timestamp);
 
 impl World {
-    /// A world of `instances` per profile (a profile not named has none),
-    /// running `natures`.
-    pub fn new(
-        policy: Policy,
-        instances: &BTreeMap<ProfileName, usize>,
-        natures: BTreeMap<RunId, Nature>,
-        interruptions_per_hour: f64,
-    ) -> World {
+    /// The world of `scenario`: its instances per profile (a profile not
+    /// named has none), running its submissions.
+    pub fn new(scenario: &super::Scenario) -> World {
+        let policy = scenario.policy.clone();
+        let natures = scenario.submissions.iter().map(|(spec, nature)| (spec.run.clone(), nature.clone())).collect();
+        let instances = &scenario.instances;
         let pools = policy
             .profiles()
             .iter()
@@ -121,7 +122,8 @@ impl World {
             policy,
             natures,
             pools,
-            interruptions_per_hour,
+            interruptions_per_hour: scenario.interruptions_per_hour,
+            oom_after: scenario.oom_after,
             jobs: BTreeMap::new(),
             made: BTreeMap::new(),
             board: BTreeMap::new(),
@@ -192,9 +194,8 @@ impl World {
         let secs = nature.reference_secs / on.relative_speed.max(1e-6);
         let limit = self.policy.time_limit_secs() as f64;
         let (mut secs, mut outcome) = match nature.needs {
-            // Out of memory early in the run, as a model's first batch does.
             Some((resource, need)) if on.amount_mib(resource) < need => {
-                (secs * 0.05, JobOutcome::OutOfMemory { resource })
+                (secs.min(limit) * self.oom_after, JobOutcome::OutOfMemory { resource })
             }
             _ if secs > limit => (limit, JobOutcome::TimedOut),
             _ => (secs, JobOutcome::Succeeded),
