@@ -43,8 +43,7 @@ fn the_organizers_estimate_is_reproduced() {
     close("all on P3, GPUs for three weeks", profile(p3, "p3").fleet as f64, 85.0);
     assert_eq!(p3.deadline_met, Some(true));
     assert!(p3.makespan_hours.unwrap() <= 504.0);
-    // The same fleet with the case's 50% spare.
-    assert_eq!(profile(p3, "p3").provision, (profile(p3, "p3").fleet as f64 * 1.5).ceil() as usize);
+    assert_eq!(profile(p3, "p3").provision, 128, "85 with the case's 50% spare");
     // All on G4: more than twice as slow, 83% cheaper: about 90,000 hours, under $50,000.
     let g4 = policy(&plan, "all on g4");
     close("all on G4, hours", g4.total_hours, 90_000.0);
@@ -76,7 +75,8 @@ fn the_rerun_as_it_went_is_reproduced_and_evalflows_policy_beats_it() {
     let learned = policy(&plan, "g4 → p3, placement learned");
     assert!(profile(learned, "g4").hours < profile(theirs, "g4").hours - 300.0, "{learned:#?}");
     assert!((profile(learned, "p3").hours - profile(theirs, "p3").hours).abs() < 1.0);
-    // evalflow's: Spot with automatic retry, placement learned; in the two weeks, at a third of the cost.
+    // evalflow's: Spot with automatic retry, placement learned; in the two
+    // weeks, at a third of the case's cost (asserted: under 40%).
     let ours = &plan.chosen;
     assert_eq!(ours.name, "g4 → p3 on Spot, placement learned");
     assert_eq!((ours.deadline_met, ours.runs.published), (Some(true), 4200));

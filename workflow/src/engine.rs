@@ -521,6 +521,34 @@ mod tests {
     }
 
     #[test]
+    fn the_runs_that_owe_a_command_are_known_without_reading_the_store() {
+        let mut engine = engine(4);
+        let owing = |engine: &Engine<MemoryStore>| engine.owing_run_ids().map(|r| r.to_string()).collect::<Vec<_>>();
+        let applied = engine.apply(vec![Input::Submit(spec("a", 1))], Timestamp(1)).unwrap();
+        assert_eq!(owing(&engine), ["a-public"], "it owes its launch");
+        let job = crate::ids::JobId::new("j").unwrap();
+        let launched = Input::Event {
+            run: RunId::parse("a-public").unwrap(),
+            envelope: Envelope::answering(
+                Event::JobLaunched { attempt: Attempt(1), job: job.clone() },
+                applied.dispatches[0].version,
+            ),
+        };
+        engine.apply(vec![launched], Timestamp(2)).unwrap();
+        assert!(owing(&engine).is_empty(), "running, it owes nothing");
+        engine.apply(vec![event("a-public", Event::CancelRequested)], Timestamp(3)).unwrap();
+        assert_eq!(owing(&engine), ["a-public"], "cancelled, it owes its job's termination");
+        // Reopened, the engine knows it from the store.
+        let (reopened, _) = Engine::open(engine.into_store(), crate::policy::tests::case_policy(), 4).unwrap();
+        assert_eq!(owing(&reopened), ["a-public"]);
+        let mut engine = reopened;
+        engine
+            .apply(vec![event("a-public", Event::JobTerminated { attempt: Attempt(1), job: Some(job) })], Timestamp(4))
+            .unwrap();
+        assert!(owing(&engine).is_empty(), "terminated, it owes nothing");
+    }
+
+    #[test]
     fn a_held_stage_is_not_admitted_until_released() {
         let mut engine = engine(4);
         engine.hold_stages([Stage::Private].into());

@@ -34,7 +34,7 @@ pub use workload::{RunTime, Workload, WorkloadConfig, WorkloadError};
 const START: Timestamp = Timestamp(1_800_000_000_000);
 /// How long a simulation may run in virtual time: a fleet too small to end
 /// within it is reported as not ending.
-const HORIZON: Duration = Duration::from_secs(3 * 365 * 24 * 3600);
+const HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The fleet-size factor searched up to (the smallest fleet at most 64
 /// times the deadline's share of the work).
 const SCALE_MAX: f64 = 64.0;
@@ -154,12 +154,19 @@ pub fn plan(workload: &Workload) -> Result<Plan, EngineError> {
     let drawn = draw(workload);
     let mean_run_hours = drawn.iter().map(|d| d.nature.reference_secs).sum::<f64>() / drawn.len() as f64 / 3600.0;
     let variants = variants(workload);
-    let planned: Vec<Result<PolicyPlan, EngineError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            variants.iter().map(|v| scope.spawn(|| Planner::new(workload, &drawn, *v).plan())).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
-    let policies = planned.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // The policies on as many threads as there are cores, a few at a time.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut policies = Vec::with_capacity(variants.len());
+    for some in variants.chunks(cores) {
+        let planned: Vec<Result<PolicyPlan, EngineError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                some.iter().map(|v| scope.spawn(|| Planner::new(workload, &drawn, *v).plan())).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for plan in planned {
+            policies.push(plan?);
+        }
+    }
     let chosen = chosen(workload);
     let chosen = policies.iter().find(|p| p.variant == chosen).cloned().unwrap_or_else(|| policies[0].clone());
     let config = &workload.config;
@@ -313,7 +320,7 @@ impl<'a> Planner<'a> {
         }
         let config = &self.workload.config.fleet;
         let (fleet, simulation, note) = match (&config.instances, config.deadline_hours) {
-            (Some(instances), _) => (instances.clone(), self.simulate(instances)?, None),
+            (Some(instances), _) => (instances.clone(), self.simulate(instances, HORIZON)?, None),
             (None, Some(deadline)) => self.smallest_fleet(deadline)?,
             (None, None) => unreachable!("a validated workload has a fleet or a deadline"),
         };
@@ -324,7 +331,7 @@ impl<'a> Planner<'a> {
     /// store is what the planned stage learns from.
     fn stage_before(&self, stage: Stage) -> Result<(MemoryStore, Timestamp), EngineError> {
         let unbounded = self.unbounded_fleet();
-        let scenario = self.scenario(stage, START, &unbounded);
+        let scenario = self.scenario(stage, START, &unbounded, HORIZON);
         let simulated = simulate_on(MemoryStore::new(), &scenario, self.workload.config.seed)?;
         Ok((simulated.store, simulated.end.plus_ms(3_600_000)))
     }
@@ -336,50 +343,54 @@ impl<'a> Planner<'a> {
 
     /// The smallest fleet that ends by `deadline`: the work each profile
     /// did on an unbounded fleet, spread over the deadline and scaled up
-    /// until it ends in time (doubling, then bisecting the factor).
+    /// until it ends in time (doubling, then bisecting the factor), never
+    /// above the unbounded run's peaks (which start every job at once).
     fn smallest_fleet(&self, deadline: f64) -> Result<(Fleet, Simulation, Option<String>), EngineError> {
-        let unbounded = self.unbounded_fleet();
-        let free = self.simulate(&unbounded)?;
+        let free = self.simulate(&self.unbounded_fleet(), HORIZON)?;
+        let peaks: Fleet = free.lines.iter().map(|(name, _, _, peak)| (name.clone(), *peak)).collect();
         if !free.ends_by(deadline) {
-            let took = free.makespan_hours.map_or("never end".to_string(), |h| format!("take {h:.1} h"));
+            let took = free.makespan_hours.map_or("do not end within a year".into(), |h| format!("take {h:.1} h"));
             let note = format!("no fleet meets the {deadline} h deadline: with every run started at once, runs {took}");
-            let peaks = free.lines.iter().map(|(name, _, _, peak)| (name.clone(), *peak)).collect();
             return Ok((peaks, free, Some(note)));
         }
+        // A candidate that has not ended by twice the deadline has missed it.
+        let cut = Duration::from_secs_f64(deadline * 2.0 * 3600.0).min(HORIZON);
         let work = free.busy_hours();
         let fleet_at = |scale: f64| -> Fleet {
             work.iter()
                 .map(|(name, hours)| {
                     let count = if *hours > 0.0 { ((scale * hours / deadline).ceil() as usize).max(1) } else { 0 };
-                    (name.clone(), count.min(self.drawn.len()))
+                    (name.clone(), count.min(peaks.get(name).copied().unwrap_or(0)))
                 })
                 .collect()
         };
-        let mut high = 1.0;
-        let mut best = None;
+        // Below a factor of 1 a profile does less work per hour than the
+        // deadline needs: 1 is where the search starts.
+        let mut best = (peaks.clone(), free);
+        let (mut low, mut high) = (None, 1.0);
         while high <= SCALE_MAX {
             let fleet = fleet_at(high);
-            let simulation = self.simulate(&fleet)?;
-            if simulation.ends_by(deadline) {
-                best = Some((fleet, simulation));
+            if fleet == best.0 {
                 break;
             }
+            let simulation = self.simulate(&fleet, cut)?;
+            if simulation.ends_by(deadline) {
+                best = (fleet, simulation);
+                break;
+            }
+            low = Some(high);
             high *= 2.0;
         }
-        let Some(mut best) = best else {
-            let note =
-                format!("no fleet up to {SCALE_MAX} times the deadline's share of the work ends in {deadline} h");
-            return Ok((unbounded, free, Some(note)));
-        };
-        let mut low = high / 2.0;
-        if high > 1.0 {
-            for _ in 0..BISECTIONS {
-                let middle = (low + high) / 2.0;
-                let fleet = fleet_at(middle);
-                if fleet == best.0 || fleet == fleet_at(low) {
-                    break;
-                }
-                let simulation = self.simulate(&fleet)?;
+        let Some(mut low) = low else { return Ok((best.0, best.1, None)) };
+        for _ in 0..BISECTIONS {
+            let middle = (low + high) / 2.0;
+            let fleet = fleet_at(middle);
+            if fleet == best.0 {
+                high = middle;
+            } else if fleet == fleet_at(low) {
+                low = middle;
+            } else {
+                let simulation = self.simulate(&fleet, cut)?;
                 if simulation.ends_by(deadline) {
                     high = middle;
                     best = (fleet, simulation);
@@ -391,14 +402,14 @@ impl<'a> Planner<'a> {
         Ok((best.0, best.1, None))
     }
 
-    /// The planned stage on `fleet`.
-    fn simulate(&self, fleet: &Fleet) -> Result<Simulation, EngineError> {
+    /// The planned stage on `fleet`, for `horizon` at most.
+    fn simulate(&self, fleet: &Fleet, horizon: Duration) -> Result<Simulation, EngineError> {
         let (store, start) = match &self.before {
             Some((store, start)) => (store.clone(), *start),
             None => (MemoryStore::new(), START),
         };
         let stage = self.workload.config.stage;
-        let scenario = self.scenario(stage, start, fleet);
+        let scenario = self.scenario(stage, start, fleet, horizon);
         let simulated = simulate_on(store, &scenario, self.workload.config.seed)?;
         let mut statuses = Vec::new();
         let mut runs = RunCounts::default();
@@ -429,7 +440,7 @@ impl<'a> Planner<'a> {
     }
 
     /// The scenario of `stage`: every submission submitted at `start`.
-    fn scenario(&self, stage: Stage, start: Timestamp, fleet: &Fleet) -> Scenario {
+    fn scenario(&self, stage: Stage, start: Timestamp, fleet: &Fleet, horizon: Duration) -> Scenario {
         let on_gpu = matches!(self.variant, Variant::AllOnFastest | Variant::AllOnCheapest);
         let team = TeamId::new("team").unwrap_or_else(|e| unreachable!("{e}"));
         let submissions = self
@@ -455,7 +466,7 @@ impl<'a> Planner<'a> {
             faults: Faults::default(),
             resend_after: Duration::from_secs(300),
             reconcile_every: Duration::from_secs(12 * 3600),
-            horizon: HORIZON,
+            horizon,
         }
     }
 
@@ -477,6 +488,15 @@ impl<'a> Planner<'a> {
                 }
             })
             .collect();
+        let unfinished = simulation.runs.unfinished;
+        let note = note.or_else(|| {
+            (unfinished > 0).then(|| {
+                format!(
+                    "{unfinished} runs do not end within a year on this fleet: a profile they need has no instance, \
+                     or the fleet is far too small"
+                )
+            })
+        });
         let total_hours = profiles.iter().fold(0.0, |total, p| total + p.hours);
         let total_cost_usd = profiles.iter().fold(0.0, |total, p| total + p.cost_usd);
         PolicyPlan {

@@ -81,15 +81,26 @@ fn the_smallest_fleet_meets_the_deadline_and_one_less_does_not() {
     assert_eq!(profile(p3, "p3").fleet, 10, "{p3:#?}");
     assert_eq!(profile(p3, "p3").provision, 15);
     assert_eq!(p3.deadline_met, Some(true));
-    let workload = Workload::from_toml(
-        &workload("submissions = 100\nrun_time = { mean_hours = 1.0 }\nfleet = { deadline_hours = 10.5 }"),
-        None,
-    )
-    .unwrap();
-    let drawn = draw(&workload);
-    let one_less = Planner::new(&workload, &drawn, Variant::AllOnFastest);
-    let nine = one_less.simulate(&BTreeMap::from([(ProfileName::new("p3").unwrap(), 9)])).unwrap();
+    let nine = BTreeMap::from([(ProfileName::new("p3").unwrap(), 9)]);
+    let text = workload("submissions = 100\nrun_time = { mean_hours = 1.0 }\nfleet = { deadline_hours = 10.5 }");
+    let ten_hours = Workload::from_toml(&text, None).unwrap();
+    let drawn = draw(&ten_hours);
+    let nine = Planner::new(&ten_hours, &drawn, Variant::AllOnFastest).simulate(&nine, HORIZON).unwrap();
     assert!(!nine.ends_by(10.5), "9 instances take 12 rounds: {:?}", nine.makespan_hours);
+    // Times that vary: the work spread over the deadline is not enough, the
+    // search doubles and bisects, and what it finds is the smallest.
+    let text = workload("submissions = 200\nrun_time = { mean_hours = 1.0, cv = 0.8 }\nfleet = { deadline_hours = 8 }");
+    let varied = Workload::from_toml(&text, None).unwrap();
+    let drawn = draw(&varied);
+    let planner = Planner::new(&varied, &drawn, Variant::AllOnFastest);
+    let (fleet, found, note) = planner.smallest_fleet(8.0).unwrap();
+    assert!(found.ends_by(8.0) && note.is_none(), "{:?} {note:?}", found.makespan_hours);
+    let p3 = ProfileName::new("p3").unwrap();
+    let work = drawn.iter().map(|d| d.nature.reference_secs).sum::<f64>() / 3600.0;
+    assert!(fleet[&p3] as f64 > (work / 8.0).ceil(), "more than the work spread over the deadline: {fleet:?}");
+    let less = BTreeMap::from([(p3.clone(), fleet[&p3] - 1)]);
+    let less = planner.simulate(&less, HORIZON).unwrap();
+    assert!(!less.ends_by(8.0), "{} p3 end in {:?} h", fleet[&p3] - 1, less.makespan_hours);
     let too_short = planned(
         r#"submissions = 10
         run_time = { mean_hours = 3.0 }
@@ -147,7 +158,7 @@ fn a_workload_that_cannot_be_planned_says_what_to_change() {
     let error = |extra: &str| Workload::from_toml(&workload(extra), None).unwrap_err().to_string();
     let run_time = "run_time = { mean_hours = 1.0 }";
     assert!(
-        error(&format!("submissions = 0\n{run_time}\nfleet = {{ deadline_hours = 1 }}")).contains("plan 1 to 200,000")
+        error(&format!("submissions = 0\n{run_time}\nfleet = {{ deadline_hours = 1 }}")).contains("plan 1 to 50,000")
     );
     assert!(error("submissions = 5\nfleet = { deadline_hours = 1 }").contains("--from DIR"));
     assert!(error(&format!("submissions = 5\n{run_time}\nfleet = {{}}")).contains("needs instances"));
@@ -175,10 +186,12 @@ fn a_workload_that_cannot_be_planned_says_what_to_change() {
 #[test]
 fn observed_durations_are_what_runs_take() {
     let text = workload("submissions = 30\nfleet = { instances = { c4 = 1, g4 = 1, p3 = 30 } }");
-    let workload = Workload::from_toml(&text, Some(vec![3600.0, 7200.0])).unwrap();
-    let plan = plan(&workload).unwrap();
-    let p3 = policy(&plan, "all on p3");
-    let hours = p3.total_hours;
-    assert!((30.0..=60.0).contains(&hours) && hours.fract().abs() < 1e-6, "{hours}");
-    assert!((1.0..=2.0).contains(&plan.mean_run_hours));
+    let one = plan(&Workload::from_toml(&text, Some(vec![5400.0])).unwrap()).unwrap();
+    assert!(near(policy(&one, "all on p3").total_hours, 45.0), "{one:#?}");
+    assert!(near(policy(&one, "all on g4").total_hours, 45.0 / 0.45));
+    let two = plan(&Workload::from_toml(&text, Some(vec![3600.0, 36_000.0])).unwrap()).unwrap();
+    let hours = policy(&two, "all on p3").total_hours;
+    // Each run draws one of the two: a whole number of 1 h and 10 h runs, some of each.
+    let long = (hours - 30.0) / 9.0;
+    assert!(near(long, long.round()) && long > 5.0 && long < 25.0, "{hours}");
 }

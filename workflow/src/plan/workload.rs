@@ -10,7 +10,15 @@ use crate::ids::{ProfileName, Stage};
 use crate::policy::{Policy, PolicyConfig, PolicyError, Resource};
 
 /// Submissions one plan simulates at most.
-pub const SUBMISSIONS_MAX: usize = 200_000;
+pub const SUBMISSIONS_MAX: usize = 50_000;
+
+/// The longest deadline planned for, in hours (half a year: a candidate
+/// fleet is simulated for twice the deadline at most).
+pub const DEADLINE_MAX_HOURS: f64 = 4380.0;
+/// The longest job time limit planned with.
+const TIME_LIMIT_MAX_SECS: u64 = 30 * 24 * 3600;
+/// The most launches or interruptions in a row a planned run may have.
+const RETRIES_MAX: u32 = 50;
 
 /// The workload file as written, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,7 +235,7 @@ impl Workload {
     pub fn new(config: WorkloadConfig, observed: Option<Vec<f64>>) -> Result<Workload, WorkloadError> {
         let policy = Policy::new(config.policy.clone())?;
         if config.submissions == 0 || config.submissions > SUBMISSIONS_MAX {
-            return Err(range("submissions", config.submissions, "plan 1 to 200,000 submissions"));
+            return Err(range("submissions", config.submissions, "plan 1 to 50,000 submissions"));
         }
         share("cpu_only_share", config.cpu_only_share)?;
         if config.after == Some(config.stage) {
@@ -235,8 +243,12 @@ impl Workload {
         }
         let run_time = match &config.run_time {
             Some(RunTimeConfig { mean_hours, cv }) => {
-                if !(mean_hours.is_finite() && *mean_hours > 0.0) {
-                    return Err(range("run_time.mean_hours", mean_hours, "give a number of hours above 0"));
+                if !(mean_hours.is_finite() && *mean_hours > 0.0 && *mean_hours <= 1000.0) {
+                    return Err(range(
+                        "run_time.mean_hours",
+                        mean_hours,
+                        "give a number of hours above 0, at most 1,000",
+                    ));
                 }
                 if !(cv.is_finite() && (0.0..=10.0).contains(cv)) {
                     return Err(range("run_time.cv", cv, "give a coefficient of variation from 0 to 10"));
@@ -254,8 +266,8 @@ impl Workload {
         }
         if let Some(spot) = &config.spot {
             let rate = spot.interruptions_per_hour;
-            if !(rate.is_finite() && (0.0..=10.0).contains(&rate)) {
-                return Err(range("spot.interruptions_per_hour", rate, "give a rate from 0 to 10 per instance-hour"));
+            if !(rate.is_finite() && (0.0..=1.0).contains(&rate)) {
+                return Err(range("spot.interruptions_per_hour", rate, "give a rate from 0 to 1 per instance-hour"));
             }
             for profile in policy.profiles() {
                 match spot.price_per_hour_usd.get(&profile.name) {
@@ -282,9 +294,25 @@ impl Workload {
             (None, Some(_)) => {}
         }
         if let Some(deadline) = fleet.deadline_hours
-            && !(deadline.is_finite() && deadline > 0.0)
+            && !(deadline.is_finite() && deadline > 0.0 && deadline <= DEADLINE_MAX_HOURS)
         {
-            return Err(range("fleet.deadline_hours", deadline, "give a number of hours above 0"));
+            return Err(range(
+                "fleet.deadline_hours",
+                deadline,
+                "give a number of hours above 0, at most 4,380 (half a year)",
+            ));
+        }
+        if policy.time_limit_secs() > TIME_LIMIT_MAX_SECS {
+            return Err(range(
+                "policy.time_limit_secs",
+                policy.time_limit_secs(),
+                "plan with a limit of at most 30 days",
+            ));
+        }
+        let retry = policy.retry();
+        if retry.attempts_max > RETRIES_MAX || retry.interruptions_max > RETRIES_MAX {
+            let value = retry.attempts_max.max(retry.interruptions_max);
+            return Err(range("policy.retry", value, "plan with attempts_max and interruptions_max of at most 50"));
         }
         if !(fleet.headroom.is_finite() && (0.0..=10.0).contains(&fleet.headroom)) {
             return Err(range("fleet.headroom", fleet.headroom, "give spare capacity from 0 to 10 (0.5: 50% more)"));

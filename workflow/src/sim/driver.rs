@@ -154,7 +154,10 @@ pub fn simulate_on(store: MemoryStore, scenario: &Scenario, seed: u64) -> Result
         driver.schedule(start.plus_ms(after), Happening::ClockJump);
     }
     let horizon = start.plus_ms(millis(scenario.horizon));
-    let steps_max = STEPS_MAX.max(STEPS_PER_RUN_MAX.saturating_mul(scenario.submissions.len() as u64));
+    // And enough for the dispatcher's look every minute until the horizon.
+    let steps_max = STEPS_MAX
+        .max(STEPS_PER_RUN_MAX.saturating_mul(scenario.submissions.len() as u64))
+        .max(scenario.horizon.as_secs() / 30);
     let mut steps = 0;
     while let Some(((at, _), happening)) = driver.queue.pop_first() {
         if at > horizon.0 || steps >= steps_max {

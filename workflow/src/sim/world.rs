@@ -207,7 +207,7 @@ impl World {
                 outcome = JobOutcome::Interrupted { detail: Detail::new("Host EC2 (instance i-sim) terminated.") };
             }
         }
-        (Timestamp(now.0 + (secs * 1000.0).max(1.0) as u64), outcome)
+        (now.plus_ms((secs * 1000.0).max(1.0) as u64), outcome)
     }
 
     /// Ends the job of `key` now, if it still runs at this time: frees its
