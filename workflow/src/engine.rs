@@ -179,7 +179,7 @@ impl LiveSet {
             self.active += usize::from(holds_slot(tag));
             self.runs.insert(run.clone(), LiveRun { tag, submitted_at: spec.submitted_at });
         }
-        if status.is_live() && !status.outbox().is_empty() {
+        if status.owes() {
             self.owing.insert(run.clone());
         } else {
             self.owing.remove(run);

@@ -109,6 +109,12 @@ impl RunStatus {
         terminations.chain(withdrawals).chain(self.state.command()).collect()
     }
 
+    /// Whether it is owed any command: whether [`RunStatus::outbox`] is not
+    /// empty, without making it.
+    pub fn owes(&self) -> bool {
+        !self.terminations.is_empty() || !self.withdrawals.is_empty() || self.state.command().is_some()
+    }
+
     /// The number of the next attempt.
     pub fn next_attempt(&self) -> Attempt {
         Attempt(u32::try_from(self.attempts.len()).unwrap_or(u32::MAX).saturating_add(1))
