@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::operations::{
-    Cancel, Cost, History, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+    Cancel, Cost, History, Reload, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
 };
 use evalflow_worker::config::Config;
 use evalflow_worker::datadir::submit::{
@@ -115,8 +115,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Runs per state.
+    /// Progress, ETA and cost, in all and per stage; the budget; runs per
+    /// state; and what keeps runs waiting.
     Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Redraw it every --interval seconds until stopped (Ctrl-C).
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between redraws, with --watch.
+        #[arg(long, default_value_t = 2, requires = "watch", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+    },
+    /// Read [policy] budget_usd in evalflow.toml again: the engine holds the
+    /// competition to it from now on (the rest of the file is read at the
+    /// next start).
+    Reload {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -322,6 +337,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Command::Status { watch: true, interval, .. } => watch_status(&dir(), interval).await,
         Command::Logs { run, attempt } => {
             let config = Config::load(&dir())?;
             match config.aws {
@@ -388,11 +404,20 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json: true } => output::json(&backend.call(Status {}).await?).map(|()| ExitCode::SUCCESS),
-        Command::Status { json: false } => Ok({
+        Command::Status { json: true, .. } => output::json(&backend.call(Status {}).await?).map(|()| ExitCode::SUCCESS),
+        Command::Status { json: false, .. } => Ok({
             output::status(&backend.call(Status {}).await?);
             ExitCode::SUCCESS
         }),
+        Command::Reload { json } => {
+            let view = backend.call(Reload {}).await?;
+            if json {
+                output::json(&view)?
+            } else {
+                println!("{}", view.message)
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Runs { state, json } => {
             let runs = backend.call(Runs { state }).await?;
             if json {
@@ -463,6 +488,34 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         | Command::Plan { .. }
         | Command::Aws { .. } => unreachable!("handled without a backend"),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// `evalflow status --watch`: the status redrawn every `interval` seconds
+/// until Ctrl-C or SIGTERM. Each look connects anew, so that it never holds
+/// the data directory from an engine starting meanwhile.
+async fn watch_status(dir: &Path, interval: u64) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let terminal = std::io::stdout().is_terminal();
+    let stop = signals::shutdown();
+    tokio::pin!(stop);
+    loop {
+        let backend = connect(dir).await?;
+        let view = backend.call(Status {}).await;
+        backend.close().await?;
+        let view = view?;
+        if terminal {
+            print!("\x1b[H\x1b[2J"); // home, then clear the screen
+        }
+        output::status(&view);
+        println!(
+            "(every {interval} s, at {}; Ctrl-C stops)",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(interval)) => {}
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+        }
     }
 }
 

@@ -3,8 +3,11 @@
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use evalflow_activities::leaderboard::Leaderboard;
-use evalflow_worker::views::{ActionView, CostView, EventView, ReplayView, ReproduceView, RunView, StatusView};
+use evalflow_worker::views::{
+    ActionView, CostView, EventView, ReplayView, ReproduceView, RunView, StatusView, duration, money,
+};
 use evalflow_workflow::plan::Plan;
+use evalflow_workflow::progress::Progress;
 use evalflow_workflow::{StateTag, Timestamp};
 use serde::Serialize;
 
@@ -32,16 +35,72 @@ fn score(value: Option<f64>) -> String {
     value.map(|s| format!("{s:.4}")).unwrap_or_default()
 }
 
+fn eta(progress: &Progress) -> String {
+    match (progress.eta_secs, progress.remaining_cost_usd) {
+        (Some(0), _) if progress.ended == progress.total => "done".into(),
+        (Some(secs), _) => duration(secs),
+        (None, None) => "not known until a run ends".into(),
+        (None, Some(_)) => "none while launching is stopped".into(),
+    }
+}
+
+fn projected(progress: &Progress) -> String {
+    progress.projected_cost_usd.map(money).unwrap_or_else(|| "?".into())
+}
+
 /// `evalflow status`.
 pub fn status(view: &StatusView) {
     println!("competition {} in {}", view.competition, view.data_dir);
     println!("engine: {}", view.engine.as_deref().unwrap_or("none running (read from the store)"));
-    let mut table = table(&["state", "runs"]);
-    for (state, count) in &view.counts {
-        table.add_row(vec![Cell::new(state), right(count)]);
+    let whole = &view.progress.whole;
+    let running: Vec<String> = whole.running_per_profile.iter().map(|(p, n)| format!("{n} on {p}")).collect();
+    let running = if running.is_empty() { String::new() } else { format!(" ({})", running.join(", ")) };
+    println!(
+        "{} of {} runs ended, {} running{running}, {} queued; {} ended in the last hour",
+        whole.ended, whole.total, whole.running, whole.queued, whole.ended_last_hour
+    );
+    let remaining = whole.remaining_cost_usd.map(|usd| format!(", {} more for the live runs", money(usd)));
+    println!(
+        "ETA: {}; cost: {} so far, {} projected{}",
+        eta(whole),
+        money(whole.cost_usd),
+        projected(whole),
+        remaining.unwrap_or_default()
+    );
+    if let Some(budget) = &view.budget {
+        let allowance = &budget.allowance;
+        match &budget.stopped {
+            Some(stopped) => println!("budget: {stopped}"),
+            None => println!(
+                "budget: {} ({} spent, {} committed to the running jobs)",
+                money(allowance.budget_usd),
+                money(allowance.spent_usd),
+                money(allowance.committed_usd)
+            ),
+        }
     }
-    table.add_row(vec![Cell::new("total"), right(view.total)]);
-    println!("{table}");
+    let mut stages = table(&["stage", "ended", "running", "queued", "last hour", "ETA", "cost", "projected"]);
+    for (stage, progress) in &view.progress.stages {
+        stages.add_row(vec![
+            Cell::new(stage),
+            right(format!("{} / {}", progress.ended, progress.total)),
+            right(progress.running),
+            right(progress.queued),
+            right(progress.ended_last_hour),
+            right(eta(progress)),
+            right(money(progress.cost_usd)),
+            right(projected(progress)),
+        ]);
+    }
+    if !view.progress.stages.is_empty() {
+        println!("{stages}");
+    }
+    let states: Vec<String> =
+        view.counts.iter().filter(|(_, n)| **n > 0).map(|(state, n)| format!("{n} {state}")).collect();
+    match states.is_empty() {
+        true => println!("no run yet: `evalflow submit` adds them"),
+        false => println!("runs: {}", states.join(", ")),
+    }
     if let Some(paused) = &view.paused {
         println!("launching paused (running jobs go on): {paused}");
     }
@@ -53,10 +112,10 @@ pub fn status(view: &StatusView) {
         );
     }
     let queued = view.counts.get(&StateTag::Queued).copied().unwrap_or(0);
-    if queued > 0 && view.active >= view.max_active {
+    if queued > 0 && whole.running >= view.max_active {
         println!(
             "{queued} queued runs wait for a launch slot: {} of {} in use (max_concurrent_jobs, or [aws] max_active_jobs)",
-            view.active, view.max_active
+            whole.running, view.max_active
         );
     }
     for waiting in &view.waiting_long {

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_tests::cli::Cli;
-use evalflow_worker::views::{EventView, RunView};
-use evalflow_workflow::{Event, JobOutcome, Resource, StateTag};
+use evalflow_worker::views::{EventView, RunView, StatusView};
+use evalflow_workflow::{Event, JobOutcome, Resource, Stage, StateTag};
 
 fn runs(cli: &Cli) -> BTreeMap<String, RunView> {
     cli.json::<Vec<RunView>>(&["runs", "--json"]).into_iter().map(|r| (r.id.to_string(), r)).collect()
@@ -53,6 +53,7 @@ fn the_demo_evaluates_every_example_and_does_no_work_twice() {
     assert!(runs.values().all(|r| !r.state.is_terminal() || r.cost_usd > 0.0 || r.attempts == 0));
 
     oom_g4_escalated(&cli);
+    status_adds_up(&cli, &runs);
     planned_from_what_ran(&cli, &runs);
     escape_got_nothing(&cli, &runs, baseline);
     score_matches_an_independent_log_loss(&cli, good);
@@ -101,6 +102,20 @@ fn planned_from_what_ran(cli: &Cli, runs: &BTreeMap<String, RunView>) {
 
 fn history(cli: &Cli, run: &str) -> Vec<EventView> {
     cli.json(&["history", run, "--json"])
+}
+
+/// Every run ended: status's progress and cost are the runs' own, in all and per stage.
+fn status_adds_up(cli: &Cli, runs: &BTreeMap<String, RunView>) {
+    let status: StatusView = cli.json(&["status", "--json"]);
+    let whole = &status.progress.whole;
+    assert_eq!((whole.total, whole.ended, whole.running, whole.queued), (10, 10, 0, 0), "{whole:?}");
+    assert_eq!((whole.eta_secs, whole.remaining_cost_usd), (Some(0), Some(0.0)), "nothing left");
+    let cost: f64 = runs.values().map(|r| r.cost_usd).sum();
+    assert!((whole.cost_usd - cost).abs() < 1e-12 && whole.projected_cost_usd == Some(whole.cost_usd), "{whole:?}");
+    let private = &status.progress.stages[&Stage::Private];
+    assert_eq!((private.total, private.ended), (2, 2));
+    let said = cli.ok(&["status"]);
+    assert!(said.contains("10 of 10 runs ended, 0 running, 0 queued"), "{said}");
 }
 
 fn oom_g4_escalated(cli: &Cli) {

@@ -213,7 +213,7 @@ fn a_submit_takes_only_what_was_prepared_in_the_data_directory() {
     engine.cli.ok(&["submit", "--id", "through-cli", "--team", "t", path.to_str().unwrap()]);
     let status: StatusView = engine.cli.json(&["status", "--json"]);
     assert!(status.engine.is_some(), "the CLI went through the API");
-    assert_eq!(status.total, 2, "{status:?}");
+    assert_eq!(status.progress.whole.total, 2, "{status:?}");
 }
 
 #[test]

@@ -23,12 +23,13 @@ use evalflow_activities::{ArtifactStore, JobRunner, PublishedResult};
 use evalflow_workflow::cost::{Billing, cost_report};
 use evalflow_workflow::engine::InputError;
 use evalflow_workflow::plan::observed_secs;
+use evalflow_workflow::progress::Tally;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
-    Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Run, RunId, RunSpec,
-    RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
+    Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Policy, Run, RunId,
+    RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
 };
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -41,8 +42,8 @@ use crate::engine::{self, EngineHandle, EngineStopped};
 use crate::local::space::Space;
 use crate::local::worker;
 use crate::views::{
-    ActionView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReplayView, RunView, Selection,
-    StageProblem, StatusView, Wait, WaitingView, waiting,
+    ActionView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReloadView, ReplayView,
+    RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
 /// Activities carried out at once by an engine node.
@@ -148,6 +149,8 @@ pub struct Node {
     held: Option<StageProblems>,
     /// Free disk space, where an engine runs jobs on this machine.
     space: Option<Arc<Space>>,
+    /// The budget, and what it allowed when the engine last looked.
+    budget: Budget,
     billing: Billing,
     lock: DataDirLock,
 }
@@ -235,21 +238,117 @@ struct Holding {
     paused: bool,
 }
 
-/// Looks at the stages' test sets and labels, and at the free disk space,
-/// every [`STAGE_WATCH`] until `shutdown`, and holds the queued runs that
-/// cannot launch, so that an organizer's fix (or freed space) is taken up
-/// without a restart. `told` is what the engine was told at start.
+/// The budget an engine holds the competition to (`[policy] budget_usd`,
+/// as last loaded), what it allowed when the engine last looked, and a
+/// wake-up for the engine to look again at once (after a reload).
+#[derive(Default)]
+struct BudgetState {
+    budget_usd: Option<f64>,
+    last: Option<BudgetView>,
+}
+
+#[derive(Clone, Default)]
+struct Budget {
+    state: Arc<std::sync::Mutex<BudgetState>>,
+    changed: Arc<Notify>,
+}
+
+impl Budget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Every run of `store`, tallied at `now`.
+fn tally<'a>(store: &SledStore, policy: &'a Policy, billing: Billing, now: Timestamp) -> Result<Tally<'a>, StoreError> {
+    let mut tally = Tally::new(policy, billing, now);
+    for id in all_runs(store, RunFilter::All)? {
+        if let Some(stored) = store.load(&id)? {
+            tally.add(&stored.run);
+        }
+    }
+    Ok(tally)
+}
+
+/// What `budget_usd` allows now, from the runs in `store`.
+fn budget_view(
+    store: &SledStore,
+    policy: &Policy,
+    billing: Billing,
+    budget_usd: f64,
+) -> Result<BudgetView, StoreError> {
+    let tally = tally(store, policy, billing, Timestamp::now())?;
+    let queued = tally.forecast(0).whole.queued;
+    Ok(BudgetView::new(tally.allowance(budget_usd), queued))
+}
+
+/// What the launch watch reads the store with.
+struct Reading {
+    store: SledStore,
+    billing: Billing,
+}
+
+/// Looks again at the budget (when one is set): tells the engine how many
+/// more runs it may admit, and returns whether it is spent, so that not even
+/// a relaunch goes out. The engine's count is taken before the store is
+/// read, so that a run admitted meanwhile is counted twice, never not at all.
+async fn watch_budget(
+    config: &Config,
+    reading: &Reading,
+    budget: &Budget,
+    engine: &EngineHandle,
+) -> Result<bool, EngineStopped> {
+    let Some(budget_usd) = budget.lock().budget_usd else {
+        budget.lock().last = None;
+        engine.limit_admissions(None).await?;
+        return Ok(false);
+    };
+    let admitted = engine.admitted().await?;
+    let (store, policy, billing) = (reading.store.clone(), config.policy.clone(), reading.billing);
+    let looked = tokio::task::spawn_blocking(move || budget_view(&store, &policy, billing, budget_usd)).await;
+    let view = match looked {
+        Ok(Ok(view)) => view,
+        Ok(Err(e)) => {
+            tracing::error!("cannot read the store to check the budget, so no new run is admitted: {e}");
+            engine.limit_admissions(Some(admitted)).await?;
+            return Ok(false);
+        }
+        Err(_) => return Err(EngineStopped),
+    };
+    engine.limit_admissions(view.allowance.admits.map(|n| admitted.saturating_add(n))).await?;
+    let mut state = budget.lock();
+    let was = state.last.as_ref().and_then(|v| v.stopped.clone());
+    match (&was, &view.stopped) {
+        (None, Some(stopped)) => tracing::warn!("{stopped}"),
+        (Some(_), None) => tracing::info!("the budget covers the queued runs again: they launch"),
+        _ => {}
+    }
+    let spent = view.allowance.spent();
+    state.last = Some(view);
+    Ok(spent)
+}
+
+/// Looks at the stages' test sets and labels, at the free disk space and
+/// at the budget every [`STAGE_WATCH`] (and at once after a reload) until
+/// `shutdown`, and holds the queued runs that cannot launch, so that an
+/// organizer's fix (freed space, a raised budget) is taken up without a
+/// restart. `told` is what the engine was told at start.
 async fn watch_launching(
     config: Arc<Config>,
     held: StageProblems,
     space: Option<Arc<Space>>,
+    (reading, budget): (Reading, Budget),
     engine: EngineHandle,
     told: Holding,
     shutdown: CancellationToken,
 ) {
     let Holding { stages: mut holding, mut paused } = told;
     loop {
-        tokio::select! { _ = tokio::time::sleep(STAGE_WATCH) => {}, _ = shutdown.cancelled() => return }
+        tokio::select! {
+            _ = tokio::time::sleep(STAGE_WATCH) => {},
+            _ = budget.changed.notified() => {},
+            _ = shutdown.cancelled() => return,
+        }
         let (checked, looked) = (config.clone(), space.clone());
         let Ok(problems) = tokio::task::spawn_blocking(move || {
             if let Some(space) = &looked {
@@ -275,11 +374,13 @@ async fn watch_launching(
             holding = hold;
         }
         let short = space.as_ref().is_some_and(|space| space.short().is_some());
-        if short != paused {
-            if engine.pause_launches(short).await.is_err() {
+        let Ok(spent) = watch_budget(&config, &reading, &budget, &engine).await else { return };
+        let pause = short || spent;
+        if pause != paused {
+            if engine.pause_launches(pause).await.is_err() {
                 return;
             }
-            paused = short;
+            paused = pause;
         }
     }
 }
@@ -351,7 +452,20 @@ impl Node {
             Arc::new(space)
         });
         // A direct node (a CLI command while no engine runs) holds nothing and checks when asked.
-        let paused = space.as_ref().is_some_and(|space| space.short().is_some());
+        let budget = Budget::default();
+        budget.lock().budget_usd = config.policy.budget_usd();
+        let mut spent = false;
+        if let (Mode::Engine, Some(budget_usd)) = (options.mode, config.policy.budget_usd()) {
+            // Before the engine admits what waited while none ran.
+            let view = budget_view(&store, &config.policy, setup.billing, budget_usd)?;
+            engine.limit_admissions(view.allowance.admits);
+            spent = view.allowance.spent();
+            if let Some(stopped) = &view.stopped {
+                tracing::warn!("{stopped}");
+            }
+            budget.lock().last = Some(view);
+        }
+        let paused = space.as_ref().is_some_and(|space| space.short().is_some()) || spent;
         let mut told = Holding { stages: BTreeSet::new(), paused };
         let held = (options.mode == Mode::Engine).then(|| {
             let problems = config.stage_problems();
@@ -401,10 +515,12 @@ impl Node {
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine::tick(engine.clone(), shutdown.clone())));
             if let Some(held) = &held {
+                let reading = Reading { store: store.clone(), billing: setup.billing };
                 let watch = watch_launching(
                     config.clone(),
                     held.clone(),
                     space.clone(),
+                    (reading, budget.clone()),
                     engine.clone(),
                     told,
                     shutdown.clone(),
@@ -425,6 +541,7 @@ impl Node {
             requests,
             held,
             space,
+            budget,
             billing,
             lock,
         })
@@ -471,7 +588,7 @@ impl Node {
             .map_err(|e| ControlError::Internal(format!("reader thread: {e}")))?
     }
 
-    /// Runs per state.
+    /// Runs per state, progress, ETA and cost, the budget, and what keeps runs waiting.
     pub async fn status(&self) -> Result<StatusView, ControlError> {
         let counts = self.store.counts()?;
         let (max_active, flag_after) = match &self.config.aws {
@@ -479,7 +596,6 @@ impl Node {
             None => (self.config.local.max_concurrent_jobs, None), // a local job starts at once
         };
         let problems = self.stage_problems().await?;
-        let stage_problems = problems.into_iter().map(|(stage, problem)| StageProblem { stage, problem }).collect();
         let waiting_long = match flag_after {
             Some(after) => {
                 let running: Vec<RunId> = self.engine.running().await?.into_iter().map(|job| job.run).collect();
@@ -487,12 +603,41 @@ impl Node {
             }
             None => Vec::new(),
         };
+        // An engine's budget as it enforces it (it looks again every few
+        // seconds); with no engine, as it would be now.
+        let (budget_usd, enforced) = {
+            let state = self.budget.lock();
+            (state.budget_usd.filter(|_| self.direct.is_some()), state.last.clone())
+        };
+        let (policy, billing) = (self.config.policy.clone(), self.billing);
+        let (mut progress, budget) = self
+            .read(move |store| {
+                let tally = tally(store, &policy, billing, Timestamp::now())?;
+                let forecast = tally.forecast(max_active as u64);
+                let budget = match budget_usd {
+                    Some(usd) => Some(BudgetView::new(tally.allowance(usd), forecast.whole.queued)),
+                    None => enforced,
+                };
+                Ok((forecast, budget))
+            })
+            .await?;
+        let paused = self.space.as_ref().and_then(|space| space.short());
+        // While launching is stopped, the queued runs' end cannot be foreseen.
+        let budget_stops = budget.as_ref().is_some_and(|b| b.allowance.spent() || b.allowance.admits == Some(0));
+        for (stage, forecast) in &mut progress.stages {
+            let held = paused.is_some() || budget_stops || problems.contains_key(stage);
+            if held && forecast.queued > 0 {
+                forecast.eta_secs = None;
+                progress.whole.eta_secs = None;
+            }
+        }
+        let stage_problems = problems.into_iter().map(|(stage, problem)| StageProblem { stage, problem }).collect();
         Ok(StatusView {
             competition: self.config.competition.name.clone(),
             data_dir: self.config.data_dir.display().to_string(),
             counts: counts.iter().collect(),
-            total: counts.total(),
-            active: counts[StateTag::Launching] + counts[StateTag::Running],
+            progress,
+            budget,
             engine: self.lock.announced().map(|info| format!("pid {} at {}", info.pid, info.api)),
             dead_letters: match &self.queues {
                 Some(queues) => {
@@ -505,7 +650,7 @@ impl Node {
             max_active: max_active as u64,
             waiting_long,
             stage_problems,
-            paused: self.space.as_ref().and_then(|space| space.short()),
+            paused,
         })
     }
 
@@ -528,6 +673,8 @@ impl Node {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         let problems = self.stage_problems().await?;
         let short = self.space.as_ref().and_then(|space| space.short());
+        let budget =
+            self.budget.lock().last.as_ref().filter(|b| b.allowance.admits == Some(0)).and_then(|b| b.stopped.clone());
         self.read(move |store| {
             let filter = match state {
                 None => RunFilter::All,
@@ -541,6 +688,8 @@ impl Node {
                     let mut view = RunView::new(&stored.run, &policy, billing);
                     if let (StateTag::Queued, Some(problem)) = (view.state, &short) {
                         view.waiting = Some(format!("waiting for disk space: {problem}"));
+                    } else if let (StateTag::Queued, Some(stopped)) = (view.state, &budget) {
+                        view.waiting = Some(format!("waiting for the budget: {stopped}"));
                     } else if let (StateTag::Queued, Some(problem)) = (view.state, problems.get(&view.stage)) {
                         view.waiting = Some(format!("waiting for stage {} to be ready: {problem}", view.stage));
                     }
@@ -716,6 +865,29 @@ impl Node {
             Ok(CostView { billing, report })
         })
         .await
+    }
+
+    /// Reads `[policy] budget_usd` again from `evalflow.toml` and holds the
+    /// competition to it from now on; the rest of the file is read at the
+    /// next start.
+    pub async fn reload(&self) -> Result<ReloadView, ControlError> {
+        if self.direct.is_some() {
+            let message = "no engine serves this data directory: `evalflow serve` reads evalflow.toml as it starts";
+            return Ok(ReloadView { budget_usd: self.config.policy.budget_usd(), message: message.into() });
+        }
+        let dir = self.config.data_dir.clone();
+        let loaded =
+            self.read(move |_| Config::load(&dir).map_err(|e| ControlError::BadRequest(e.to_string()))).await?;
+        let budget_usd = loaded.policy.budget_usd();
+        let before = std::mem::replace(&mut self.budget.lock().budget_usd, budget_usd);
+        self.budget.changed.notify_one();
+        let usd = |b: Option<f64>| b.map_or_else(|| "none".to_owned(), crate::views::money);
+        let mut message = format!("budget: {} (was {})", usd(budget_usd), usd(before));
+        if loaded.policy.with_budget(None) != self.config.policy.clone().with_budget(None) {
+            message.push_str("; the other changes to [policy] take effect when evalflow serve is restarted");
+        }
+        tracing::info!("reloaded evalflow.toml: {message}");
+        Ok(ReloadView { budget_usd, message })
     }
 
     /// How long the runs that succeeded took on the reference profile.

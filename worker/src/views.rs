@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use evalflow_workflow::cost::{Billing, CostReport, attempt_cost, run_cost_usd};
+use evalflow_workflow::progress::{Allowance, Forecast};
 use evalflow_workflow::{
     AttemptEnd, AttemptRecord, Detail, Disposition, Event, Evidence, HistoryEntry, JobId, JobUsage, Policy,
     ProfileName, Run, RunId, RunState, RunStatus, Stage, StateTag, SubmissionId, TeamId, Timestamp,
@@ -116,11 +117,21 @@ impl Wait {
 }
 
 /// `42 s`, `12 min`, `3.5 h`.
-fn duration(secs: u64) -> String {
+pub fn duration(secs: u64) -> String {
     match secs {
         0..120 => format!("{secs} s"),
         120..7200 => format!("{} min", secs / 60),
         _ => format!("{:.1} h", secs as f64 / 3600.0),
+    }
+}
+
+/// `$12.34`; small amounts (a local run's) with the digits that show them.
+pub fn money(usd: f64) -> String {
+    match usd {
+        0.0 => "$0".into(),
+        ..1.0 => format!("${usd:.5}"),
+        ..100.0 => format!("${usd:.2}"),
+        _ => format!("${usd:.0}"),
     }
 }
 
@@ -323,10 +334,14 @@ pub struct StatusView {
     pub data_dir: String,
     /// Runs per state.
     pub counts: BTreeMap<StateTag, u64>,
-    /// Runs in all.
-    pub total: u64,
-    /// Runs launching or running.
-    pub active: u64,
+    /// Runs ended of all, running per profile, the ETA and the cost, in all
+    /// and per stage (`total`, `ended`, `running`, `eta_secs`, `cost_usd`,
+    /// `projected_cost_usd` ... and `stages`). The ETA is `None` while
+    /// launching is stopped (a budget, a stage not ready, the disk).
+    #[serde(flatten)]
+    pub progress: Forecast,
+    /// The budget, when `[policy] budget_usd` sets one.
+    pub budget: Option<BudgetView>,
     /// The engine serving it, if one runs: `pid N at URL`.
     pub engine: Option<String>,
     /// Messages in the dead-letter queues, on AWS.
@@ -341,6 +356,44 @@ pub struct StatusView {
     /// Why no new run launches on this machine now (its disk is short of space).
     #[serde(default)]
     pub paused: Option<String>,
+}
+
+/// What the budget allows, as `evalflow status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetView {
+    /// Spent, committed, and how many more runs it admits.
+    #[serde(flatten)]
+    pub allowance: Allowance,
+    /// What the budget stops, and what to do, when it stops anything.
+    pub stopped: Option<String>,
+}
+
+impl BudgetView {
+    /// The view of `allowance`, with `queued` runs waiting.
+    pub fn new(allowance: Allowance, queued: u64) -> BudgetView {
+        let Allowance { budget_usd, spent_usd, committed_usd, per_run_usd, admits } = allowance;
+        let raise = "raise [policy] budget_usd in evalflow.toml, then `evalflow reload`";
+        let stopped = match admits {
+            _ if allowance.spent() => Some(format!(
+                "the budget of {} is reached ({} spent, {} committed to the jobs running): no new attempt launches, \
+                 running jobs finish, {queued} runs stay queued; {raise}",
+                money(budget_usd),
+                money(spent_usd),
+                money(committed_usd)
+            )),
+            Some(admits) if admits < queued => Some(format!(
+                "the budget of {} covers {admits} more runs at {} each ({} spent, {} committed): {} queued runs wait \
+                 for it; {raise}",
+                money(budget_usd),
+                money(per_run_usd),
+                money(spent_usd),
+                money(committed_usd),
+                queued - admits
+            )),
+            _ => None,
+        };
+        BudgetView { allowance, stopped }
+    }
 }
 
 /// A stage that is not ready: the competition's problem, not a run's.
@@ -442,6 +495,15 @@ pub struct CostView {
     /// Per profile and in total.
     #[serde(flatten)]
     pub report: CostReport,
+}
+
+/// The answer to `evalflow reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadView {
+    /// The budget held to from now on.
+    pub budget_usd: Option<f64>,
+    /// What changed, in words.
+    pub message: String,
 }
 
 /// How long the runs whose job succeeded took, for `evalflow plan --from`.

@@ -211,6 +211,10 @@ pub struct Engine<S: WorkflowStore> {
     live: LiveSet,
     /// Stages whose queued runs are not admitted (their files are not ready).
     held: BTreeSet<Stage>,
+    /// Runs admitted since the engine opened.
+    admitted: u64,
+    /// Admissions stop once `admitted` reaches it (a budget's allowance).
+    admit_until: Option<u64>,
 }
 
 impl<S: WorkflowStore> Engine<S> {
@@ -234,7 +238,8 @@ impl<S: WorkflowStore> Engine<S> {
                 command,
             }));
         }
-        Ok((Engine { store, policy, max_active, live, held: BTreeSet::new() }, dispatches))
+        let engine = Engine { store, policy, max_active, live, held: BTreeSet::new(), admitted: 0, admit_until: None };
+        Ok((engine, dispatches))
     }
 
     /// Admits no queued run of `stages` (and again those of every other
@@ -247,6 +252,17 @@ impl<S: WorkflowStore> Engine<S> {
     /// The stages held.
     pub fn held_stages(&self) -> &BTreeSet<Stage> {
         &self.held
+    }
+
+    /// Runs admitted since the engine opened.
+    pub fn admitted(&self) -> u64 {
+        self.admitted
+    }
+
+    /// Admits queued runs only while fewer than `until` were admitted since
+    /// the engine opened (see [`Engine::admitted`]); `None`: as slots free.
+    pub fn limit_admissions(&mut self, until: Option<u64>) {
+        self.admit_until = until;
     }
 
     /// The store, for reads.
@@ -372,7 +388,10 @@ impl<S: WorkflowStore> Engine<S> {
             active -= usize::from(was.is_some_and(holds_slot));
             active += usize::from(holds_slot(working.stored.run.status.state.tag()));
         }
-        let free = self.max_active.saturating_sub(active);
+        let mut free = self.max_active.saturating_sub(active);
+        if let Some(until) = self.admit_until {
+            free = free.min(usize::try_from(until.saturating_sub(self.admitted)).unwrap_or(usize::MAX));
+        }
         if free == 0 {
             return Ok(0);
         }
@@ -397,6 +416,7 @@ impl<S: WorkflowStore> Engine<S> {
             let admit = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::Admitted { start }) };
             self.apply_one(group, admit, now)?;
         }
+        self.admitted += candidates.len() as u64;
         Ok(candidates.len())
     }
 }
@@ -569,6 +589,21 @@ mod tests {
         engine.hold_stages(BTreeSet::new());
         let applied = engine.apply(Vec::new(), Timestamp(12)).unwrap();
         assert_eq!(launched(&applied), ["a-private", "c-private"], "released, oldest first");
+    }
+
+    #[test]
+    fn admissions_stop_at_the_limit_until_it_is_raised() {
+        let mut engine = engine(4);
+        engine.limit_admissions(Some(1));
+        let inputs = ["a", "b", "c"].iter().zip(1..).map(|(n, t)| Input::Submit(spec(n, t))).collect();
+        let applied = engine.apply(inputs, Timestamp(10)).unwrap();
+        assert_eq!(launched(&applied), ["a-public"], "free slots, but one admission allowed");
+        assert_eq!(engine.apply(Vec::new(), Timestamp(11)).unwrap().admitted, 0);
+        engine.limit_admissions(Some(engine.admitted() + 1));
+        assert_eq!(launched(&engine.apply(Vec::new(), Timestamp(12)).unwrap()), ["b-public"]);
+        engine.limit_admissions(None);
+        assert_eq!(launched(&engine.apply(Vec::new(), Timestamp(13)).unwrap()), ["c-public"]);
+        assert_eq!(engine.admitted(), 3);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod ids;
 pub mod machine;
 pub mod plan;
 pub mod policy;
+pub mod progress;
 pub mod replay;
 pub mod sim;
 pub mod store;

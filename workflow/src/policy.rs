@@ -154,6 +154,11 @@ pub struct PolicyConfig {
     /// memory on g4 in the public stage starts its private run on p3.
     #[serde(default = "default_learn_across_stages")]
     pub learn_across_stages: bool,
+    /// The most the competition may spend, in US dollars: once what was
+    /// spent and what the running jobs are expected to cost would pass it, no
+    /// new attempt is launched (running ones finish) until it is raised.
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
 }
 
 fn default_learn_across_stages() -> bool {
@@ -223,6 +228,9 @@ pub enum PolicyError {
         /// The largest delay.
         max: u64,
     },
+    /// A budget that is not a positive amount.
+    #[error("budget_usd = {0}: give the most the competition may spend in US dollars, above 0, or leave it out")]
+    BadBudget(f64),
     /// The TOML itself is malformed or has unknown fields.
     #[error("policy configuration: {0}")]
     Toml(String),
@@ -235,12 +243,13 @@ pub struct Policy {
     retry: RetryPolicy,
     time_limit_secs: u64,
     learn_across_stages: bool,
+    budget_usd: Option<f64>,
 }
 
 impl Policy {
     /// Validates a configuration.
     pub fn new(config: PolicyConfig) -> Result<Policy, PolicyError> {
-        let PolicyConfig { time_limit_secs, retry, profile: profiles, learn_across_stages } = config;
+        let PolicyConfig { time_limit_secs, retry, profile: profiles, learn_across_stages, budget_usd } = config;
         if profiles.is_empty() {
             return Err(PolicyError::EmptyLadder);
         }
@@ -260,7 +269,10 @@ impl Policy {
         if retry.backoff_base_secs > retry.backoff_max_secs {
             return Err(PolicyError::BackoffRange { base: retry.backoff_base_secs, max: retry.backoff_max_secs });
         }
-        Ok(Policy { profiles, retry, time_limit_secs, learn_across_stages })
+        if let Some(budget) = budget_usd.filter(|b| !b.is_finite() || *b <= 0.0) {
+            return Err(PolicyError::BadBudget(budget));
+        }
+        Ok(Policy { profiles, retry, time_limit_secs, learn_across_stages, budget_usd })
     }
 
     /// Parses and validates a document whose top level is the `[policy]` table.
@@ -293,6 +305,17 @@ impl Policy {
     /// after an escalation.
     pub fn learns_across_stages(&self) -> bool {
         self.learn_across_stages
+    }
+
+    /// The most the competition may spend, if it is bounded.
+    pub fn budget_usd(&self) -> Option<f64> {
+        self.budget_usd
+    }
+
+    /// The same policy with another budget.
+    pub fn with_budget(mut self, budget_usd: Option<f64>) -> Policy {
+        self.budget_usd = budget_usd;
+        self
     }
 
     /// Where a new run starts: the cheapest profile of its ladder.
@@ -450,6 +473,11 @@ pub(crate) mod tests {
         assert!(matches!(rejects(&speed), PolicyError::BadSpeed { .. }));
         let price = format!("{ONE_PROFILE}host_memory_mib = 1\ngpu_memory_mib = 1\nprice_per_hour_usd = -1.0\n");
         assert!(matches!(rejects(&price), PolicyError::BadPrice { .. }));
+        let good = "price_per_hour_usd = 0.5\nhost_memory_mib = 1\ngpu_memory_mib = 1\n";
+        let budget = |amount: &str| format!("budget_usd = {amount}\n{ONE_PROFILE}{good}");
+        assert_eq!(rejects(&budget("0.0")), PolicyError::BadBudget(0.0));
+        assert!(rejects(&budget("nan")).to_string().contains("above 0, or leave it out"));
+        assert_eq!(Policy::from_toml(&budget("20000.0")).unwrap().budget_usd(), Some(20000.0));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | GET | `/v1/leaderboard?stage=S` | the leaderboard |
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
+//! | POST | `/v1/reload` `{}` | [`ReloadView`](ReloadView): `[policy] budget_usd` read again |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
 //! at once, headers within `header_read_timeout_secs` (which also ends a
@@ -57,7 +58,7 @@ pub mod token;
 use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
-    Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Replay, Retry, Runs, Standings, Status,
+    Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Reload, Replay, Retry, Runs, Standings, Status,
     Stopping, Submit,
 };
 use token::ApiToken;
@@ -149,6 +150,7 @@ fn router(api: Api) -> Router {
         .serves::<Standings>()
         .serves::<Cost>()
         .serves::<Durations>()
+        .serves::<Reload>()
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
         // The last layer sees a request first: host, token, size, deadline.

@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::node::{ControlError, Node};
-use crate::views::{ActionView, CostView, DurationsView, EventView, ReplayView, RunView, Selection, StatusView};
+use crate::views::{
+    ActionView, CostView, DurationsView, EventView, ReloadView, ReplayView, RunView, Selection, StatusView,
+};
 
 /// How an operation travels over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +281,19 @@ impl Operation for Cost {
     const ROUTE: &'static str = "/v1/cost";
     async fn run(self, node: &Node) -> Result<CostView, ControlError> {
         node.cost().await
+    }
+}
+
+/// `evalflow reload`: `[policy] budget_usd` read again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reload {}
+
+impl Operation for Reload {
+    type Answer = ReloadView;
+    const METHOD: Method = Method::Post;
+    const ROUTE: &'static str = "/v1/reload";
+    async fn run(self, node: &Node) -> Result<ReloadView, ControlError> {
+        node.reload().await
     }
 }
 

@@ -46,6 +46,8 @@ enum Request {
     Running { reply: oneshot::Sender<Vec<RunningJob>> },
     HoldStages { stages: BTreeSet<Stage> },
     PauseLaunches { paused: bool },
+    LimitAdmissions { until: Option<u64> },
+    Admitted { reply: oneshot::Sender<u64> },
     Tick,
 }
 
@@ -93,6 +95,19 @@ impl EngineHandle {
     /// launches owed meanwhile then go out (those still owed).
     pub async fn pause_launches(&self, paused: bool) -> Result<(), EngineStopped> {
         self.tx.send(Request::PauseLaunches { paused }).await.map_err(|_| EngineStopped)
+    }
+
+    /// Runs admitted since the engine opened, once it applied every input sent before.
+    pub async fn admitted(&self) -> Result<u64, EngineStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Request::Admitted { reply }).await.map_err(|_| EngineStopped)?;
+        answer.await.map_err(|_| EngineStopped)
+    }
+
+    /// Admits queued runs only until [`EngineHandle::admitted`] reaches
+    /// `until` (`None`: as slots free).
+    pub async fn limit_admissions(&self, until: Option<u64>) -> Result<(), EngineStopped> {
+        self.tx.send(Request::LimitAdmissions { until }).await.map_err(|_| EngineStopped)
     }
 }
 
@@ -195,6 +210,7 @@ fn run(
                 }
                 // Before this group's admissions.
                 Request::HoldStages { stages } => engine.hold_stages(stages),
+                Request::LimitAdmissions { until } => engine.limit_admissions(until),
                 Request::PauseLaunches { paused } => {
                     out.dispatcher.pause(&engine, paused, out.clock.now())?;
                     out.flush();
@@ -239,9 +255,14 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             }
             let _ = reply.send(jobs);
         }
-        Request::Apply { .. } | Request::HoldStages { .. } | Request::PauseLaunches { .. } | Request::Tick => {
-            unreachable!("handled by the loop")
+        Request::Admitted { reply } => {
+            let _ = reply.send(engine.admitted());
         }
+        Request::Apply { .. }
+        | Request::HoldStages { .. }
+        | Request::PauseLaunches { .. }
+        | Request::LimitAdmissions { .. }
+        | Request::Tick => unreachable!("handled by the loop"),
     }
     Ok(())
 }

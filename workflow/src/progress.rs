@@ -1,0 +1,358 @@
+//! How far the runs are and what finishing them takes: the organizer's view
+//! (`evalflow status`), and the measure a budget is held to.
+//!
+//! A [`Tally`] takes the runs one at a time (the store is read as a stream,
+//! never held whole) and estimates the rest from what the ended runs took.
+//! A live run on profile p is expected to cost and take, in all, what the
+//! ended runs that ran on p did (so the escalations seen are in the
+//! estimate); a queued run what an ended run of its stage did. The ETA
+//! places the live runs on the launch slots as the engine would: the runs
+//! holding a slot first, then the queued ones oldest submission first, each
+//! on the slot that frees first.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::{Billing, attempt_cost};
+use crate::ids::{ProfileName, Stage};
+use crate::machine::{Run, RunState, StateTag};
+use crate::policy::Policy;
+use crate::time::Timestamp;
+
+/// How far a set of runs (the competition's, or a stage's) is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Runs in all.
+    pub total: u64,
+    /// Runs ended: published, failed or cancelled.
+    pub ended: u64,
+    /// Runs queued for a launch slot.
+    pub queued: u64,
+    /// Runs launching or running a job now.
+    pub running: u64,
+    /// Of them, per profile.
+    pub running_per_profile: BTreeMap<ProfileName, u64>,
+    /// Runs that ended in the last hour.
+    pub ended_last_hour: u64,
+    /// Seconds until the last live run is expected to end; `None` until a
+    /// run has ended to estimate from, or when no launch slot is configured.
+    pub eta_secs: Option<u64>,
+    /// What the attempts that ended cost, in US dollars.
+    pub cost_usd: f64,
+    /// What the live runs are expected to cost on top of it; `None` until a
+    /// run has ended to estimate from.
+    pub remaining_cost_usd: Option<f64>,
+    /// `cost_usd + remaining_cost_usd`.
+    pub projected_cost_usd: Option<f64>,
+}
+
+/// The whole competition's progress and each stage's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forecast {
+    /// Every run.
+    #[serde(flatten)]
+    pub whole: Progress,
+    /// Per stage with runs.
+    pub stages: BTreeMap<Stage, Progress>,
+}
+
+/// What a budget allows now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allowance {
+    /// The budget, in US dollars.
+    pub budget_usd: f64,
+    /// What the attempts that ended cost.
+    pub spent_usd: f64,
+    /// What the runs holding a launch slot are expected to cost on top of
+    /// what they spent: the jobs running now, and what follows them.
+    pub committed_usd: f64,
+    /// What one more run is expected to cost; before any run has ended, its
+    /// price for the whole time limit.
+    pub per_run_usd: f64,
+    /// How many more queued runs may be admitted; `None`: any number (they cost nothing).
+    pub admits: Option<u64>,
+}
+
+impl Allowance {
+    /// Whether spent and committed spend reach the budget: then not even a
+    /// relaunch of a run already admitted goes out.
+    pub fn spent(&self) -> bool {
+        self.spent_usd + self.committed_usd >= self.budget_usd
+    }
+}
+
+/// Cost and job time of ended runs, summed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    runs: u64,
+    usd: f64,
+    secs: f64,
+}
+
+/// What a run is expected to take in all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Expected {
+    usd: f64,
+    secs: f64,
+}
+
+impl Sums {
+    fn mean(&self) -> Option<Expected> {
+        let runs = self.runs as f64;
+        (self.runs > 0).then(|| Expected { usd: self.usd / runs, secs: self.secs / runs })
+    }
+}
+
+/// Which ended runs an estimate is drawn from: of one stage or all, that
+/// ran on one profile or any.
+type Key = (Option<Stage>, Option<ProfileName>);
+
+/// A live run, as far as the estimates need it.
+#[derive(Debug, Clone)]
+struct LiveRun {
+    stage: Stage,
+    tag: StateTag,
+    submitted_at: Timestamp,
+    cpu_only: bool,
+    /// The current attempt's profile, once admitted.
+    profile: Option<ProfileName>,
+    /// What its ended attempts cost.
+    spent_usd: f64,
+    /// How long its jobs ran so far, the current one's too.
+    spent_secs: f64,
+}
+
+/// The runs, taken one at a time.
+pub struct Tally<'a> {
+    policy: &'a Policy,
+    billing: Billing,
+    now: Timestamp,
+    whole: Progress,
+    stages: BTreeMap<Stage, Progress>,
+    observed: HashMap<Key, Sums>,
+    live: Vec<LiveRun>,
+}
+
+/// How long an ended run counts as ended lately.
+const LATELY_MS: u64 = 3_600_000;
+
+impl<'a> Tally<'a> {
+    /// An empty tally at `now`, costs billed as `billing`.
+    pub fn new(policy: &'a Policy, billing: Billing, now: Timestamp) -> Tally<'a> {
+        Tally {
+            policy,
+            billing,
+            now,
+            whole: Progress::default(),
+            stages: BTreeMap::new(),
+            observed: HashMap::new(),
+            live: Vec::new(),
+        }
+    }
+
+    /// Counts `run`.
+    pub fn add(&mut self, run: &Run) {
+        let (spec, status) = (&run.spec, &run.status);
+        let tag = status.state.tag();
+        let costs: Vec<(f64, f64)> = status
+            .attempts
+            .iter()
+            .map(|a| {
+                let secs = a.usage.as_ref().map_or(0.0, crate::JobUsage::running_secs);
+                (attempt_cost(a, self.policy, self.billing).map_or(0.0, |(_, usd)| usd), secs)
+            })
+            .collect();
+        let usd = costs.iter().fold(0.0, |total, (usd, _)| total + usd);
+        let secs = costs.iter().fold(0.0, |total, (_, secs)| total + secs);
+        let profile = match &status.state {
+            RunState::Launching { profile, .. } | RunState::Running { profile, .. } => Some(profile),
+            _ => None,
+        };
+        let ended_lately =
+            tag.is_terminal() && self.now.as_millis().saturating_sub(status.updated_at.as_millis()) < LATELY_MS;
+        let stage = self.stages.entry(spec.stage).or_default();
+        for progress in [&mut self.whole, stage] {
+            progress.total += 1;
+            progress.ended += u64::from(tag.is_terminal());
+            progress.queued += u64::from(tag == StateTag::Queued);
+            progress.ended_last_hour += u64::from(ended_lately);
+            progress.cost_usd += usd;
+            if let Some(profile) = profile {
+                progress.running += 1;
+                *progress.running_per_profile.entry(profile.clone()).or_default() += 1;
+            }
+        }
+        match tag {
+            // What a cancelled run took says nothing of what a run takes.
+            StateTag::Published | StateTag::Failed => {
+                let mut profiles: Vec<&ProfileName> = status.attempts.iter().map(|a| &a.profile).collect();
+                profiles.sort();
+                profiles.dedup();
+                let keys = [(Some(spec.stage), None), (None, None)].into_iter().chain(
+                    profiles.into_iter().flat_map(|p| [(Some(spec.stage), Some(p.clone())), (None, Some(p.clone()))]),
+                );
+                for key in keys {
+                    let sums = self.observed.entry(key).or_default();
+                    sums.runs += 1;
+                    sums.usd += usd;
+                    sums.secs += secs;
+                }
+            }
+            StateTag::Cancelled => {}
+            _ => {
+                let running_secs = match (&status.state, status.attempts.last()) {
+                    (RunState::Running { .. }, Some(current)) => self.now.since(current.launched_at).as_secs_f64(),
+                    _ => 0.0,
+                };
+                self.live.push(LiveRun {
+                    stage: spec.stage,
+                    tag,
+                    submitted_at: spec.submitted_at,
+                    cpu_only: spec.cpu_only,
+                    profile: profile.cloned(),
+                    spent_usd: usd,
+                    spent_secs: secs + running_secs,
+                });
+            }
+        }
+    }
+
+    /// What a run of `stage` on `profile` (or queued) is expected to take in
+    /// all, from the closest ended runs there are.
+    fn expected(&self, stage: Stage, profile: Option<&ProfileName>) -> Option<Expected> {
+        let mut keys = vec![(Some(stage), None), (None, None)];
+        if let Some(profile) = profile {
+            keys.splice(0..0, [(Some(stage), Some(profile.clone())), (None, Some(profile.clone()))]);
+        }
+        keys.iter().find_map(|key| self.observed.get(key).and_then(Sums::mean))
+    }
+
+    /// What one attempt of `run` costs if it runs to the time limit.
+    fn worst_usd(&self, run: &LiveRun) -> f64 {
+        let profile = match &run.profile {
+            Some(name) => self.policy.profile(name),
+            None => self.policy.first_profile(run.cpu_only),
+        };
+        let Some(profile) = profile else { return 0.0 };
+        let speed = match self.billing {
+            Billing::Actual => 1.0,
+            Billing::ScaledBySpeed => profile.relative_speed,
+        };
+        self.policy.time_limit_secs() as f64 / 3600.0 / speed * profile.price_per_hour_usd
+    }
+
+    /// What `run` is expected to cost and take from now on.
+    fn remaining(&self, run: &LiveRun) -> Option<Expected> {
+        let expected = self.expected(run.stage, run.profile.as_ref())?;
+        Some(Expected { usd: (expected.usd - run.spent_usd).max(0.0), secs: (expected.secs - run.spent_secs).max(0.0) })
+    }
+
+    /// The progress, with its estimates, when `slots` jobs may run at once.
+    pub fn forecast(&self, slots: u64) -> Forecast {
+        let mut whole = self.whole.clone();
+        let mut stages = self.stages.clone();
+        let remaining: Option<Vec<Expected>> = self.live.iter().map(|run| self.remaining(run)).collect();
+        if let Some(remaining) = remaining {
+            let mut cost: BTreeMap<Stage, f64> = BTreeMap::new();
+            for (run, left) in self.live.iter().zip(&remaining) {
+                *cost.entry(run.stage).or_default() += left.usd;
+            }
+            whole.remaining_cost_usd = Some(cost.values().fold(0.0, |total, usd| total + usd));
+            for (stage, progress) in &mut stages {
+                progress.remaining_cost_usd = Some(cost.get(stage).copied().unwrap_or(0.0));
+            }
+            if let Some(ends) = self.schedule(&remaining, slots) {
+                whole.eta_secs = Some(ends.values().copied().max().unwrap_or(0));
+                for (stage, progress) in &mut stages {
+                    progress.eta_secs = Some(ends.get(stage).copied().unwrap_or(0));
+                }
+            }
+        }
+        for progress in std::iter::once(&mut whole).chain(stages.values_mut()) {
+            progress.projected_cost_usd = progress.remaining_cost_usd.map(|usd| progress.cost_usd + usd);
+        }
+        Forecast { whole, stages }
+    }
+
+    /// When each stage's last live run ends, in seconds from now, placed on
+    /// `slots` as the engine admits them; `None` without a slot for the queued.
+    fn schedule(&self, remaining: &[Expected], slots: u64) -> Option<BTreeMap<Stage, u64>> {
+        let mut ends: BTreeMap<Stage, u64> = BTreeMap::new();
+        let mut end_at = |stage: Stage, end: u64| {
+            let last = ends.entry(stage).or_default();
+            *last = (*last).max(end);
+        };
+        let secs = |i: usize| remaining[i].secs.ceil() as u64;
+        // When each slot frees: the runs holding one keep it until they end.
+        let mut free: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
+        let mut queued = Vec::new();
+        for (i, run) in self.live.iter().enumerate() {
+            match run.tag {
+                StateTag::Queued => queued.push(i),
+                // Its job is done: scoring and publishing take no slot.
+                StateTag::Predicted | StateTag::Scored => end_at(run.stage, 0),
+                _ => {
+                    free.push(Reverse(secs(i)));
+                    end_at(run.stage, secs(i));
+                }
+            }
+        }
+        let slots = usize::try_from(slots).unwrap_or(usize::MAX);
+        // Above the slots (the configuration lowered them), the first to end free none.
+        while free.len() > slots {
+            free.pop();
+        }
+        queued.sort_by_key(|&i| (self.live[i].submitted_at, i));
+        for i in queued {
+            let start = if free.len() < slots { 0 } else { free.pop()?.0 };
+            free.push(Reverse(start + secs(i)));
+            end_at(self.live[i].stage, start + secs(i));
+        }
+        Some(ends)
+    }
+
+    /// What `budget_usd` allows now: how many more queued runs may be admitted.
+    ///
+    /// Before any run has ended, a run is counted at its price for the whole
+    /// time limit, and one run is let through while none is running, to
+    /// learn from.
+    pub fn allowance(&self, budget_usd: f64) -> Allowance {
+        let expected_usd = |run: &LiveRun| match self.remaining(run) {
+            Some(left) => left.usd,
+            None => (self.worst_usd(run) - run.spent_usd).max(0.0),
+        };
+        let holding: Vec<&LiveRun> = self.live.iter().filter(|r| r.tag != StateTag::Queued).collect();
+        let committed_usd = holding.iter().map(|r| expected_usd(r)).fold(0.0, |total, usd| total + usd);
+        // The runs queued, and any run submitted before the next look.
+        let any = Stage::ALL.into_iter().flat_map(|stage| {
+            [false, true].map(|cpu_only| LiveRun {
+                stage,
+                tag: StateTag::Queued,
+                submitted_at: self.now,
+                cpu_only,
+                profile: None,
+                spent_usd: 0.0,
+                spent_secs: 0.0,
+            })
+        });
+        let queued = self.live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any);
+        let per_run_usd = queued.map(|r| expected_usd(&r)).fold(0.0, f64::max);
+        let spent_usd = self.whole.cost_usd;
+        let headroom = budget_usd - spent_usd - committed_usd;
+        let admits = if headroom <= 0.0 {
+            Some(0)
+        } else if per_run_usd <= 0.0 {
+            None
+        } else {
+            let fits = (headroom / per_run_usd).floor() as u64;
+            let probe = self.observed.is_empty() && holding.is_empty();
+            Some(fits.max(u64::from(probe)))
+        };
+        Allowance { budget_usd, spent_usd, committed_usd, per_run_usd, admits }
+    }
+}
+
+#[cfg(test)]
+mod tests;
