@@ -32,8 +32,8 @@ use evalflow_worker::config::Config;
 use evalflow_worker::datadir::submit::{
     SubmissionRequest, SubmitLock, check_requests, check_stages, clear_unsubmitted, prepare_all, read_manifest,
 };
-use evalflow_worker::views::Selection;
-use evalflow_workflow::{RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
+use evalflow_worker::views::{ActionView, Filter, Selection};
+use evalflow_workflow::{FailureReason, ProfileName, RunId, Stage, StateTag, SubmissionId, TeamId, Timestamp};
 
 use crate::backend::{Backend, connect};
 
@@ -165,30 +165,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run failed or cancelled runs again.
-    Retry {
-        /// The runs.
-        #[arg(required_unless_present = "state")]
-        runs: Vec<RunId>,
-        /// Every run in this state (failed or cancelled).
-        #[arg(long, conflicts_with = "runs")]
-        state: Option<StateTag>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop runs, terminating their jobs.
-    Cancel {
-        /// The runs.
-        #[arg(required_unless_present = "state")]
-        runs: Vec<RunId>,
-        /// Every run in this state.
-        #[arg(long, conflicts_with = "runs")]
-        state: Option<StateTag>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Run failed or cancelled runs again: those named, or every one that
+    /// matches the filters given.
+    Retry(Bulk),
+    /// Stop runs, terminating their jobs: those named, or every one that
+    /// matches the filters given.
+    Cancel(Bulk),
     /// A stage's leaderboard.
     Leaderboard {
         /// The stage.
@@ -242,6 +224,53 @@ enum Command {
         /// The job's directory.
         job_dir: PathBuf,
     },
+}
+
+/// The runs a bulk request is for, and how it is confirmed.
+#[derive(Debug, clap::Args)]
+struct Bulk {
+    /// The runs.
+    #[arg(required_unless_present_any = ["state", "cause", "profile", "stage", "team"])]
+    runs: Vec<RunId>,
+    /// Every run in this state.
+    #[arg(long, conflicts_with = "runs")]
+    state: Option<StateTag>,
+    /// Every run failed for this cause.
+    #[arg(long, conflicts_with = "runs", value_parser = clap::builder::PossibleValuesParser::new(FailureReason::KINDS))]
+    cause: Option<String>,
+    /// Every run whose latest attempt is on this profile.
+    #[arg(long, conflicts_with = "runs")]
+    profile: Option<ProfileName>,
+    /// Every run of this stage.
+    #[arg(long, conflicts_with = "runs")]
+    stage: Option<Stage>,
+    /// Every run of this team.
+    #[arg(long, conflicts_with = "runs")]
+    team: Option<TeamId>,
+    /// Only show how many runs it would touch and what would happen to each.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask before acting on more than 10 runs.
+    #[arg(long, short)]
+    yes: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Bulk {
+    fn selection(&self) -> Selection {
+        match self.runs.is_empty() {
+            false => Selection::Runs(self.runs.clone()),
+            true => Selection::Matching(Filter {
+                state: self.state,
+                cause: self.cause.clone(),
+                profile: self.profile.clone(),
+                stage: self.stage,
+                team: self.team.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -445,22 +474,30 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(if view.diverged.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Retry { runs, state, json } => {
-            if let Some(state) = state.filter(|s| !matches!(s, StateTag::Failed | StateTag::Cancelled)) {
+        Command::Retry(bulk) => {
+            if let Some(state) = bulk.state.filter(|s| !matches!(s, StateTag::Failed | StateTag::Cancelled)) {
                 bail!(
                     "retry --state {state}: only failed or cancelled runs are retried (`evalflow runs --state {state}` lists these)"
                 );
             }
-            let views = backend.call(Retry(selection(runs, state)?)).await?;
-            report_actions(&views, json, "retry")
+            let preview = backend.call(Retry { selection: bulk.selection(), dry_run: true }).await?;
+            let Some(selection) = confirmed(&bulk, &preview, "retry")? else {
+                return dry_run(&preview, bulk.json, "retry");
+            };
+            let views = backend.call(Retry { selection, dry_run: false }).await?;
+            report_actions(&views, bulk.json, "retry")
         }
-        Command::Cancel { runs, state, json } => {
-            if let Some(state) = state.filter(|s| s.is_terminal()) {
+        Command::Cancel(bulk) => {
+            if let Some(state) = bulk.state.filter(|s| s.is_terminal()) {
                 bail!("cancel --state {state}: a {state} run has ended already, there is nothing to stop");
             }
-            let views = backend.call(Cancel(selection(runs, state)?)).await?;
+            let preview = backend.call(Cancel { selection: bulk.selection(), dry_run: true }).await?;
+            let Some(selection) = confirmed(&bulk, &preview, "cancel")? else {
+                return dry_run(&preview, bulk.json, "cancel");
+            };
+            let views = backend.call(Cancel { selection, dry_run: false }).await?;
             wait_for_terminations(backend, &views).await?;
-            report_actions(&views, json, "cancel")
+            report_actions(&views, bulk.json, "cancel")
         }
         Command::Leaderboard { stage, json } => {
             let board = backend.call(Standings { stage: Some(stage) }).await?;
@@ -519,15 +556,36 @@ async fn watch_status(dir: &Path, interval: u64) -> Result<ExitCode> {
     }
 }
 
-fn selection(runs: Vec<RunId>, state: Option<StateTag>) -> Result<Selection> {
-    match (runs.is_empty(), state) {
-        (true, Some(state)) => Ok(Selection::State(state)),
-        (false, None) => Ok(Selection::Runs(runs)),
-        _ => bail!("name runs, or --state, not both"),
+/// Above this many runs, a bulk request asks before it acts (`--yes` does not).
+const CONFIRM_ABOVE: usize = 10;
+
+/// Whether to go on with a bulk request, given what it would do (`preview`):
+/// the runs to act on, exactly those previewed, or `None` for a dry run.
+/// Above [`CONFIRM_ABOVE`] runs it asks on a terminal, and without one
+/// wants `--yes`.
+fn confirmed(bulk: &Bulk, preview: &[ActionView], verb: &str) -> Result<Option<Selection>> {
+    use std::io::IsTerminal as _;
+    if bulk.dry_run {
+        return Ok(None);
     }
+    let runs: Vec<RunId> = preview.iter().map(|v| v.run.clone()).collect();
+    let touched = preview.iter().filter(|v| v.message.starts_with("would be")).count();
+    if touched > CONFIRM_ABOVE && !bulk.yes {
+        let what = format!("{verb} {touched} runs ({} matched)", runs.len());
+        if !std::io::stdin().is_terminal() {
+            bail!("this would {what}: pass --yes to do it, or --dry-run to see each run first");
+        }
+        eprint!("{what}? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("nothing done: not confirmed");
+        }
+    }
+    Ok(Some(Selection::Runs(runs)))
 }
 
-fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool, verb: &str) -> Result<ExitCode> {
+fn report_actions(views: &[ActionView], json: bool, verb: &str) -> Result<ExitCode> {
     if json {
         output::json(&views)?
     } else if views.is_empty() {
@@ -538,12 +596,24 @@ fn report_actions(views: &[evalflow_worker::views::ActionView], json: bool, verb
     Ok(if views.iter().all(|v| v.accepted) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// `--dry-run`: what would happen to each run, and how many it would touch.
+fn dry_run(preview: &[ActionView], json: bool, verb: &str) -> Result<ExitCode> {
+    if json {
+        output::json(&preview)?;
+    } else {
+        output::actions(preview);
+        let touched = preview.iter().filter(|v| v.message.starts_with("would be")).count();
+        println!("dry run: {verb} would change {touched} of the {} runs matched; nothing was done", preview.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// How long `cancel` waits for cancelled jobs to stop.
 const TERMINATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Waits until the cancelled runs' jobs are stopped, so that `cancel`
 /// returning means the jobs no longer run.
-async fn wait_for_terminations(backend: &Backend, views: &[evalflow_worker::views::ActionView]) -> Result<()> {
+async fn wait_for_terminations(backend: &Backend, views: &[ActionView]) -> Result<()> {
     let deadline = std::time::Instant::now() + TERMINATION_WAIT;
     for view in views.iter().filter(|v| v.state == Some(StateTag::Cancelled)) {
         while backend.call(Stopping { run: view.run.clone() }).await? {

@@ -115,7 +115,7 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
     assert!(accepted.iter().all(|a| a.accepted), "{accepted:?}");
     let cancelme = RunId::parse("cancelme-public").unwrap();
     wait_for("cancelme runs", async || node.run(&cancelme).await.unwrap().state == StateTag::Running).await;
-    node.cancel(evalflow_worker::views::Selection::Runs(vec![cancelme.clone()])).await.unwrap();
+    node.cancel(evalflow_worker::views::Selection::Runs(vec![cancelme.clone()]), false).await.unwrap();
     wait_for("every run ends", async || node.runs(None).await.unwrap().iter().all(|r| r.state.is_terminal())).await;
     // The first termination was given up on; the engine sent it again.
     wait_for("cancelme's job is stopped", async || !node.stopping(&cancelme).await.unwrap()).await;

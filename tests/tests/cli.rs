@@ -222,6 +222,42 @@ fn small_mistakes_get_words_that_name_the_problem_and_the_fix() {
 }
 
 #[test]
+fn bulk_requests_select_by_filter_preview_and_want_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = competition(&dir.path().join("c"));
+    let path = submission(&dir.path().join("sub"), "command = [\"true\"]\n");
+    for n in 0..12 {
+        let team = if n < 3 { "alpha" } else { "beta" };
+        cli.ok(&["submit", "--id", &format!("s{n}"), "--team", team, &path]);
+    }
+    let queued = || cli.json::<Vec<RunView>>(&["runs", "--state", "queued", "--json"]).len();
+
+    let preview = cli.ok(&["cancel", "--team", "alpha", "--dry-run"]);
+    assert!(preview.contains("s0-public: would be cancelled: then cancelled"), "{preview}");
+    assert!(preview.contains("dry run: cancel would change 3 of the 3 runs matched; nothing was done"), "{preview}");
+    assert_eq!(queued(), 12, "a dry run changes nothing");
+
+    let refused = cli.fails(&["cancel", "--stage", "public"]);
+    assert!(refused.contains("this would cancel 12 runs (12 matched): pass --yes to do it"), "{refused}");
+    assert_eq!(queued(), 12, "not confirmed: nothing done");
+    let views: Vec<ActionView> = cli.json(&["cancel", "--team", "alpha", "--json"]);
+    assert_eq!(views.len(), 3, "at most the threshold: no confirmation wanted");
+    assert_eq!(queued(), 9);
+    let cancelled = cli.ok(&["cancel", "--stage", "public", "--state", "queued", "--yes"]);
+    assert!(cancelled.contains("s11-public: cancelled: now cancelled"), "{cancelled}");
+    assert_eq!(queued(), 0);
+
+    let views: Vec<ActionView> = cli.json(&["retry", "--team", "beta", "--dry-run", "--json"]);
+    assert_eq!(views.len(), 9);
+    assert!(views.iter().all(|v| v.accepted && v.message == "would be requeued: then queued"), "{views:?}");
+    assert!(cli.ok(&["retry", "--cause", "out_of_memory"]).contains("no run matched: nothing to retry"));
+    let bogus = cli.fails(&["retry", "--cause", "bored"]);
+    assert!(bogus.contains("possible values: out_of_memory, timed_out"), "{bogus}");
+    assert!(cli.ok(&["retry", "--team", "alpha"]).contains("s2-public: requeued: now queued"));
+    assert_eq!(queued(), 3);
+}
+
+#[test]
 fn a_manifest_goes_in_whole_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let cli = competition(&dir.path().join("c"));

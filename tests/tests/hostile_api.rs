@@ -30,8 +30,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/runs/x-public/history", ""),
     ("POST", "/v1/replay", "{}"),
     ("POST", "/v1/submit", "[]"),
-    ("POST", "/v1/cancel", r#"{"state": "running"}"#),
-    ("POST", "/v1/retry", r#"{"state": "failed"}"#),
+    ("POST", "/v1/cancel", r#"{"selection": {"matching": {"state": "running"}}}"#),
+    ("POST", "/v1/retry", r#"{"selection": {"matching": {"state": "failed"}}, "dry_run": true}"#),
+    ("POST", "/v1/reload", "{}"),
     ("GET", "/v1/leaderboard?stage=public", ""),
     ("GET", "/v1/cost", ""),
     ("GET", "/", ""),
@@ -154,6 +155,16 @@ fn every_route_wants_the_token_and_this_engines_host() {
     let answer = engine.raw("GET", "/v1/ping", &[("Host", &by_name), ("Authorization", &right)], "");
     assert_eq!((answer.status, answer.body.as_str()), (200, "\"pong\""), "localhost names this engine too");
     assert_eq!(engine.call("GET", "/v1/no-such-route", "").status, 404);
+
+    // A bulk request that would select every run, or by a cause that does not exist, is refused.
+    let everything = engine.call("POST", "/v1/cancel", r#"{"selection": {"matching": {}}}"#);
+    assert_eq!(everything.status, 400, "{}", everything.body);
+    assert!(everything.body.contains("an empty filter would select every run"), "{}", everything.body);
+    let bogus = engine.call("POST", "/v1/retry", r#"{"selection": {"matching": {"cause": "../x"}}}"#);
+    assert!(bogus.status == 400 && bogus.body.contains("use one of out_of_memory"), "{}", bogus.body);
+    let unknown = engine.call("POST", "/v1/cancel", r#"{"selection": {"matching": {"owner": "me"}}}"#);
+    assert_eq!(unknown.status, 422, "an unknown field is refused, not ignored: {}", unknown.body);
+    assert!(unknown.body.contains("unknown field `owner`"), "{}", unknown.body);
 }
 
 /// A submission directory `root/id` that sleeps for no time.

@@ -26,8 +26,8 @@ use evalflow_workflow::plan::observed_secs;
 use evalflow_workflow::progress::Tally;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
-    Dispatch, Disposition, Engine, EngineError, Envelope, Event, IgnoreReason, Input, Outcome, Policy, Run, RunId,
-    RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
+    Dispatch, Disposition, Engine, EngineError, Envelope, Event, FailureReason, IgnoreReason, Input, Outcome, Policy,
+    Run, RunId, RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
 };
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -778,27 +778,102 @@ impl Node {
         Ok(views)
     }
 
-    /// Cancels the selected runs, terminating their jobs.
-    pub async fn cancel(&self, selection: Selection) -> Result<Vec<ActionView>, ControlError> {
+    /// Cancels the selected runs, terminating their jobs; with `dry_run`,
+    /// says what would happen to each and changes nothing.
+    pub async fn cancel(&self, selection: Selection, dry_run: bool) -> Result<Vec<ActionView>, ControlError> {
         let runs = self.selected(selection).await?;
-        self.request(runs, Event::CancelRequested, "cancelled").await
-    }
-
-    /// Retries the selected runs (failed or cancelled ones).
-    pub async fn retry(&self, selection: Selection) -> Result<Vec<ActionView>, ControlError> {
-        let runs = self.selected(selection).await?;
-        self.request(runs, Event::RetryRequested, "requeued").await
-    }
-
-    /// The runs a selection names: the one place a bulk request's runs are chosen.
-    async fn selected(&self, selection: Selection) -> Result<Vec<RunId>, ControlError> {
-        match selection {
-            Selection::Runs(runs) => Ok(runs),
-            Selection::State(state) if !state.is_terminal() => {
-                Ok(self.runs(Some(state)).await?.into_iter().map(|r| r.id).collect())
-            }
-            Selection::State(state) => self.read(move |store| Ok(all_runs(store, RunFilter::Terminal(state))?)).await,
+        match dry_run {
+            true => self.preview(runs, Event::CancelRequested, "cancelled").await,
+            false => self.request(runs, Event::CancelRequested, "cancelled").await,
         }
+    }
+
+    /// Retries the selected runs (failed or cancelled ones); with `dry_run`,
+    /// says what would happen to each and changes nothing.
+    pub async fn retry(&self, selection: Selection, dry_run: bool) -> Result<Vec<ActionView>, ControlError> {
+        let runs = self.selected(selection).await?;
+        match dry_run {
+            true => self.preview(runs, Event::RetryRequested, "requeued").await,
+            false => self.request(runs, Event::RetryRequested, "requeued").await,
+        }
+    }
+
+    /// The runs a selection names, in id order, read after the engine
+    /// applied every input sent to it before: the one place a bulk
+    /// request's runs are chosen.
+    async fn selected(&self, selection: Selection) -> Result<Vec<RunId>, ControlError> {
+        let filter = match selection {
+            Selection::Runs(runs) => return Ok(runs),
+            Selection::Matching(filter) if filter.is_empty() => {
+                return Err(ControlError::BadRequest(
+                    "an empty filter would select every run: name runs, or give a state, cause, profile, stage or \
+                     team"
+                        .into(),
+                ));
+            }
+            Selection::Matching(filter) => filter,
+        };
+        if let Some(cause) = filter.cause.as_deref().filter(|c| !FailureReason::KINDS.contains(c)) {
+            return Err(ControlError::BadRequest(format!(
+                "no failure is called {cause:?}: use one of {}",
+                FailureReason::KINDS.join(", ")
+            )));
+        }
+        self.engine.running().await?;
+        self.read(move |store| {
+            let scope = match filter.state {
+                Some(tag) if tag.is_terminal() => RunFilter::Terminal(tag),
+                Some(_) => RunFilter::Live,
+                None => RunFilter::All,
+            };
+            let mut runs = Vec::new();
+            for id in all_runs(store, scope)? {
+                if store.load(&id)?.is_some_and(|stored| filter.matches(&stored.run)) {
+                    runs.push(id);
+                }
+            }
+            Ok(runs)
+        })
+        .await
+    }
+
+    /// What `event` would do to each of `runs`, from the machine's own
+    /// transition on the stored run; nothing is recorded.
+    async fn preview(
+        &self,
+        runs: Vec<RunId>,
+        event: Event,
+        done: &'static str,
+    ) -> Result<Vec<ActionView>, ControlError> {
+        let policy = self.config.policy.clone();
+        self.read(move |store| {
+            let (now, envelope) = (Timestamp::now(), Envelope::unfenced(event));
+            let mut views = Vec::with_capacity(runs.len());
+            for run in runs {
+                let Some(stored) = store.load(&run)? else {
+                    let error = InputError::UnknownRun(run.clone()).to_string();
+                    views.push(ActionView { run, accepted: false, state: None, message: error });
+                    continue;
+                };
+                let outcome = match evalflow_workflow::step(&policy, &stored.run, &envelope, now) {
+                    Ok(transition) => Outcome::Recorded {
+                        run,
+                        seq: stored.last_seq + 1,
+                        version: transition.status.version,
+                        state: transition.status.state.tag(),
+                        disposition: transition.disposition,
+                    },
+                    Err(error) => Outcome::Rejected { run, error: error.into() },
+                };
+                let mut view = action(outcome, done);
+                if view.message.starts_with(done) {
+                    view.message = format!("would be {}", view.message.replacen(": now ", ": then ", 1));
+                }
+                views.push(view);
+            }
+            Ok(views)
+        })
+        .await
     }
 
     async fn request(&self, runs: Vec<RunId>, event: Event, done: &str) -> Result<Vec<ActionView>, ControlError> {

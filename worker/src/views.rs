@@ -517,11 +517,65 @@ pub struct DurationsView {
 }
 
 /// Which runs an operator's request is for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Selection {
     /// These runs.
     Runs(Vec<RunId>),
-    /// Every run in this state.
-    State(StateTag),
+    /// Every run that matches.
+    Matching(Filter),
+}
+
+/// What selected runs have in common; at least one field is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// In this state.
+    #[serde(default)]
+    pub state: Option<StateTag>,
+    /// Failed for this cause (`out_of_memory`, `timed_out` ...: see [`evalflow_workflow::FailureReason::KINDS`]).
+    #[serde(default)]
+    pub cause: Option<String>,
+    /// Whose latest attempt is on this profile.
+    #[serde(default)]
+    pub profile: Option<ProfileName>,
+    /// On this stage.
+    #[serde(default)]
+    pub stage: Option<Stage>,
+    /// Of this team.
+    #[serde(default)]
+    pub team: Option<TeamId>,
+}
+
+impl Filter {
+    /// Whether it names nothing (it would select every run).
+    pub fn is_empty(&self) -> bool {
+        *self == Filter::default()
+    }
+
+    /// Whether `run` matches every field given.
+    pub fn matches(&self, run: &Run) -> bool {
+        let (spec, status) = (&run.spec, &run.status);
+        let cause = match &status.state {
+            RunState::Failed { reason, .. } => Some(reason.kind()),
+            _ => None,
+        };
+        self.state.is_none_or(|state| status.state.tag() == state)
+            && self.cause.as_deref().is_none_or(|wanted| cause == Some(wanted))
+            && self.profile.as_ref().is_none_or(|profile| status.last_profile() == Some(profile))
+            && self.stage.is_none_or(|stage| spec.stage == stage)
+            && self.team.as_ref().is_none_or(|team| spec.team == *team)
+    }
+
+    /// The filter in words: `state failed, cause out_of_memory`.
+    pub fn words(&self) -> String {
+        let fields = [
+            self.state.map(|s| format!("state {s}")),
+            self.cause.as_ref().map(|c| format!("cause {c}")),
+            self.profile.as_ref().map(|p| format!("profile {p}")),
+            self.stage.map(|s| format!("stage {s}")),
+            self.team.as_ref().map(|t| format!("team {t}")),
+        ];
+        fields.into_iter().flatten().collect::<Vec<_>>().join(", ")
+    }
 }

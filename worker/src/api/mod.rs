@@ -20,7 +20,7 @@
 //! | GET | `/v1/runs/{run}/history` | [`EventView`](EventView)s |
 //! | POST | `/v1/replay` `{"run": R?}` | [`ReplayView`](ReplayView) |
 //! | POST | `/v1/submit` `[RunSpec]` | [`ActionView`]s; specs as `evalflow submit` prepares them (see [`crate::datadir::submit::check_specs`]) |
-//! | POST | `/v1/cancel`, `/v1/retry` `{"runs": [R]}` or `{"state": S}` | [`ActionView`]s |
+//! | POST | `/v1/cancel`, `/v1/retry` `{"selection": {"runs": [R]} or {"matching": {"state", "cause", "profile", "stage", "team"}}, "dry_run": B}` | [`ActionView`]s (with `dry_run`, what would happen; nothing changes) |
 //! | GET | `/v1/leaderboard?stage=S` | the leaderboard |
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |

@@ -229,29 +229,41 @@ impl Operation for Submit {
 
 /// `evalflow cancel`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Cancel(pub Selection);
+#[serde(deny_unknown_fields)]
+pub struct Cancel {
+    /// The runs.
+    pub selection: Selection,
+    /// Only say what would happen to each.
+    #[serde(default)]
+    pub dry_run: bool,
+}
 
 impl Operation for Cancel {
     type Answer = Vec<ActionView>;
     const METHOD: Method = Method::Post;
     const ROUTE: &'static str = "/v1/cancel";
     async fn run(self, node: &Node) -> Result<Vec<ActionView>, ControlError> {
-        node.cancel(self.0).await
+        node.cancel(self.selection, self.dry_run).await
     }
 }
 
 /// `evalflow retry`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Retry(pub Selection);
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// The runs.
+    pub selection: Selection,
+    /// Only say what would happen to each.
+    #[serde(default)]
+    pub dry_run: bool,
+}
 
 impl Operation for Retry {
     type Answer = Vec<ActionView>;
     const METHOD: Method = Method::Post;
     const ROUTE: &'static str = "/v1/retry";
     async fn run(self, node: &Node) -> Result<Vec<ActionView>, ControlError> {
-        node.retry(self.0).await
+        node.retry(self.selection, self.dry_run).await
     }
 }
 

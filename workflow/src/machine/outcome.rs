@@ -163,6 +163,20 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Every kind [`FailureReason::kind`] names (keep the two together).
+    pub const KINDS: [&'static str; 10] = [
+        "out_of_memory",
+        "timed_out",
+        "crashed",
+        "cannot_start",
+        "limit_exceeded",
+        "interrupted",
+        "invalid_predictions",
+        "no_eligible_profile",
+        "attempts_exhausted",
+        "activity_failed",
+    ];
+
     /// The reason's kind, as shown in listings and JSON.
     pub fn kind(&self) -> &'static str {
         match self {
