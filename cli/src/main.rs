@@ -43,6 +43,10 @@ struct Cli {
     /// The competition's directory, holding evalflow.toml and its state [default: ., or evalflow-demo for demo (/var/tmp/evalflow-demo when job sandboxes cannot reach the current directory)].
     #[arg(long, global = true, env = "EVALFLOW_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Show every table cell whole, however wide (by default tables fit the
+    /// terminal, or 80 columns; long cells wrap).
+    #[arg(long, global = true)]
+    wide: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -218,6 +222,12 @@ enum Command {
         #[arg(long)]
         attempt: Option<u32>,
     },
+    /// Print the shell's completion script: `source <(evalflow completions bash)`,
+    /// or save it where the shell looks (fish: ~/.config/fish/completions/evalflow.fish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Supervise one local job (started by the engine, not by hand).
     #[command(hide = true)]
     Supervise {
@@ -342,6 +352,7 @@ fn isolation(no_sandbox: bool) -> Isolation {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    output::set_wide(cli.wide);
     let data_dir = cli.data_dir.clone();
     let dir = || data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     match cli.command {
@@ -366,6 +377,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "evalflow", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { watch: true, interval, .. } => watch_status(&dir(), interval).await,
         Command::Logs { run, attempt } => {
             let config = Config::load(&dir())?;
@@ -523,6 +539,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         | Command::Logs { .. }
         | Command::Worker
         | Command::Plan { .. }
+        | Command::Completions { .. }
         | Command::Aws { .. } => unreachable!("handled without a backend"),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }

@@ -1,7 +1,7 @@
 //! How results are printed: tables for people, `--json` for programs.
 
 use comfy_table::presets::UTF8_BORDERS_ONLY;
-use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use comfy_table::{Cell, CellAlignment, ColumnConstraint, ContentArrangement, Table};
 use evalflow_activities::leaderboard::Leaderboard;
 use evalflow_worker::views::{
     ActionView, CostView, EventView, ReplayView, ReproduceView, RunView, StatusView, duration, money,
@@ -17,9 +17,38 @@ pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether tables show every cell whole (`--wide`), set once at start.
+static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Tables show every cell whole, however wide; otherwise (by default) they
+/// fit the terminal, or 80 columns when the output is not one.
+pub fn set_wide(wide: bool) {
+    let _ = WIDE.set(wide);
+}
+
+fn wide() -> bool {
+    WIDE.get().copied().unwrap_or(false)
+}
+
 fn table(header: &[&str]) -> Table {
+    use std::io::IsTerminal as _;
     let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(header);
+    if wide() {
+        table.set_content_arrangement(ContentArrangement::Disabled);
+    } else {
+        // On a terminal, comfy-table finds its width itself. Ids and
+        // figures keep their width; the last column (the words: a reason,
+        // a detail) wraps.
+        table.set_content_arrangement(ContentArrangement::Dynamic);
+        let last = header.len().saturating_sub(1);
+        for column in table.column_iter_mut().take(last) {
+            column.set_constraint(ColumnConstraint::ContentWidth);
+        }
+        if !std::io::stdout().is_terminal() {
+            table.set_width(80);
+        }
+    }
     table
 }
 
@@ -29,6 +58,12 @@ fn right(text: impl ToString) -> Cell {
 
 fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(Timestamp(ms).to_system_time()).to_string()
+}
+
+/// `12-02 01:04:46`, in UTC.
+fn short_time(ms: u64) -> String {
+    let full = time(ms); // 2026-12-02T01:04:46Z
+    full.get(5..19).map_or(full.clone(), |t| t.replacen('T', " ", 1))
 }
 
 fn score(value: Option<f64>) -> String {
@@ -162,41 +197,60 @@ pub fn reproduce(view: &ReproduceView) {
     }
 }
 
-/// `evalflow runs`.
+/// `evalflow runs`: with `--wide`, every column; else the team is left out
+/// and the profile and attempts share one (`p3 x2`).
 pub fn runs(views: &[RunView]) {
-    let mut table =
-        table(&["run", "team", "state", "profile", "attempts", "score", "cost $", "failure, or waiting for"]);
+    let why = "failure, or waiting for";
+    let mut table = match wide() {
+        true => table(&["run", "team", "state", "profile", "attempts", "score", "cost", why]),
+        false => table(&["run", "state", "on", "score", "cost", why]),
+    };
     for run in views {
-        table.add_row(vec![
-            Cell::new(&run.id),
-            Cell::new(&run.team),
-            Cell::new(run.state),
-            Cell::new(run.profile.as_ref().map(ToString::to_string).unwrap_or_default()),
-            right(run.attempts),
-            right(score(run.score)),
-            right(format!("{:.6}", run.cost_usd)),
-            Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default()),
-        ]);
+        let profile = run.profile.as_ref().map(ToString::to_string).unwrap_or_default();
+        let reason = Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default());
+        let (score, cost) = (right(score(run.score)), right(money(run.cost_usd)));
+        table.add_row(match wide() {
+            true => vec![
+                Cell::new(&run.id),
+                Cell::new(&run.team),
+                Cell::new(run.state),
+                Cell::new(profile),
+                right(run.attempts),
+                score,
+                cost,
+                reason,
+            ],
+            false => {
+                let on = if run.attempts > 1 { format!("{profile} x{}", run.attempts) } else { profile };
+                vec![Cell::new(&run.id), Cell::new(run.state), Cell::new(on), score, cost, reason]
+            }
+        });
     }
     println!("{table}");
     println!("{} runs", views.len());
 }
 
-/// `evalflow history`.
+/// `evalflow history`: with `--wide`, the whole time and the placement
+/// after each event in its own column; else both shorter.
 pub fn history(events: &[EventView]) {
     let mut table = table(&["seq", "at", "event", "state after", "detail"]);
     for event in events {
-        let state = match &event.placement {
-            Some(placement) => format!("{} ({placement})", event.state),
-            None => event.state.to_string(),
-        };
-        let detail = match event.disposition.as_str() {
+        let mut detail = match event.disposition.as_str() {
             "applied" => event.detail.clone(),
             other => format!("{} [{other}]", event.detail).trim_start().to_owned(),
         };
+        let (at, state) = match (&event.placement, wide()) {
+            (Some(placement), true) => (time(event.at_ms), format!("{} ({placement})", event.state)),
+            (Some(placement), false) => {
+                detail = if detail.is_empty() { placement.clone() } else { format!("{placement}: {detail}") };
+                (short_time(event.at_ms), event.state.to_string())
+            }
+            (None, true) => (time(event.at_ms), event.state.to_string()),
+            (None, false) => (short_time(event.at_ms), event.state.to_string()),
+        };
         table.add_row(vec![
             right(event.seq),
-            Cell::new(time(event.at_ms)),
+            Cell::new(at),
             Cell::new(&event.event),
             Cell::new(state),
             Cell::new(detail),
@@ -266,14 +320,14 @@ pub fn failures(views: &[RunView]) {
     if failed.is_empty() {
         return;
     }
-    let mut table = table(&["run", "failure", "reason", "profile", "attempts"]);
+    let mut table = table(&["run", "failure", "profile", "attempts", "reason"]);
     for run in failed {
         table.add_row(vec![
             Cell::new(&run.id),
             Cell::new(run.failure.as_deref().unwrap_or_default()),
-            Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default()),
             Cell::new(run.profile.as_ref().map(ToString::to_string).unwrap_or_default()),
             right(run.attempts),
+            Cell::new(run.reason.as_deref().or(run.waiting.as_deref()).unwrap_or_default()),
         ]);
     }
     println!("failures\n{table}");

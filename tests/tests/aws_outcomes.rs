@@ -138,6 +138,15 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
     for (run, score) in &scores {
         assert!((runs[*run].score.unwrap() - score).abs() < 1e-12, "{run}");
     }
+    let metrics = node.metrics().await.unwrap();
+    for line in [
+        "evalflow_queue_messages{queue=\"tasks\"} 0",
+        "evalflow_dead_letters{queue=\"events\"} 0",
+        "evalflow_attempts_total{profile=\"g4\",outcome=\"interrupted\"} 1",
+        "evalflow_runs{stage=\"public\",state=\"cancelled\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in the metrics on AWS:\n{metrics}");
+    }
     let launches = batch.launches.lock().unwrap().clone();
     assert!(launches.values().all(|(_, n)| *n == 1), "each (run, attempt) launched once: {launches:?}");
     let placement = |run: &str, attempt| launches[&(RunId::parse(run).unwrap(), Attempt(attempt))].0.clone();

@@ -79,7 +79,7 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         assert_eq!((first.profile.as_str(), first.exit_code), ("g4", Some(1)), "{id}: {first:?}");
         assert_eq!(first.rule.as_deref(), Some(rule), "{id}: {first:?}");
         assert!(first.cost_usd > 0.0, "{id}: the failed attempt is paid for");
-        let history = cli.ok(&["history", &format!("{id}-public")]);
+        let history = cli.ok(&["--wide", "history", &format!("{id}-public")]);
         let ran_out = if id == "dataloader" { "host memory" } else { "GPU memory" };
         assert!(history.contains(&format!("attempt 1: out of {ran_out} on g4: ")), "{id}: {history}");
     }
@@ -94,7 +94,7 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
         ),
         "why the run moved to p3, in one line of `runs --json`"
     );
-    let history = cli.ok(&["history", "jax-public"]);
+    let history = cli.ok(&["--wide", "history", "jax-public"]);
     assert!(history.contains("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"), "{history}");
     let logs = cli.ok(&["logs", "torch-public", "--attempt", "1"]);
     assert!(
@@ -119,7 +119,7 @@ fn framework_out_of_memory_escalates_and_a_mention_does_not() {
     let rerun = runs(&cli).into_iter().find(|r| r.id.as_str() == "torch-private").unwrap();
     assert_eq!((rerun.state, rerun.attempts), (StateTag::Published, 1), "no failed g4 attempt again: {rerun:?}");
     assert_eq!(rerun.attempt_details[0].profile.as_str(), "p3");
-    let history = cli.ok(&["history", "torch-private"]);
+    let history = cli.ok(&["--wide", "history", "torch-private"]);
     assert!(
         history.contains("starts on p3: torch-public ran out of GPU memory on g4 and succeeded on p3"),
         "the placement's reason: {history}"

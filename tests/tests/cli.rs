@@ -106,7 +106,7 @@ fn operator_requests_that_make_no_sense_are_refused() {
     assert!(cli.ok(&["retry", "--state", "cancelled"]).contains("requeued: now queued"));
     let bad_state = cli.fails(&["runs", "--state", "done"]);
     assert!(bad_state.contains("is not one of: queued, launching, running"), "{bad_state}");
-    let history = cli.ok(&["history", "s1-public"]);
+    let history = cli.ok(&["--wide", "history", "s1-public"]);
     assert!(history.contains("cancel_requested") && history.contains("retry_requested"), "{history}");
 }
 
@@ -255,6 +255,29 @@ fn bulk_requests_select_by_filter_preview_and_want_confirmation() {
     assert!(bogus.contains("possible values: out_of_memory, timed_out"), "{bogus}");
     assert!(cli.ok(&["retry", "--team", "alpha"]).contains("s2-public: requeued: now queued"));
     assert_eq!(queued(), 3);
+}
+
+#[test]
+fn shells_complete_the_commands() {
+    let cli = Cli::new("/nonexistent");
+    let bash = cli.ok(&["completions", "bash"]);
+    let script = tempfile::NamedTempFile::new().unwrap();
+    fs::write(script.path(), &bash).unwrap();
+    // bash itself loads it and completes a command and a flag.
+    let check = format!(
+        "source {}; COMP_WORDS=(evalflow can); COMP_CWORD=1; COMP_LINE='evalflow can'; COMP_POINT=12; \
+         _evalflow evalflow can evalflow; echo \"${{COMPREPLY[@]}}\"; \
+         COMP_WORDS=(evalflow cancel --dry); COMP_CWORD=2; _evalflow evalflow --dry cancel; echo \"${{COMPREPLY[@]}}\"",
+        script.path().display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &check]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.lines().collect::<Vec<_>>(), ["cancel", "--dry-run"], "{}", String::from_utf8_lossy(&out.stderr));
+    for shell in ["zsh", "fish"] {
+        let script = cli.ok(&["completions", shell]);
+        assert!(script.contains("reproduce") && script.contains("dry-run"), "{shell}: {script}");
+    }
+    assert!(cli.fails(&["completions", "tcsh"]).contains("possible values: bash"));
 }
 
 #[test]

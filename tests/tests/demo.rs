@@ -54,6 +54,7 @@ fn the_demo_evaluates_every_example_and_does_no_work_twice() {
 
     oom_g4_escalated(&cli);
     status_adds_up(&cli, &runs);
+    tables_fit_80_columns(&cli);
     planned_from_what_ran(&cli, &runs);
     escape_got_nothing(&cli, &runs, baseline);
     score_matches_an_independent_log_loss(&cli, good);
@@ -102,6 +103,19 @@ fn planned_from_what_ran(cli: &Cli, runs: &BTreeMap<String, RunView>) {
 
 fn history(cli: &Cli, run: &str) -> Vec<EventView> {
     cli.json(&["history", run, "--json"])
+}
+
+/// Tables fit 80 columns, their long words wrapped; `--wide` shows each whole.
+fn tables_fit_80_columns(cli: &Cli) {
+    let reason = "out of host memory on p3, and no profile of its ladder has more";
+    for command in [&["runs"][..], &["history", "oom-g4-public"], &["status"], &["cost"], &["leaderboard"]] {
+        let said = cli.ok(command);
+        let widest = said.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest <= 80, "{command:?}: {widest} columns:\n{said}");
+    }
+    assert!(!cli.ok(&["runs"]).contains(reason), "wrapped");
+    let wide = cli.ok(&["--wide", "runs"]);
+    assert!(wide.lines().any(|l| l.contains(reason) && l.contains("oom-all-public") && l.contains("gamma")), "{wide}");
 }
 
 /// Every run ended: status's progress and cost are the runs' own, in all and per stage.

@@ -35,6 +35,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/reload", "{}"),
     ("GET", "/v1/leaderboard?stage=public", ""),
     ("GET", "/v1/cost", ""),
+    ("GET", "/metrics", ""),
     ("GET", "/", ""),
     ("GET", "/v1/no-such-route", ""),
     ("DELETE", "/v1/runs", ""),

@@ -22,6 +22,7 @@ pub mod config;
 pub mod datadir;
 pub mod engine;
 pub mod local;
+pub mod metrics;
 pub mod node;
 pub mod views;
 

@@ -41,6 +41,7 @@ use crate::engine::watcher::{self, Watch};
 use crate::engine::{self, EngineHandle, EngineStopped};
 use crate::local::space::Space;
 use crate::local::worker;
+use crate::metrics::{QueueDepths, Snapshot};
 use crate::views::{
     ActionView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReloadView, ReplayView,
     RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
@@ -591,10 +592,9 @@ impl Node {
     /// Runs per state, progress, ETA and cost, the budget, and what keeps runs waiting.
     pub async fn status(&self) -> Result<StatusView, ControlError> {
         let counts = self.store.counts()?;
-        let (max_active, flag_after) = match &self.config.aws {
-            Some(aws) => (aws.max_active_jobs, Some(aws.flag_waiting_after_secs)),
-            None => (self.config.local.max_concurrent_jobs, None), // a local job starts at once
-        };
+        // A local job starts at once: only on AWS does one wait long to.
+        let (max_active, flag_after) =
+            (self.max_active(), self.config.aws.as_ref().map(|aws| aws.flag_waiting_after_secs));
         let problems = self.stage_problems().await?;
         let waiting_long = match flag_after {
             Some(after) => {
@@ -963,6 +963,42 @@ impl Node {
         }
         tracing::info!("reloaded evalflow.toml: {message}");
         Ok(ReloadView { budget_usd, message })
+    }
+
+    /// `GET /metrics`: the store counted, the AWS queues' depths, the engine's measures.
+    pub async fn metrics(&self) -> Result<String, ControlError> {
+        let queues = match &self.queues {
+            Some(queues) => {
+                let failed = |e: crate::aws::queues::QueueError| ControlError::Internal(e.to_string());
+                let (tasks, events) = queues.depths().await.map_err(failed)?;
+                let (tasks_dead, events_dead) = queues.dead_letters().await.map_err(failed)?;
+                Some(QueueDepths { tasks, events, tasks_dead, events_dead })
+            }
+            None => None,
+        };
+        let (policy, billing, engine) = (self.config.policy.clone(), self.billing, self.engine.metrics().clone());
+        let slots = self.max_active() as u64;
+        self.read(move |store| {
+            let (now, mut snapshot) = (Timestamp::now(), Snapshot::default());
+            let mut tally = Tally::new(&policy, billing, now);
+            for id in all_runs(store, RunFilter::All)? {
+                if let Some(stored) = store.load(&id)? {
+                    snapshot.add(&stored.run, &policy, billing);
+                    tally.add(&stored.run);
+                }
+            }
+            let progress = tally.forecast(slots).whole;
+            snapshot.encode(&progress, queues, &engine).map_err(|e| ControlError::Internal(e.to_string()))
+        })
+        .await
+    }
+
+    /// Jobs launching or running at most at once.
+    fn max_active(&self) -> usize {
+        match &self.config.aws {
+            Some(aws) => aws.max_active_jobs,
+            None => self.config.local.max_concurrent_jobs,
+        }
     }
 
     /// How long the runs that succeeded took on the reference profile.

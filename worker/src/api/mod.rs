@@ -25,6 +25,7 @@
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
 //! | POST | `/v1/reload` `{}` | [`ReloadView`](ReloadView): `[policy] budget_usd` read again |
+//! | GET | `/metrics` | the Prometheus (OpenMetrics) text of [`crate::metrics`] |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
 //! at once, headers within `header_read_timeout_secs` (which also ends a
@@ -37,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -151,6 +152,7 @@ fn router(api: Api) -> Router {
         .serves::<Cost>()
         .serves::<Durations>()
         .serves::<Reload>()
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
         // The last layer sees a request first: host, token, size, deadline.
@@ -159,6 +161,12 @@ fn router(api: Api) -> Router {
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .layer(middleware::from_fn_with_state(api.clone(), check_host))
         .with_state(api)
+}
+
+/// `GET /metrics`, in the Prometheus text format (see [`crate::metrics`]).
+async fn metrics(State(api): State<Api>) -> Result<Response, ApiError> {
+    let text = api.node.metrics().await?;
+    Ok(([(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE))], text).into_response())
 }
 
 /// The `Host` values a client of `address` sends.

@@ -256,6 +256,11 @@ impl Queues {
         Ok(())
     }
 
+    /// Messages waiting in the tasks and events queues: (tasks, events).
+    pub async fn depths(&self) -> Result<(u64, u64), QueueError> {
+        Ok((self.depth(&self.tasks).await?, self.depth(&self.events).await?))
+    }
+
     /// Messages waiting in the dead-letter queues: (tasks, events).
     pub async fn dead_letters(&self) -> Result<(u64, u64), QueueError> {
         Ok((self.depth(&self.tasks_dlq).await?, self.depth(&self.events_dlq).await?))

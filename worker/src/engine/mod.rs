@@ -29,6 +29,7 @@ use evalflow_workflow::{
     Dispatch, Engine, EngineError, Input, Outcome, RunId, RunState, SledStore, Stage, StateTag, Timestamp,
     WorkflowStore,
 };
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -56,13 +57,37 @@ enum Request {
 #[error("the engine has stopped")]
 pub struct EngineStopped;
 
+/// What the engine thread measures of its groups, for `GET /metrics`.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    /// Inputs per group applied (one flush each).
+    pub group_inputs: Histogram,
+    /// Seconds to apply a group and flush it.
+    pub group_seconds: Histogram,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        EngineMetrics {
+            group_inputs: Histogram::new(exponential_buckets(1.0, 2.0, 11)), // 1 .. 1024 = GROUP_MAX
+            group_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)), // 0.1 ms .. 3.3 s
+        }
+    }
+}
+
 /// A handle to send the engine thread inputs and questions.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Request>,
+    metrics: EngineMetrics,
 }
 
 impl EngineHandle {
+    /// What the engine thread measured of its groups.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
     /// Applies `inputs` and waits until they are durable.
     pub async fn apply(&self, inputs: Vec<Input>) -> Result<Vec<Outcome>, EngineStopped> {
         let (reply, answer) = oneshot::channel();
@@ -139,11 +164,13 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(QUEUE_MAX);
     let clock = Clock { wall: Timestamp::now(), start: Instant::now() };
     let dispatcher = Dispatcher::new(resend_after, paused, clock.now());
+    let metrics = EngineMetrics::default();
+    let measured = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(engine, recovered, rx, Out { dispatcher, channel: dispatch, clock }))
+        .spawn(move || run(engine, recovered, rx, Out { dispatcher, channel: dispatch, clock }, &measured))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
-    (EngineHandle { tx }, thread)
+    (EngineHandle { tx, metrics }, thread)
 }
 
 /// The dispatcher's clock: the wall time the thread started at, moved on by
@@ -187,6 +214,7 @@ fn run(
     recovered: Vec<Dispatch>,
     mut rx: mpsc::Receiver<Request>,
     mut out: Out,
+    metrics: &EngineMetrics,
 ) -> Result<(), EngineError> {
     out.send(recovered);
     // Admit what waited while no engine ran.
@@ -218,7 +246,12 @@ fn run(
                 question => questions.push(question),
             }
         }
+        let (count, started) = (inputs.len(), Instant::now());
         let applied = engine.apply(inputs, Timestamp::now())?;
+        if count > 0 {
+            metrics.group_inputs.observe(count as f64);
+            metrics.group_seconds.observe(started.elapsed().as_secs_f64());
+        }
         // Commands first: when a requester hears back, what its inputs caused is already queued.
         out.send(applied.dispatches);
         out.dispatcher.forget_unowed(&engine)?;

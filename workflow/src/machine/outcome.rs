@@ -194,6 +194,21 @@ impl FailureReason {
     }
 }
 
+impl JobOutcome {
+    /// The outcome's kind, as metrics label it (`succeeded`, `out_of_memory` ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobOutcome::Succeeded => "succeeded",
+            JobOutcome::OutOfMemory { .. } => "out_of_memory",
+            JobOutcome::Interrupted { .. } => "interrupted",
+            JobOutcome::TimedOut => "timed_out",
+            JobOutcome::Crashed { .. } => "crashed",
+            JobOutcome::CannotStart { .. } => "cannot_start",
+            JobOutcome::LimitExceeded { .. } => "limit_exceeded",
+        }
+    }
+}
+
 /// A job outcome in words.
 impl std::fmt::Display for JobOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
