@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::operations::{
-    Cancel, Cost, History, Reload, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+    Backup, Cancel, Cost, History, Reload, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
 };
 use evalflow_worker::config::Config;
 use evalflow_worker::datadir::submit::{
@@ -131,6 +131,15 @@ enum Command {
         /// Seconds between redraws, with --watch.
         #[arg(long, default_value_t = 2, requires = "watch", value_parser = clap::value_parser!(u64).range(1..=3600))]
         interval: u64,
+    },
+    /// Write a backup of the competition to DEST, a new directory, while it
+    /// runs too: `evalflow serve --data-dir DEST` starts from it.
+    Backup {
+        /// The backup's directory (it must not exist yet).
+        dest: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Read [policy] budget_usd in evalflow.toml again: the engine holds the
     /// competition to it from now on (the rest of the file is read at the
@@ -454,6 +463,20 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             output::status(&backend.call(Status {}).await?);
             ExitCode::SUCCESS
         }),
+        Command::Backup { dest, json } => {
+            let dest = std::path::absolute(&dest).with_context(|| format!("cannot find {}", dest.display()))?;
+            let view = backend.call(Backup { dest: dest.display().to_string() }).await?;
+            if json {
+                output::json(&view)?
+            } else {
+                println!(
+                    "backup of {} runs written to {} ({} entries; commits waited {:.2} s): \
+                     `evalflow serve --data-dir {}` starts from it",
+                    view.runs, view.dest, view.entries, view.secs, view.dest
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reload { json } => {
             let view = backend.call(Reload {}).await?;
             if json {

@@ -36,6 +36,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/leaderboard?stage=public", ""),
     ("GET", "/v1/cost", ""),
     ("GET", "/metrics", ""),
+    ("POST", "/v1/backup", r#"{"dest": "/nonexistent/backup"}"#),
     ("GET", "/", ""),
     ("GET", "/v1/no-such-route", ""),
     ("DELETE", "/v1/runs", ""),

@@ -43,8 +43,8 @@ use crate::local::space::Space;
 use crate::local::worker;
 use crate::metrics::{QueueDepths, Snapshot};
 use crate::views::{
-    ActionView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReloadView, ReplayView,
-    RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
+    ActionView, BackupView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReloadView,
+    ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
 /// Activities carried out at once by an engine node.
@@ -963,6 +963,27 @@ impl Node {
         }
         tracing::info!("reloaded evalflow.toml: {message}");
         Ok(ReloadView { budget_usd, message })
+    }
+
+    /// Writes a backup of the competition to `dest` (see [`crate::datadir::backup`]).
+    pub async fn backup(&self, dest: std::path::PathBuf) -> Result<BackupView, ControlError> {
+        let config = self.config.clone();
+        self.read(move |store| {
+            let started = std::time::Instant::now();
+            let written = crate::datadir::backup::write(&config, store, &dest).map_err(|e| match e {
+                crate::datadir::backup::BackupError::Store(e) => ControlError::Store(e),
+                other => ControlError::BadRequest(other.to_string()),
+            })?;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!("backup written to {} ({} entries, {secs:.2} s)", dest.display(), written.entries);
+            Ok(BackupView {
+                dest: dest.display().to_string(),
+                runs: store.counts()?.total(),
+                entries: written.entries,
+                secs,
+            })
+        })
+        .await
     }
 
     /// `GET /metrics`: the store counted, the AWS queues' depths, the engine's measures.

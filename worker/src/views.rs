@@ -497,6 +497,19 @@ pub struct CostView {
     pub report: CostReport,
 }
 
+/// The answer to `evalflow backup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupView {
+    /// The backup's data directory.
+    pub dest: String,
+    /// Runs in the store copied.
+    pub runs: u64,
+    /// The store's entries copied.
+    pub entries: u64,
+    /// How long the copy held commits back, in seconds.
+    pub secs: f64,
+}
+
 /// The answer to `evalflow reload`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReloadView {

@@ -25,6 +25,7 @@
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
 //! | POST | `/v1/reload` `{}` | [`ReloadView`](ReloadView): `[policy] budget_usd` read again |
+//! | POST | `/v1/backup` `{"dest": PATH}` | [`BackupView`](BackupView): a data directory `serve` starts from, written while it runs |
 //! | GET | `/metrics` | the Prometheus (OpenMetrics) text of [`crate::metrics`] |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
@@ -59,8 +60,8 @@ pub mod token;
 use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
-    Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Reload, Replay, Retry, Runs, Standings, Status,
-    Stopping, Submit,
+    Backup, Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Reload, Replay, Retry, Runs, Standings,
+    Status, Stopping, Submit,
 };
 use token::ApiToken;
 
@@ -152,6 +153,7 @@ fn router(api: Api) -> Router {
         .serves::<Cost>()
         .serves::<Durations>()
         .serves::<Reload>()
+        .serves::<Backup>()
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))

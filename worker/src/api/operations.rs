@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::node::{ControlError, Node};
 use crate::views::{
-    ActionView, CostView, DurationsView, EventView, ReloadView, ReplayView, RunView, Selection, StatusView,
+    ActionView, BackupView, CostView, DurationsView, EventView, ReloadView, ReplayView, RunView, Selection, StatusView,
 };
 
 /// How an operation travels over HTTP.
@@ -306,6 +306,23 @@ impl Operation for Reload {
     const ROUTE: &'static str = "/v1/reload";
     async fn run(self, node: &Node) -> Result<ReloadView, ControlError> {
         node.reload().await
+    }
+}
+
+/// `evalflow backup DEST`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// The backup's data directory, an absolute path on the engine's machine, not there yet.
+    pub dest: String,
+}
+
+impl Operation for Backup {
+    type Answer = BackupView;
+    const METHOD: Method = Method::Post;
+    const ROUTE: &'static str = "/v1/backup";
+    async fn run(self, node: &Node) -> Result<BackupView, ControlError> {
+        node.backup(std::path::PathBuf::from(self.dest)).await
     }
 }
 

@@ -1,5 +1,6 @@
-//! The data directory: its lock (one engine or command at a time), and the
-//! submissions an organizer hands in, checked and kept in it.
+//! The data directory: its lock (one engine or command at a time), the
+//! submissions an organizer hands in, checked and kept in it, and its backup.
 
+pub mod backup;
 pub mod lock;
 pub mod submit;

@@ -30,16 +30,29 @@ use crate::machine::{HistoryEntry, Run, RunSpec, RunStatus, StateTag};
 /// How many runs a listing returns at most per call.
 pub const LIST_LIMIT_MAX: usize = 10_000;
 
+/// sled's error in words an organizer can act on: damaged files say what to do.
+fn sled_error_words(error: &sled::Error) -> String {
+    match error {
+        sled::Error::Corruption { .. } => format!(
+            "the store's files are damaged ({}): stop evalflow, move DIR/state/store aside and put a backup in its \
+             place (`evalflow backup DEST` makes one: its DEST/state/store)",
+            sled_store::sled_words(error)
+        ),
+        other => format!("store error: {other}"),
+    }
+}
+
 /// A store that cannot be used, or a record that cannot be trusted.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The embedded database failed.
-    #[error("store error: {0}")]
+    #[error("{}", sled_error_words(.0))]
     Sled(#[from] sled::Error),
     /// The store's files cannot be read: damaged, not merely old.
     #[error(
         "the store in {path} cannot be opened: its files are damaged ({problem}). Nothing was changed. Move that \
-         directory aside and restore it from a backup; the jobs' files and results in the data directory are kept"
+         directory aside and restore it from a backup (`evalflow backup DEST` makes one: its DEST/state/store); the \
+         jobs' files and results in the data directory are kept"
     )]
     Damaged {
         /// The store's directory.
@@ -57,6 +70,9 @@ pub enum StoreError {
         /// Why the write failed.
         problem: String,
     },
+    /// A backup cannot be written where asked.
+    #[error("cannot write the backup: {0}")]
+    Backup(String),
     /// Another process holds the store open.
     #[error("the store at {path} is open in another process: stop it, or talk to it through its API")]
     Locked {

@@ -55,6 +55,9 @@ impl Default for SledOptions {
     }
 }
 
+/// Entries written to a backup per batch.
+const BACKUP_BATCH: usize = 10_000;
+
 /// The durable store, in a directory of its own. Clones share it: one
 /// writer (the engine) and any number of readers.
 #[derive(Clone)]
@@ -165,13 +168,21 @@ fn damaged_store(dir: &Path, error: &sled::Error) -> StoreError {
     StoreError::Damaged { path: dir.display().to_string(), problem: sled_words(error) }
 }
 
-/// sled's words for `error`, without its empty backtrace; a full disk in plain words.
-fn sled_words(error: &sled::Error) -> String {
+/// sled's words for `error`, without its empty backtrace; a full disk and
+/// damaged files in plain words, with the file.
+pub(super) fn sled_words(error: &sled::Error) -> String {
     match error {
         sled::Error::Io(io) if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) => {
             "No space left on device".into()
         }
         sled::Error::Io(io) => io.to_string(),
+        sled::Error::Corruption { at: Some(sled::DiskPtr::Inline(offset)), .. } => {
+            format!("the record at byte {offset} of its log, the file db, fails its checksum")
+        }
+        sled::Error::Corruption { at: Some(sled::DiskPtr::Blob(_, blob)), .. } => {
+            format!("its file blobs/{blob} fails its checksum")
+        }
+        sled::Error::Corruption { at: None, .. } => "a record of its log, the file db, fails its checksum".into(),
         other => other.to_string().trim_end_matches(" backtrace ()").to_owned(),
     }
 }
@@ -257,6 +268,35 @@ impl SledStore {
             }
         }
         Ok(SledStore { db, tree, counts: Arc::new(Mutex::new(counts)), flushes: Arc::default() })
+    }
+
+    /// Writes a copy of the store to `dest`, a directory that must not
+    /// exist, as a store [`SledStore::open`] opens; returns the entries
+    /// copied. Commits wait meanwhile, so the copy is of one moment; readers
+    /// go on.
+    pub fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
+        let _writer = locked(&self.flushes.writer);
+        if let Some(problem) = &locked(&self.flushes.state).failed {
+            return Err(Flushes::stopped(problem));
+        }
+        if dest.exists() {
+            return Err(StoreError::Backup(format!("{} exists already: name a new directory", dest.display())));
+        }
+        let copy = sled::Config::new().path(dest).mode(sled::Mode::HighThroughput).flush_every_ms(None).open()?;
+        let tree = copy.open_tree("runs")?;
+        let (mut entries, mut batch, mut batched) = (0u64, sled::Batch::default(), 0usize);
+        for item in self.tree.iter() {
+            let (key, value) = item?;
+            batch.insert(key, value);
+            (entries, batched) = (entries + 1, batched + 1);
+            if batched == BACKUP_BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+                batched = 0;
+            }
+        }
+        tree.apply_batch(batch)?;
+        copy.flush()?;
+        Ok(entries)
     }
 
     /// The bytes sled's files take on disk.
@@ -443,6 +483,27 @@ mod tests {
         let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap().to_string();
         assert!(err.contains("cannot be opened: its files are damaged ("), "{err}");
         assert!(err.contains("restore it from a backup") && !err.contains("schema version"), "{err}");
+    }
+
+    #[test]
+    fn a_backup_opens_as_the_store_it_copies_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            submit(submit(SledStore::open(&dir.path().join("store"), SledOptions::default()).unwrap(), "a"), "b");
+        let dest = dir.path().join("backup");
+        let entries = store.backup(&dest).unwrap();
+        assert!(entries >= 6, "meta, counters, specs, histories, indexes: {entries}");
+        let err = store.backup(&dest).unwrap_err().to_string();
+        assert!(err.contains("exists already: name a new directory"), "{err}");
+        let copy = SledStore::open(&dest, SledOptions::default()).unwrap();
+        assert_eq!(copy.counts().unwrap(), store.counts().unwrap());
+        for run in ["a-public", "b-public"] {
+            let run = RunId::parse(run).unwrap();
+            assert_eq!(copy.load(&run).unwrap(), store.load(&run).unwrap());
+            assert_eq!(copy.history(&run).unwrap(), store.history(&run).unwrap());
+        }
+        let live = |s: &SledStore| crate::store::all_runs(s, RunFilter::Live).unwrap();
+        assert_eq!(live(&copy), live(&store), "the indexes too");
     }
 
     #[test]
