@@ -521,7 +521,10 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             let preview = backend.call(Retry { selection: bulk.selection(), dry_run: true }).await?;
             let Some(selection) = confirmed(&bulk, &preview, "retry")? else {
-                return dry_run(&preview, bulk.json, "retry");
+                return match bulk.dry_run {
+                    true => dry_run(&preview, bulk.json, "retry"),
+                    false => report_actions(&preview, bulk.json, "retry"),
+                };
             };
             let views = backend.call(Retry { selection, dry_run: false }).await?;
             report_actions(&views, bulk.json, "retry")
@@ -532,7 +535,10 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             let preview = backend.call(Cancel { selection: bulk.selection(), dry_run: true }).await?;
             let Some(selection) = confirmed(&bulk, &preview, "cancel")? else {
-                return dry_run(&preview, bulk.json, "cancel");
+                return match bulk.dry_run {
+                    true => dry_run(&preview, bulk.json, "cancel"),
+                    false => report_actions(&preview, bulk.json, "cancel"),
+                };
             };
             let views = backend.call(Cancel { selection, dry_run: false }).await?;
             wait_for_terminations(backend, &views).await?;
@@ -600,7 +606,8 @@ async fn watch_status(dir: &Path, interval: u64) -> Result<ExitCode> {
 const CONFIRM_ABOVE: usize = 10;
 
 /// Whether to go on with a bulk request, given what it would do (`preview`):
-/// the runs to act on, exactly those previewed, or `None` for a dry run.
+/// the runs to act on, exactly those previewed as changed, or `None` for a
+/// dry run or when none would change (the preview is then the report).
 /// Above [`CONFIRM_ABOVE`] runs it asks on a terminal, and without one
 /// wants `--yes`.
 fn confirmed(bulk: &Bulk, preview: &[ActionView], verb: &str) -> Result<Option<Selection>> {
@@ -608,10 +615,15 @@ fn confirmed(bulk: &Bulk, preview: &[ActionView], verb: &str) -> Result<Option<S
     if bulk.dry_run {
         return Ok(None);
     }
-    let runs: Vec<RunId> = preview.iter().map(|v| v.run.clone()).collect();
-    let touched = preview.iter().filter(|v| v.message.starts_with("would be")).count();
+    // Only the runs shown as changed: one refused or already done then is left alone.
+    let runs: Vec<RunId> =
+        preview.iter().filter(|v| v.message.starts_with("would be")).map(|v| v.run.clone()).collect();
+    if runs.is_empty() {
+        return Ok(None);
+    }
+    let touched = runs.len();
     if touched > CONFIRM_ABOVE && !bulk.yes {
-        let what = format!("{verb} {touched} runs ({} matched)", runs.len());
+        let what = format!("{verb} {touched} runs ({} matched)", preview.len());
         if !std::io::stdin().is_terminal() {
             bail!("this would {what}: pass --yes to do it, or --dry-run to see each run first");
         }

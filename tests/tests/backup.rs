@@ -31,8 +31,10 @@ fn a_backup_taken_while_serving_starts_a_competition_of_its_own() {
     assert!(said.contains("backup of 3 runs written to") && said.contains("serve --data-dir"), "{said}");
     let again = cli.fails(&["backup", dest.to_str().unwrap()]);
     assert!(again.contains("exists already: name a new directory (a backup never overwrites)"), "{again}");
-    let inside = cli.fails(&["backup", cli.data_dir.join("state/copy").to_str().unwrap()]);
-    assert!(inside.contains("inside the data directory's state/"), "{inside}");
+    for inside in ["state/copy", "jobs/copy", "jobs/../results/copy"] {
+        let said = cli.fails(&["backup", cli.data_dir.join(inside).to_str().unwrap()]);
+        assert!(said.contains("is inside the data directory, where jobs write"), "{inside}: {said}");
+    }
     wait_ended(&cli, &["third"], Duration::from_secs(60));
     let board: Leaderboard = cli.json(&["leaderboard", "--json"]);
     drop(engine);

@@ -41,8 +41,10 @@ pub struct QueueDepths {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     runs: BTreeMap<(Stage, StateTag), u64>,
-    /// Attempts per profile and how they ended.
+    /// Ended attempts per profile and how they ended.
     attempts: BTreeMap<(ProfileName, &'static str), u64>,
+    /// Attempts not ended yet, per profile.
+    running: BTreeMap<ProfileName, u64>,
     /// The running time of each ended job, per profile.
     durations: BTreeMap<ProfileName, Vec<f64>>,
     cost_usd: BTreeMap<ProfileName, f64>,
@@ -57,7 +59,10 @@ impl Snapshot {
                 Some(AttemptEnd::Job(outcome)) => outcome.kind(),
                 Some(AttemptEnd::LaunchFailed) => "launch_failed",
                 Some(AttemptEnd::Cancelled) => "cancelled",
-                None => "running",
+                None => {
+                    *self.running.entry(attempt.profile.clone()).or_default() += 1;
+                    continue;
+                }
             };
             *self.attempts.entry((attempt.profile.clone(), ended)).or_default() += 1;
             if let Some(usage) = &attempt.usage {
@@ -90,7 +95,12 @@ impl Snapshot {
         for ((profile, ended), n) in &self.attempts {
             attempts.get_or_create(&vec![("profile", profile.to_string()), ("outcome", (*ended).into())]).inc_by(*n);
         }
-        registry.register("attempts", "Attempts per profile and how they ended", attempts);
+        registry.register("attempts", "Ended attempts per profile and how they ended", attempts);
+        let running = Family::<Labels, Gauge>::default();
+        for (profile, n) in &self.running {
+            running.get_or_create(&vec![("profile", profile.to_string())]).set(gauge(*n));
+        }
+        registry.register("attempts_running", "Attempts launching or running, per profile", running);
 
         let durations = Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
         for (profile, secs) in &self.durations {

@@ -312,7 +312,7 @@ async fn watch_budget(
         Ok(Err(e)) => {
             tracing::error!("cannot read the store to check the budget, so no new run is admitted: {e}");
             engine.limit_admissions(Some(admitted)).await?;
-            return Ok(false);
+            return Ok(budget.lock().last.as_ref().is_some_and(|v| v.allowance.spent()));
         }
         Err(_) => return Err(EngineStopped),
     };
@@ -988,13 +988,17 @@ impl Node {
 
     /// `GET /metrics`: the store counted, the AWS queues' depths, the engine's measures.
     pub async fn metrics(&self) -> Result<String, ControlError> {
+        // SQS not answering leaves its series out of this scrape, not the rest.
         let queues = match &self.queues {
-            Some(queues) => {
-                let failed = |e: crate::aws::queues::QueueError| ControlError::Internal(e.to_string());
-                let (tasks, events) = queues.depths().await.map_err(failed)?;
-                let (tasks_dead, events_dead) = queues.dead_letters().await.map_err(failed)?;
-                Some(QueueDepths { tasks, events, tasks_dead, events_dead })
-            }
+            Some(queues) => match (queues.depths().await, queues.dead_letters().await) {
+                (Ok((tasks, events)), Ok((tasks_dead, events_dead))) => {
+                    Some(QueueDepths { tasks, events, tasks_dead, events_dead })
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!("metrics without the queues' depths: {e}");
+                    None
+                }
+            },
             None => None,
         };
         let (policy, billing, engine) = (self.config.policy.clone(), self.billing, self.engine.metrics().clone());

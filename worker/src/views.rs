@@ -371,15 +371,15 @@ pub struct BudgetView {
 impl BudgetView {
     /// The view of `allowance`, with `queued` runs waiting.
     pub fn new(allowance: Allowance, queued: u64) -> BudgetView {
-        let Allowance { budget_usd, spent_usd, committed_usd, per_run_usd, admits } = allowance;
+        let Allowance { budget_usd, spent_usd, accrued_usd, committed_usd, per_run_usd, admits } = allowance;
         let raise = "raise [policy] budget_usd in evalflow.toml, then `evalflow reload`";
         let stopped = match admits {
             _ if allowance.spent() => Some(format!(
-                "the budget of {} is reached ({} spent, {} committed to the jobs running): no new attempt launches, \
+                "the budget of {} is reached ({} spent, {} more by the jobs running): no new attempt launches, \
                  running jobs finish, {queued} runs stay queued; {raise}",
                 money(budget_usd),
                 money(spent_usd),
-                money(committed_usd)
+                money(accrued_usd)
             )),
             Some(admits) if admits < queued => Some(format!(
                 "the budget of {} covers {admits} more runs at {} each ({} spent, {} committed): {} queued runs wait \
@@ -578,17 +578,5 @@ impl Filter {
             && self.profile.as_ref().is_none_or(|profile| status.last_profile() == Some(profile))
             && self.stage.is_none_or(|stage| spec.stage == stage)
             && self.team.as_ref().is_none_or(|team| spec.team == *team)
-    }
-
-    /// The filter in words: `state failed, cause out_of_memory`.
-    pub fn words(&self) -> String {
-        let fields = [
-            self.state.map(|s| format!("state {s}")),
-            self.cause.as_ref().map(|c| format!("cause {c}")),
-            self.profile.as_ref().map(|p| format!("profile {p}")),
-            self.stage.map(|s| format!("stage {s}")),
-            self.team.as_ref().map(|t| format!("team {t}")),
-        ];
-        fields.into_iter().flatten().collect::<Vec<_>>().join(", ")
     }
 }

@@ -65,21 +65,24 @@ pub struct Allowance {
     pub budget_usd: f64,
     /// What the attempts that ended cost.
     pub spent_usd: f64,
+    /// What the jobs running now cost so far (their time at their price).
+    pub accrued_usd: f64,
     /// What the runs holding a launch slot are expected to cost on top of
-    /// what they spent: the jobs running now, and what follows them.
+    /// what their ended attempts cost, and never less than they accrued:
+    /// the jobs running now, and what follows them.
     pub committed_usd: f64,
-    /// What one more run is expected to cost; before any run has ended, its
-    /// price for the whole time limit.
+    /// What one more run is expected to cost, as the published runs did;
+    /// before any was published, its price for the whole time limit.
     pub per_run_usd: f64,
     /// How many more queued runs may be admitted; `None`: any number (they cost nothing).
     pub admits: Option<u64>,
 }
 
 impl Allowance {
-    /// Whether spent and committed spend reach the budget: then not even a
-    /// relaunch of a run already admitted goes out.
+    /// Whether what was spent and what the running jobs accrued reach the
+    /// budget: then not even a relaunch of a run already admitted goes out.
     pub fn spent(&self) -> bool {
-        self.spent_usd + self.committed_usd >= self.budget_usd
+        self.spent_usd + self.accrued_usd >= self.budget_usd
     }
 }
 
@@ -122,6 +125,8 @@ struct LiveRun {
     spent_usd: f64,
     /// How long its jobs ran so far, the current one's too.
     spent_secs: f64,
+    /// What its running job cost so far.
+    accrued_usd: f64,
 }
 
 /// The runs, taken one at a time.
@@ -132,6 +137,9 @@ pub struct Tally<'a> {
     whole: Progress,
     stages: BTreeMap<Stage, Progress>,
     observed: HashMap<Key, Sums>,
+    /// The same, of the published runs only: a budget's measure, which a
+    /// run that failed at once (at no cost) must not bring down.
+    published: HashMap<Key, Sums>,
     live: Vec<LiveRun>,
 }
 
@@ -148,6 +156,7 @@ impl<'a> Tally<'a> {
             whole: Progress::default(),
             stages: BTreeMap::new(),
             observed: HashMap::new(),
+            published: HashMap::new(),
             live: Vec::new(),
         }
     }
@@ -194,10 +203,16 @@ impl<'a> Tally<'a> {
                     profiles.into_iter().flat_map(|p| [(Some(spec.stage), Some(p.clone())), (None, Some(p.clone()))]),
                 );
                 for key in keys {
-                    let sums = self.observed.entry(key).or_default();
-                    sums.runs += 1;
-                    sums.usd += usd;
-                    sums.secs += secs;
+                    let mut maps = vec![&mut self.observed];
+                    if tag == StateTag::Published {
+                        maps.push(&mut self.published);
+                    }
+                    for map in maps {
+                        let sums = map.entry(key.clone()).or_default();
+                        sums.runs += 1;
+                        sums.usd += usd;
+                        sums.secs += secs;
+                    }
                 }
             }
             StateTag::Cancelled => {}
@@ -214,39 +229,53 @@ impl<'a> Tally<'a> {
                     profile: profile.cloned(),
                     spent_usd: usd,
                     spent_secs: secs + running_secs,
+                    accrued_usd: profile.map_or(0.0, |p| self.price_of(p, running_secs)),
                 });
             }
         }
     }
 
     /// What a run of `stage` on `profile` (or queued) is expected to take in
-    /// all, from the closest ended runs there are.
-    fn expected(&self, stage: Stage, profile: Option<&ProfileName>) -> Option<Expected> {
+    /// all, from the closest ended runs of `observed` there are.
+    fn expected(observed: &HashMap<Key, Sums>, stage: Stage, profile: Option<&ProfileName>) -> Option<Expected> {
         let mut keys = vec![(Some(stage), None), (None, None)];
         if let Some(profile) = profile {
             keys.splice(0..0, [(Some(stage), Some(profile.clone())), (None, Some(profile.clone()))]);
         }
-        keys.iter().find_map(|key| self.observed.get(key).and_then(Sums::mean))
+        keys.iter().find_map(|key| observed.get(key).and_then(Sums::mean))
+    }
+
+    /// What `secs` of running on `profile` cost, billed as the tally bills.
+    fn price_of(&self, profile: &ProfileName, secs: f64) -> f64 {
+        let Some(profile) = self.policy.profile(profile) else { return 0.0 };
+        let speed = match self.billing {
+            Billing::Actual => 1.0,
+            Billing::ScaledBySpeed => profile.relative_speed,
+        };
+        secs / 3600.0 / speed * profile.price_per_hour_usd
     }
 
     /// What one attempt of `run` costs if it runs to the time limit.
     fn worst_usd(&self, run: &LiveRun) -> f64 {
         let profile = match &run.profile {
-            Some(name) => self.policy.profile(name),
-            None => self.policy.first_profile(run.cpu_only),
+            Some(name) => Some(name.clone()),
+            None => self.policy.first_profile(run.cpu_only).map(|p| p.name.clone()),
         };
-        let Some(profile) = profile else { return 0.0 };
-        let speed = match self.billing {
-            Billing::Actual => 1.0,
-            Billing::ScaledBySpeed => profile.relative_speed,
-        };
-        self.policy.time_limit_secs() as f64 / 3600.0 / speed * profile.price_per_hour_usd
+        profile.map_or(0.0, |p| self.price_of(&p, self.policy.time_limit_secs() as f64))
     }
 
-    /// What `run` is expected to cost and take from now on.
-    fn remaining(&self, run: &LiveRun) -> Option<Expected> {
-        let expected = self.expected(run.stage, run.profile.as_ref())?;
+    /// What `run` is expected to cost and take from now on, as the ended
+    /// runs of `observed` did; nothing once its job is done.
+    fn remaining_in(&self, observed: &HashMap<Key, Sums>, run: &LiveRun) -> Option<Expected> {
+        if matches!(run.tag, StateTag::Predicted | StateTag::Scored) {
+            return Some(Expected { usd: 0.0, secs: 0.0 }); // scoring and publishing take no slot
+        }
+        let expected = Self::expected(observed, run.stage, run.profile.as_ref())?;
         Some(Expected { usd: (expected.usd - run.spent_usd).max(0.0), secs: (expected.secs - run.spent_secs).max(0.0) })
+    }
+
+    fn remaining(&self, run: &LiveRun) -> Option<Expected> {
+        self.remaining_in(&self.observed, run)
     }
 
     /// The progress, with its estimates, when `slots` jobs may run at once.
@@ -315,16 +344,19 @@ impl<'a> Tally<'a> {
 
     /// What `budget_usd` allows now: how many more queued runs may be admitted.
     ///
-    /// Before any run has ended, a run is counted at its price for the whole
-    /// time limit, and one run is let through while none is running, to
-    /// learn from.
+    /// Runs are counted at what the published runs cost; before any was
+    /// published, at their price for the whole time limit, and one run is
+    /// let through while none runs, to learn from. A running job commits at
+    /// least what it accrued so far.
     pub fn allowance(&self, budget_usd: f64) -> Allowance {
-        let expected_usd = |run: &LiveRun| match self.remaining(run) {
+        let expected_usd = |run: &LiveRun| match self.remaining_in(&self.published, run) {
             Some(left) => left.usd,
             None => (self.worst_usd(run) - run.spent_usd).max(0.0),
         };
         let holding: Vec<&LiveRun> = self.live.iter().filter(|r| r.tag != StateTag::Queued).collect();
-        let committed_usd = holding.iter().map(|r| expected_usd(r)).fold(0.0, |total, usd| total + usd);
+        let committed_usd =
+            holding.iter().map(|r| expected_usd(r).max(r.accrued_usd)).fold(0.0, |total, usd| total + usd);
+        let accrued_usd = holding.iter().map(|r| r.accrued_usd).fold(0.0, |total, usd| total + usd);
         // The runs queued, and any run submitted before the next look.
         let any = Stage::ALL.into_iter().flat_map(|stage| {
             [false, true].map(|cpu_only| LiveRun {
@@ -335,22 +367,27 @@ impl<'a> Tally<'a> {
                 profile: None,
                 spent_usd: 0.0,
                 spent_secs: 0.0,
+                accrued_usd: 0.0,
             })
         });
-        let queued = self.live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any);
-        let per_run_usd = queued.map(|r| expected_usd(&r)).fold(0.0, f64::max);
+        let queued: Vec<LiveRun> = self.live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any).collect();
+        let mut per_run_usd = queued.iter().map(expected_usd).fold(0.0, f64::max);
+        if per_run_usd <= 0.0 {
+            // Published runs that cost nothing: a run still counts at its time limit's price.
+            per_run_usd = queued.iter().map(|r| self.worst_usd(r)).fold(0.0, f64::max);
+        }
         let spent_usd = self.whole.cost_usd;
         let headroom = budget_usd - spent_usd - committed_usd;
         let admits = if headroom <= 0.0 {
             Some(0)
         } else if per_run_usd <= 0.0 {
-            None
+            None // every profile is free
         } else {
             let fits = (headroom / per_run_usd).floor() as u64;
-            let probe = self.observed.is_empty() && holding.is_empty();
+            let probe = self.published.is_empty() && holding.is_empty();
             Some(fits.max(u64::from(probe)))
         };
-        Allowance { budget_usd, spent_usd, committed_usd, per_run_usd, admits }
+        Allowance { budget_usd, spent_usd, accrued_usd, committed_usd, per_run_usd, admits }
     }
 }
 

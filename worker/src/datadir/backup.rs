@@ -6,6 +6,7 @@
 //! directories and results stay where they are (runs name their submission
 //! by absolute path).
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use evalflow_workflow::{SledStore, StoreError};
@@ -48,28 +49,39 @@ pub struct Written {
 }
 
 /// Writes the backup of `config`'s competition, whose store is `store`, to
-/// `dest`: an absolute path, not there yet, outside the data directory's
-/// `state/`, whose parent exists.
+/// `dest`: an absolute path, not there yet, outside the data directory
+/// (where jobs write), whose parent exists. A backup that fails midway is
+/// removed.
 pub fn write(config: &Config, store: &SledStore, dest: &Path) -> Result<Written, BackupError> {
     let refuse = |why: &str| Err(BackupError::Destination(format!("{}: {why}", dest.display())));
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return refuse("name the backup's new directory");
+    };
     if !dest.is_absolute() {
         return refuse("name the backup's directory by an absolute path");
     }
-    if dest.exists() {
+    if dest.symlink_metadata().is_ok() {
         return refuse("exists already: name a new directory (a backup never overwrites)");
     }
-    if !dest.parent().is_some_and(Path::is_dir) {
+    let Ok(parent) = std::fs::canonicalize(parent) else {
         return refuse("its parent directory does not exist: create it first");
+    };
+    let data_dir = std::fs::canonicalize(&config.data_dir).map_err(io(&config.data_dir))?;
+    if parent.starts_with(&data_dir) {
+        return refuse("is inside the data directory, where jobs write: put the backup elsewhere");
     }
-    let state = config.data_dir.join("state");
-    if dest.starts_with(&state) {
-        return refuse("is inside the data directory's state/: put the backup elsewhere");
+    let dest = parent.join(name);
+    std::fs::DirBuilder::new().mode(0o700).create(&dest).map_err(io(&dest))?;
+    let written = write_into(config, store, &dest);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&dest); // nothing half-written stays behind
     }
-    let dest_state = dest.join("state");
-    std::fs::create_dir(dest).map_err(io(dest))?;
-    make_private(dest)?;
-    std::fs::create_dir(&dest_state).map_err(io(&dest_state))?;
-    make_private(&dest_state)?;
+    written
+}
+
+fn write_into(config: &Config, store: &SledStore, dest: &Path) -> Result<Written, BackupError> {
+    let (state, dest_state) = (config.data_dir.join("state"), dest.join("state"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dest_state).map_err(io(&dest_state))?;
     let entries = store.backup(&dest_state.join("store"))?;
     let mut files = Vec::new();
     for entry in std::fs::read_dir(&state).map_err(io(&state))? {
@@ -87,13 +99,9 @@ pub fn write(config: &Config, store: &SledStore, dest: &Path) -> Result<Written,
     Ok(Written { entries, files })
 }
 
-fn make_private(dir: &Path) -> Result<(), BackupError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
-}
-
-/// `text` (an `evalflow.toml`) with each stage's `test_set` and `labels` as
-/// `config` resolved them.
+/// `text` (an `evalflow.toml`, written anew: its comments are not kept)
+/// with each stage's `test_set` and `labels` as `config` resolved them, and
+/// an `[aws] output_key_file` outside `state/` (not copied) by absolute path.
 fn with_absolute_stages(text: &str, config: &Config) -> Result<String, BackupError> {
     let unreadable = |e: toml::de::Error| BackupError::Destination(format!("{CONFIG_FILE} cannot be read again: {e}"));
     let mut table: toml::Table = toml::from_str(text).map_err(unreadable)?;
@@ -105,6 +113,12 @@ fn with_absolute_stages(text: &str, config: &Config) -> Result<String, BackupErr
                 entry.insert("labels".into(), path(&files.labels));
             }
         }
+    }
+    let key = config.output_key_file();
+    if let (Some(toml::Value::Table(aws)), false) =
+        (table.get_mut("aws"), key.starts_with(config.data_dir.join("state")))
+    {
+        aws.insert("output_key_file".into(), toml::Value::String(key.display().to_string()));
     }
     let body =
         toml::to_string(&table).map_err(|e| BackupError::Destination(format!("cannot write {CONFIG_FILE}: {e}")))?;

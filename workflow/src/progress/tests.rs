@@ -147,8 +147,11 @@ fn a_budget_admits_what_it_covers_beyond_what_is_spent_and_committed() {
     assert_eq!(allowance.admits, Some(1));
     assert!(!allowance.spent());
     let allowance = tally(&policy, &runs).allowance(9.0);
-    assert_eq!(allowance.admits, Some(0));
-    assert!(allowance.spent(), "$9.0965 spent or committed: no relaunch either");
+    assert_eq!(allowance.admits, Some(0), "$9.0965 spent or committed: no new run");
+    // d has run 600 s on p3 ($0.51), e 1000 s on g4 ($0.1461): $4.768 spent or accrued.
+    assert!(close(allowance.accrued_usd, 0.51 + 1000.0 / 3600.0 * 0.526), "{allowance:?}");
+    assert!(!allowance.spent(), "what is committed but not spent holds no relaunch back");
+    assert!(tally(&policy, &runs).allowance(4.7).spent(), "spent and accrued: no relaunch either");
     // Nothing queued: a run submitted before the next look is counted as any other.
     let allowance = tally(&policy, &runs[..2]).allowance(10.0);
     assert!(close(allowance.per_run_usd, 1.9245), "{allowance:?}");
@@ -167,5 +170,22 @@ fn before_any_run_ended_a_run_counts_at_its_time_limit_and_one_probes() {
     let probing = [queued(), run("e", Stage::Public, 4, running("g4", 1), vec![attempt(1, "g4", 1000, None)], 0)];
     let allowance = tally(&policy, &probing).allowance(1.0);
     assert_eq!(allowance.admits, Some(0), "the probe runs: nothing more until it ends");
-    assert!(allowance.spent());
+    assert!(!allowance.spent(), "the probe itself may relaunch (an escalation) until it spends the budget");
+}
+
+#[test]
+fn a_run_that_failed_at_no_cost_or_ran_long_does_not_loosen_a_budget() {
+    let policy = crate::policy::tests::case_policy();
+    let queued = run("c", Stage::Public, 5, RunState::Queued, Vec::new(), 0);
+    let reason = crate::machine::FailureReason::CannotStart { detail: crate::machine::Detail::new("no image") };
+    let failed =
+        run("f", Stage::Public, 1, RunState::Failed { reason, resume: None }, vec![attempt(1, "g4", 10, None)], 5);
+    // The failure cost $0: a run still counts at its time limit's price, not at nothing.
+    let allowance = tally(&policy, &[failed.clone(), queued.clone()]).allowance(10.0);
+    assert!(close(allowance.per_run_usd, 4.734) && allowance.admits == Some(2), "{allowance:?}");
+    // e has run 20,000 s on g4, far past the $1.9245 the published runs took: it commits what it accrued.
+    let mut runs = competition();
+    runs[4] = run("e", Stage::Public, 4, running("g4", 1), vec![attempt(1, "g4", 20_000, None)], 0);
+    let allowance = tally(&policy, &runs).allowance(100.0);
+    assert!(close(allowance.committed_usd, 3.06 + 20_000.0 / 3600.0 * 0.526), "{allowance:?}");
 }
