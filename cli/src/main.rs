@@ -231,6 +231,9 @@ enum Command {
         #[arg(long)]
         attempt: Option<u32>,
     },
+    /// Print the address of the dashboard of the engine serving the data
+    /// directory, with the token that signs a browser in (keep it to yourself).
+    Dashboard,
     /// Print the shell's completion script: `source <(evalflow completions bash)`,
     /// or save it where the shell looks (fish: ~/.config/fish/completions/evalflow.fish).
     Completions {
@@ -386,6 +389,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Aws { command: AwsCommand::Bootstrap } => fleet::bootstrap(&Config::load(&dir())?).await,
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Command::Dashboard => dashboard(&dir()),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "evalflow", &mut std::io::stdout());
@@ -569,8 +573,27 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
         | Command::Worker
         | Command::Plan { .. }
         | Command::Completions { .. }
+        | Command::Dashboard
         | Command::Aws { .. } => unreachable!("handled without a backend"),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// `evalflow dashboard`: the sign-in address of the engine serving `dir`.
+fn dashboard(dir: &Path) -> Result<ExitCode> {
+    use evalflow_worker::datadir::lock::{LockState, try_lock};
+    match try_lock(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        LockState::HeldBy(Some(info)) => {
+            let token = evalflow_worker::api::token::ApiToken::read(dir)?;
+            println!("{}/dashboard?token={}", info.api, token.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+        LockState::HeldBy(None) => bail!("the engine of {} is starting: try again in a moment", dir.display()),
+        LockState::Acquired(_) => bail!(
+            "no engine serves {}: start one with `evalflow --data-dir {} serve`, then run this again",
+            dir.display(),
+            dir.display()
+        ),
     }
 }
 

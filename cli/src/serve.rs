@@ -57,6 +57,7 @@ pub async fn run(data_dir: &Path, listen: SocketAddr, isolation: Isolation) -> R
     let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine, runner: None };
     let node = Arc::new(Node::start(config, lock, options).await?);
     println!("evalflow engine (pid {}) serving {} at {}", info.pid, data_dir.display(), info.api);
+    println!("dashboard: `evalflow --data-dir {} dashboard` prints its address", data_dir.display());
     let shutdown = CancellationToken::new();
     let watchdog = tokio::spawn(stop_on_signal_or_failure(node.clone(), shutdown.clone()));
     api::serve(node.clone(), token, listener, shutdown).await?;

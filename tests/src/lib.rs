@@ -1,6 +1,7 @@
 //! Helpers shared by evalflow's integration tests.
 
 pub mod aws;
+pub mod browser;
 pub mod cli;
 pub mod disk;
 pub mod local;

@@ -36,6 +36,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/leaderboard?stage=public", ""),
     ("GET", "/v1/cost", ""),
     ("GET", "/metrics", ""),
+    ("GET", "/dashboard", ""),
+    ("GET", "/dashboard/dashboard.js", ""),
+    ("GET", "/v1/runs/x-public/log", ""),
     ("POST", "/v1/backup", r#"{"dest": "/nonexistent/backup"}"#),
     ("GET", "/", ""),
     ("GET", "/v1/no-such-route", ""),
@@ -157,6 +160,19 @@ fn every_route_wants_the_token_and_this_engines_host() {
     let answer = engine.raw("GET", "/v1/ping", &[("Host", &by_name), ("Authorization", &right)], "");
     assert_eq!((answer.status, answer.body.as_str()), (200, "\"pong\""), "localhost names this engine too");
     assert_eq!(engine.call("GET", "/v1/no-such-route", "").status, 404);
+
+    // The dashboard's cookie is the token for reads only: a page that got a
+    // browser to post with it acts on nothing.
+    let cookie = format!("evalflow_token={}", engine.token);
+    let read = engine.raw("GET", "/v1/status", &[("Host", &host), ("Cookie", &cookie)], "");
+    assert_eq!(read.status, 200, "{}", read.body);
+    let body = r#"{"selection": {"matching": {"state": "queued"}}}"#;
+    let act = engine.raw("POST", "/v1/cancel", &[("Host", &host), ("Cookie", &cookie)], body);
+    assert_eq!(act.status, 401, "{}", act.body);
+    let signed = engine.raw("GET", &format!("/dashboard?token={}", engine.token), &[("Host", &host)], "");
+    assert_eq!(signed.status, 303, "the sign-in sends the browser on: {}", signed.body);
+    let wrong = engine.raw("GET", "/dashboard?token=0123", &[("Host", &host)], "");
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
 
     // A bulk request that would select every run, or by a cause that does not exist, is refused.
     let everything = engine.call("POST", "/v1/cancel", r#"{"selection": {"matching": {}}}"#);

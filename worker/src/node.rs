@@ -17,6 +17,7 @@ use evalflow_activities::artifacts::FsArtifacts;
 use evalflow_activities::aws::logs::BatchLogs;
 use evalflow_activities::aws::requests::RequestCounter;
 use evalflow_activities::leaderboard::Leaderboard;
+use evalflow_activities::local::job::{JobPaths, tail};
 use evalflow_activities::local::sandbox::{Isolation, SandboxError};
 use evalflow_activities::local::{LocalRunner, LocalRunnerConfig};
 use evalflow_activities::{ArtifactStore, JobRunner, PublishedResult};
@@ -27,7 +28,7 @@ use evalflow_workflow::progress::Tally;
 use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
     Dispatch, Disposition, Engine, EngineError, Envelope, Event, FailureReason, IgnoreReason, Input, Outcome, Policy,
-    Run, RunId, RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, replay,
+    Run, RunId, RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, job_name, replay,
 };
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -43,8 +44,8 @@ use crate::local::space::Space;
 use crate::local::worker;
 use crate::metrics::{QueueDepths, Snapshot};
 use crate::views::{
-    ActionView, BackupView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, ReloadView,
-    ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
+    ActionView, BackupView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, LogPart, LogView,
+    ReloadView, ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
 /// Activities carried out at once by an engine node.
@@ -146,6 +147,8 @@ pub struct Node {
     queues: Option<Arc<Queues>>,
     /// The AWS requests made, on AWS.
     requests: Option<RequestCounter>,
+    /// CloudWatch Logs, on AWS: the jobs' output.
+    logs: Option<BatchLogs>,
     /// The stages the engine holds, as it last checked them (an engine's node only).
     held: Option<StageProblems>,
     /// Free disk space, where an engine runs jobs on this machine.
@@ -529,7 +532,7 @@ impl Node {
                 loops.push(tokio::spawn(watch));
             }
         }
-        let (queues, requests, billing) = (setup.queues, setup.requests, setup.billing);
+        let (queues, requests, logs, billing) = (setup.queues, setup.requests, setup.logs, setup.billing);
         Ok(Node {
             config,
             store,
@@ -540,6 +543,7 @@ impl Node {
             direct,
             queues,
             requests,
+            logs,
             held,
             space,
             budget,
@@ -965,6 +969,39 @@ impl Node {
         Ok(ReloadView { budget_usd, message })
     }
 
+    /// The end of the output of `run`'s latest job: its job directory's
+    /// stdout and stderr, or on AWS its CloudWatch Logs stream, once
+    /// recorded. Control characters are dropped: it is the submission's text.
+    pub async fn log(&self, run: &RunId) -> Result<LogView, ControlError> {
+        let (id, jobs_dir) = (run.clone(), self.config.jobs_dir());
+        let stored = self.read(move |store| store.load(&id)?.ok_or(ControlError::UnknownRun(id))).await?;
+        let Some(record) = stored.run.status.attempts.last().cloned() else {
+            return Ok(LogView { attempt: None, output: Vec::new(), note: Some("no job yet".into()) });
+        };
+        let attempt = Some(record.attempt.0);
+        let output = match &self.logs {
+            None => {
+                let paths = JobPaths::new(&jobs_dir, &job_name(run, record.attempt));
+                let read = tokio::task::spawn_blocking(move || {
+                    [("stdout", tail(&paths.stdout())), ("stderr", tail(&paths.stderr()))]
+                })
+                .await
+                .map_err(|e| ControlError::Internal(format!("reader thread: {e}")))?;
+                read.into_iter().map(|(name, text)| LogPart { name: name.into(), text: printable(&text) }).collect()
+            }
+            Some(logs) => {
+                let Some(stream) = record.evidence.as_ref().and_then(|e| e.log_stream.clone()) else {
+                    let note = "no log stream recorded yet: `evalflow logs RUN` looks it up while the job runs";
+                    return Ok(LogView { attempt, output: Vec::new(), note: Some(note.into()) });
+                };
+                let lines = logs.tail(stream.as_str()).await.map_err(|e| ControlError::Internal(e.to_string()))?;
+                let text: Vec<String> = lines.iter().map(|l| printable(&l.message)).collect();
+                vec![LogPart { name: stream.as_str().to_owned(), text: text.join("\n") }]
+            }
+        };
+        Ok(LogView { attempt, output, note: None })
+    }
+
     /// Writes a backup of the competition to `dest` (see [`crate::datadir::backup`]).
     pub async fn backup(&self, dest: std::path::PathBuf) -> Result<BackupView, ControlError> {
         let config = self.config.clone();
@@ -1041,6 +1078,11 @@ impl Node {
         })
         .await
     }
+}
+
+/// `text` without control characters but line ends and tabs.
+fn printable(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t')).collect()
 }
 
 /// An outcome as the operator reads it.

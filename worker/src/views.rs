@@ -497,6 +497,26 @@ pub struct CostView {
     pub report: CostReport,
 }
 
+/// The end of a run's latest job's output, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogView {
+    /// The attempt, once there is one.
+    pub attempt: Option<u32>,
+    /// Each part: `stdout` and `stderr` (their last 4 KiB), or on AWS the log stream's newest events.
+    pub output: Vec<LogPart>,
+    /// Why there is no output to show, when there is none.
+    pub note: Option<String>,
+}
+
+/// One part of a job's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogPart {
+    /// `stdout`, `stderr`, or the log stream.
+    pub name: String,
+    /// Its text, without control characters.
+    pub text: String,
+}
+
 /// The answer to `evalflow backup`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupView {

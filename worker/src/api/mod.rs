@@ -3,7 +3,8 @@
 //!
 //! Every request must carry the data directory's token
 //! (`Authorization: Bearer TOKEN`, the token in `DIR/state/api.token`, see
-//! [`crate::api::token`]) and a `Host` naming this engine's loopback address
+//! [`crate::api::token`]; for a `GET`, the dashboard's cookie will do, see
+//! [`dashboard`]) and a `Host` naming this engine's loopback address
 //! (`127.0.0.1:PORT`, `localhost:PORT` or `[::1]:PORT`), so that a web page
 //! that renamed its host to 127.0.0.1 (DNS rebinding) is refused too. A
 //! request without them gets 421 (host) or 401 (token), whatever its path.
@@ -18,6 +19,7 @@
 //! | GET | `/v1/runs/{run}` | [`RunView`] |
 //! | GET | `/v1/runs/{run}/stopping` | whether a termination is still owed |
 //! | GET | `/v1/runs/{run}/history` | [`EventView`](EventView)s |
+//! | GET | `/v1/runs/{run}/log` | [`LogView`](LogView): the end of its latest job's output |
 //! | POST | `/v1/replay` `{"run": R?}` | [`ReplayView`](ReplayView) |
 //! | POST | `/v1/submit` `[RunSpec]` | [`ActionView`]s; specs as `evalflow submit` prepares them (see [`crate::datadir::submit::check_specs`]) |
 //! | POST | `/v1/cancel`, `/v1/retry` `{"selection": {"runs": [R]} or {"matching": {"state", "cause", "profile", "stage", "team"}}, "dry_run": B}` | [`ActionView`]s (with `dry_run`, what would happen; nothing changes) |
@@ -26,6 +28,7 @@
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
 //! | POST | `/v1/reload` `{}` | [`ReloadView`](ReloadView): `[policy] budget_usd` read again |
 //! | POST | `/v1/backup` `{"dest": PATH}` | [`BackupView`](BackupView): a data directory `serve` starts from, written while it runs |
+//! | GET | `/dashboard` | the dashboard's page (see [`dashboard`]), its script and style under `/dashboard/` |
 //! | GET | `/metrics` | the Prometheus (OpenMetrics) text of [`crate::metrics`] |
 //!
 //! Connections are bounded (see [`ApiConfig`]): at most `connections_max`
@@ -39,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -54,14 +57,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod dashboard;
 pub mod operations;
 pub mod token;
 
 use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
-    Backup, Cancel, Cost, Durations, GetRun, History, Method, Operation, Ping, Reload, Replay, Retry, Runs, Standings,
-    Status, Stopping, Submit,
+    Backup, Cancel, Cost, Durations, GetRun, History, Log, Method, Operation, Ping, Reload, Replay, Retry, Runs,
+    Standings, Status, Stopping, Submit,
 };
 use token::ApiToken;
 
@@ -145,6 +149,7 @@ fn router(api: Api) -> Router {
         .serves::<GetRun>()
         .serves::<Stopping>()
         .serves::<History>()
+        .serves::<Log>()
         .serves::<Replay>()
         .serves::<Submit>()
         .serves::<Cancel>()
@@ -155,6 +160,9 @@ fn router(api: Api) -> Router {
         .serves::<Reload>()
         .serves::<Backup>()
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/dashboard.js", get(dashboard::script))
+        .route("/dashboard/dashboard.css", get(dashboard::style))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route: see `evalflow --help`".into()) })
         .layer(DefaultBodyLimit::max(api.guard.body_max_bytes))
         // The last layer sees a request first: host, token, size, deadline.
@@ -199,11 +207,13 @@ async fn check_host(State(api): State<Api>, request: Request, next: Next) -> Res
     ApiError(StatusCode::MISDIRECTED_REQUEST, problem).into_response()
 }
 
-/// Refuses a request without the token.
+/// Refuses a request without the token (see [`dashboard`] for a browser's).
 async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
-    let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    if presented.is_some_and(|token| api.guard.token.matches(token)) {
+    if dashboard::presented(&request).is_some_and(|token| api.guard.token.matches(token)) {
         return next.run(request).await;
+    }
+    if let Some(token) = dashboard::sign_in(&request).filter(|t| api.guard.token.matches(t.as_bytes())) {
+        return dashboard::signed_in(&token);
     }
     let problem = format!(
         "missing or wrong API token: send `Authorization: Bearer TOKEN` with the token kept in {} \

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::node::{ControlError, Node};
 use crate::views::{
-    ActionView, BackupView, CostView, DurationsView, EventView, ReloadView, ReplayView, RunView, Selection, StatusView,
+    ActionView, BackupView, CostView, DurationsView, EventView, LogView, ReloadView, ReplayView, RunView, Selection,
+    StatusView,
 };
 
 /// How an operation travels over HTTP.
@@ -192,6 +193,22 @@ impl Operation for History {
     const ROUTE: &'static str = "/v1/runs/{run}/history";
     async fn run(self, node: &Node) -> Result<Vec<EventView>, ControlError> {
         node.history(&self.run).await
+    }
+}
+
+/// The end of a run's latest job's output (the dashboard's run page).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Log {
+    /// The run.
+    pub run: RunId,
+}
+
+impl Operation for Log {
+    type Answer = LogView;
+    const METHOD: Method = Method::Get;
+    const ROUTE: &'static str = "/v1/runs/{run}/log";
+    async fn run(self, node: &Node) -> Result<LogView, ControlError> {
+        node.log(&self.run).await
     }
 }
 
