@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::operations::{
-    Backup, Cancel, Cost, History, Reload, Replay, Retry, Runs, Standings, Status, Stopping, Submit,
+    Backup, Cancel, Cost, History, Reload, Replay, Rescore, Retry, Runs, Standings, Status, Stopping, Submit,
 };
 use evalflow_worker::config::Config;
 use evalflow_worker::datadir::submit::{
@@ -184,6 +184,23 @@ enum Command {
     /// Stop runs, terminating their jobs: those named, or every one that
     /// matches the filters given.
     Cancel(Bulk),
+    /// Score every scored or published run of a stage again from its stored
+    /// predictions (after its labels were corrected) and publish it, which
+    /// rebuilds the leaderboard; no job runs again.
+    Rescore {
+        /// The stage.
+        #[arg(long)]
+        stage: Stage,
+        /// Only show how many runs it would touch and what would happen to each.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask before acting on more than 10 runs.
+        #[arg(long, short)]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A stage's leaderboard.
     Leaderboard {
         /// The stage.
@@ -524,7 +541,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                 );
             }
             let preview = backend.call(Retry { selection: bulk.selection(), dry_run: true }).await?;
-            let Some(selection) = confirmed(&bulk, &preview, "retry")? else {
+            let Some(selection) = confirmed(bulk.dry_run, bulk.yes, &preview, "retry")? else {
                 return match bulk.dry_run {
                     true => dry_run(&preview, bulk.json, "retry"),
                     false => report_actions(&preview, bulk.json, "retry"),
@@ -538,7 +555,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                 bail!("cancel --state {state}: a {state} run has ended already, there is nothing to stop");
             }
             let preview = backend.call(Cancel { selection: bulk.selection(), dry_run: true }).await?;
-            let Some(selection) = confirmed(&bulk, &preview, "cancel")? else {
+            let Some(selection) = confirmed(bulk.dry_run, bulk.yes, &preview, "cancel")? else {
                 return match bulk.dry_run {
                     true => dry_run(&preview, bulk.json, "cancel"),
                     false => report_actions(&preview, bulk.json, "cancel"),
@@ -547,6 +564,18 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             let views = backend.call(Cancel { selection, dry_run: false }).await?;
             wait_for_terminations(backend, &views).await?;
             report_actions(&views, bulk.json, "cancel")
+        }
+        Command::Rescore { stage, dry_run, yes, json } => {
+            let preview = backend.call(Rescore { stage, runs: None, dry_run: true }).await?;
+            let Some(Selection::Runs(runs)) = confirmed(dry_run, yes, &preview, "score again")? else {
+                return match dry_run {
+                    true => self::dry_run(&preview, json, "rescore"),
+                    false => report_actions(&preview, json, "score again"),
+                };
+            };
+            // Exactly the runs previewed: one that moved on meanwhile is refused, not rescored.
+            let views = backend.call(Rescore { stage, runs: Some(runs), dry_run: false }).await?;
+            report_actions(&views, json, "score again")
         }
         Command::Leaderboard { stage, json } => {
             let board = backend.call(Standings { stage: Some(stage) }).await?;
@@ -633,9 +662,9 @@ const CONFIRM_ABOVE: usize = 10;
 /// dry run or when none would change (the preview is then the report).
 /// Above [`CONFIRM_ABOVE`] runs it asks on a terminal, and without one
 /// wants `--yes`.
-fn confirmed(bulk: &Bulk, preview: &[ActionView], verb: &str) -> Result<Option<Selection>> {
+fn confirmed(dry_run: bool, yes: bool, preview: &[ActionView], verb: &str) -> Result<Option<Selection>> {
     use std::io::IsTerminal as _;
-    if bulk.dry_run {
+    if dry_run {
         return Ok(None);
     }
     // Only the runs shown as changed: one refused or already done then is left alone.
@@ -645,7 +674,7 @@ fn confirmed(bulk: &Bulk, preview: &[ActionView], verb: &str) -> Result<Option<S
         return Ok(None);
     }
     let touched = runs.len();
-    if touched > CONFIRM_ABOVE && !bulk.yes {
+    if touched > CONFIRM_ABOVE && !yes {
         let what = format!("{verb} {touched} runs ({} matched)", preview.len());
         if !std::io::stdin().is_terminal() {
             bail!("this would {what}: pass --yes to do it, or --dry-run to see each run first");

@@ -44,8 +44,8 @@ use crate::local::space::Space;
 use crate::local::worker;
 use crate::metrics::{QueueDepths, Snapshot};
 use crate::views::{
-    ActionView, BackupView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, LogPart, LogView,
-    ReloadView, ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
+    ActionView, BackupView, BudgetView, CostView, DeadLetters, Divergence, DurationsView, EventView, Filter, LogPart,
+    LogView, ReloadView, ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
 /// Activities carried out at once by an engine node.
@@ -799,6 +799,35 @@ impl Node {
         match dry_run {
             true => self.preview(runs, Event::RetryRequested, "requeued").await,
             false => self.request(runs, Event::RetryRequested, "requeued").await,
+        }
+    }
+
+    /// Scores every scored or published run of `stage` again from its stored
+    /// predictions (after the labels were corrected) and publishes it, which
+    /// rebuilds the leaderboard; no job runs again. With `dry_run`, says
+    /// what would happen to each and changes nothing.
+    /// With `only`, just those of them.
+    pub async fn rescore(
+        &self,
+        stage: Stage,
+        only: Option<Vec<RunId>>,
+        dry_run: bool,
+    ) -> Result<Vec<ActionView>, ControlError> {
+        let mut runs = Vec::new();
+        for state in [StateTag::Scored, StateTag::Published] {
+            let filter = Filter { state: Some(state), stage: Some(stage), ..Filter::default() };
+            runs.extend(self.selected(Selection::Matching(filter)).await?);
+        }
+        if let Some(only) = only {
+            if let Some(other) = only.iter().find(|run| run.parts().1 != stage) {
+                return Err(ControlError::BadRequest(format!("run {other} is not of stage {stage}")));
+            }
+            runs = only; // the machine refuses each that is no longer scored or published
+        }
+        runs.sort();
+        match dry_run {
+            true => self.preview(runs, Event::RescoreRequested, "scored again").await,
+            false => self.request(runs, Event::RescoreRequested, "scored again").await,
         }
     }
 

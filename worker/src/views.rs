@@ -316,12 +316,14 @@ fn describe(event: &Event, after: &RunStatus) -> String {
         Event::JobTerminated { attempt, job: None } => format!("attempt {attempt}: its jobs stopped"),
         Event::Withdrawn { attempt } => format!("attempt {attempt}: its score kept off the leaderboard"),
         Event::Admitted { start: Some(start) } => format!("starts on {}: {}", start.profile, start.reason),
-        Event::Admitted { start: None } | Event::Published { .. } | Event::CancelRequested | Event::RetryRequested => {
-            match &after.state {
-                RunState::Failed { reason, .. } => reason.to_string(),
-                _ => String::new(),
-            }
-        }
+        Event::Admitted { start: None }
+        | Event::Published { .. }
+        | Event::CancelRequested
+        | Event::RetryRequested
+        | Event::RescoreRequested => match &after.state {
+            RunState::Failed { reason, .. } => reason.to_string(),
+            _ => String::new(),
+        },
     }
 }
 

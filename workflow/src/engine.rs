@@ -482,8 +482,8 @@ fn create(group: &mut Group, spec: RunSpec, envelope: Envelope, now: Timestamp) 
 fn check_invariants(before: &RunStatus, event: &Event, after: &RunStatus, disposition: &Disposition) {
     let grows = u64::from(*disposition == Disposition::Applied);
     assert_eq!(after.version, before.version + grows, "version must grow by one exactly when the state changes");
-    if before.state.tag().is_terminal() && *event != Event::RetryRequested {
-        assert_eq!(after.state, before.state, "a terminal state changes only on retry");
+    if before.state.tag().is_terminal() && !matches!(event, Event::RetryRequested | Event::RescoreRequested) {
+        assert_eq!(after.state, before.state, "a terminal state changes only on retry or rescore");
     }
 }
 
@@ -641,6 +641,7 @@ mod tests {
             },
         );
         let applied = engine.apply(vec![launch, end, event("b-public", Event::CancelRequested)], Timestamp(3)).unwrap();
-        assert!(applied.dispatches.is_empty(), "scoring was owed, then cancelled in the same group");
+        let sent: Vec<&Command> = applied.dispatches.iter().map(|d| &d.command).collect();
+        assert_eq!(sent, [&Command::Withdraw { attempt: Attempt(1) }], "scoring was owed, then cancelled: not sent");
     }
 }

@@ -68,7 +68,7 @@ struct Seed {
 }
 
 fn seed() -> impl Strategy<Value = Seed> {
-    (0u8..16, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
+    (0u8..17, -1i8..=1, prop::bool::weighted(0.15), any::<u8>(), 0.0f64..3.0, 0u8..4).prop_map(
         |(kind, attempt_shift, stray_job, detail, score, fence)| Seed {
             kind,
             attempt_shift: if attempt_shift != 0 && detail % 4 != 0 { 0 } else { attempt_shift },
@@ -114,6 +114,7 @@ impl Seed {
             11 => Event::CancelRequested,
             12 => Event::RetryRequested,
             13 => Event::Withdrawn { attempt },
+            15 => Event::RescoreRequested,
             14 => Event::JobWaiting {
                 attempt,
                 job,
@@ -138,7 +139,7 @@ fn check_step(policy: &Policy, before: &RunStatus, input: &Envelope, t: &Transit
     prop_assert!(after.validate().is_ok(), "invalid status {:?}", after.validate());
     let applied = t.disposition == Disposition::Applied;
     prop_assert_eq!(after.version, before.version + u64::from(applied), "versions only grow, by one per change");
-    if before.state.tag().is_terminal() && input.event != Event::RetryRequested {
+    if before.state.tag().is_terminal() && !matches!(input.event, Event::RetryRequested | Event::RescoreRequested) {
         prop_assert_eq!(&after.state, &before.state, "a terminal state never changes");
     }
     if let (Event::JobEnded { outcome: JobOutcome::OutOfMemory { resource }, .. }, RunState::Launching { profile, .. }) =

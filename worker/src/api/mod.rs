@@ -23,6 +23,7 @@
 //! | POST | `/v1/replay` `{"run": R?}` | [`ReplayView`](ReplayView) |
 //! | POST | `/v1/submit` `[RunSpec]` | [`ActionView`]s; specs as `evalflow submit` prepares them (see [`crate::datadir::submit::check_specs`]) |
 //! | POST | `/v1/cancel`, `/v1/retry` `{"selection": {"runs": [R]} or {"matching": {"state", "cause", "profile", "stage", "team"}}, "dry_run": B}` | [`ActionView`]s (with `dry_run`, what would happen; nothing changes) |
+//! | POST | `/v1/rescore` `{"stage": S, "dry_run": B}` | [`ActionView`]s: every scored or published run of S scored again from its predictions, and published |
 //! | GET | `/v1/leaderboard?stage=S` | the leaderboard |
 //! | GET | `/v1/cost` | [`CostView`](CostView) |
 //! | GET | `/v1/durations` | [`DurationsView`](DurationsView) |
@@ -64,8 +65,8 @@ pub mod token;
 use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
-    Backup, Cancel, Cost, Durations, GetRun, History, Log, Method, Operation, Ping, Reload, Replay, Retry, Runs,
-    Standings, Status, Stopping, Submit,
+    Backup, Cancel, Cost, Durations, GetRun, History, Log, Method, Operation, Ping, Reload, Replay, Rescore, Retry,
+    Runs, Standings, Status, Stopping, Submit,
 };
 use token::ApiToken;
 
@@ -154,6 +155,7 @@ fn router(api: Api) -> Router {
         .serves::<Submit>()
         .serves::<Cancel>()
         .serves::<Retry>()
+        .serves::<Rescore>()
         .serves::<Standings>()
         .serves::<Cost>()
         .serves::<Durations>()

@@ -284,6 +284,29 @@ impl Operation for Retry {
     }
 }
 
+/// `evalflow rescore --stage S`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rescore {
+    /// The stage whose scored and published runs are scored again.
+    pub stage: Stage,
+    /// Only these runs of it.
+    #[serde(default)]
+    pub runs: Option<Vec<RunId>>,
+    /// Only say what would happen to each.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl Operation for Rescore {
+    type Answer = Vec<ActionView>;
+    const METHOD: Method = Method::Post;
+    const ROUTE: &'static str = "/v1/rescore";
+    async fn run(self, node: &Node) -> Result<Vec<ActionView>, ControlError> {
+        node.rescore(self.stage, self.runs, self.dry_run).await
+    }
+}
+
 /// `evalflow leaderboard`: a stage's, the public one when none is named.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Standings {

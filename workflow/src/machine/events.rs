@@ -115,6 +115,9 @@ pub enum Event {
     CancelRequested,
     /// An operator asked to run a failed or cancelled run again.
     RetryRequested,
+    /// An operator asked to score a scored or published run again from its
+    /// stored predictions (after the labels were corrected), and publish it.
+    RescoreRequested,
 }
 
 impl Event {
@@ -135,6 +138,7 @@ impl Event {
             Event::ActivityFailed { .. } => "activity_failed",
             Event::CancelRequested => "cancel_requested",
             Event::RetryRequested => "retry_requested",
+            Event::RescoreRequested => "rescore_requested",
         }
     }
 }

@@ -19,8 +19,10 @@
 //! Predicted --(PredictionsRejected{reason})------> Failed{InvalidPredictions}
 //! Scored    --(Published)------------------------> Published
 //! Launching | Predicted | Scored --(ActivityFailed)--> Failed{ActivityFailed}, resumable [TerminateJob by name after a launch]
-//! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run; Withdraw from Scored]
+//! Queued | Launching | Running | Predicted | Scored --(CancelRequested)--> Cancelled  [TerminateJob if a job may run; Withdraw from Predicted or Scored]
 //! Failed | Cancelled --(RetryRequested)----------> Queued, or back to Predicted | Scored to resume an activity
+//! Scored | Published --(RescoreRequested)--------> Predicted{the same attempt and job}       [ScorePredictions]
+//! Predicted --(PredictionsRejected | CancelRequested)--> Failed | Cancelled  [Withdraw: scored before, if rescored]
 //! Running   --(JobWaiting{status, reason})-------> unchanged; why its job has not started (or that it has) is noted
 //! any       --(JobTerminated{attempt, job})------> unchanged; the owed TerminateJob is acknowledged
 //! any       --(Withdrawn{attempt})---------------> unchanged; the owed Withdraw is acknowledged

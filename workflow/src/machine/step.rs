@@ -58,6 +58,14 @@ pub enum TransitionError {
         /// Its state.
         state: StateTag,
     },
+    /// The run has no score to compute again.
+    #[error("run {run} is {state}: only scored or published runs can be scored again")]
+    NotRescorable {
+        /// The run.
+        run: RunId,
+        /// Its state.
+        state: StateTag,
+    },
 }
 
 /// Applies `input` to `run` at time `now` under `policy`.
@@ -92,6 +100,7 @@ pub fn step(policy: &Policy, run: &Run, input: &Envelope, now: Timestamp) -> Res
         Event::ActivityFailed { attempt, activity, error } => Ok(machine.activity_failed(*attempt, *activity, error)),
         Event::CancelRequested => machine.cancel(),
         Event::RetryRequested => machine.retry(),
+        Event::RescoreRequested => machine.rescore(),
     }
 }
 
@@ -339,7 +348,8 @@ impl Step<'_> {
         match &self.status().state {
             RunState::Predicted { attempt: current, .. } if *current == attempt => {
                 let reason = FailureReason::InvalidPredictions { reason: reason.clone() };
-                self.apply(RunState::Failed { reason, resume: None }, |_| ())
+                // Scored again (a rescore), its earlier score must come off the leaderboard.
+                self.apply(RunState::Failed { reason, resume: None }, owe_withdrawal(attempt))
             }
             _ => self.ignore(IgnoreReason::NotAwaited),
         }
@@ -399,15 +409,11 @@ impl Step<'_> {
 
     fn cancel(&self) -> Result<Transition, TransitionError> {
         match &self.status().state {
-            RunState::Queued | RunState::Predicted { .. } => Ok(self.apply(RunState::Cancelled, |_| ())),
-            // Its publish may be under way, and may land after the cancel.
-            RunState::Scored { attempt, .. } => {
-                let attempt = *attempt;
-                Ok(self.apply(RunState::Cancelled, |status| {
-                    if !status.withdrawals.contains(&attempt) {
-                        status.withdrawals.push(attempt);
-                    }
-                }))
+            RunState::Queued => Ok(self.apply(RunState::Cancelled, |_| ())),
+            // Scored before (a rescore), or its publish under way and landing
+            // after the cancel: its score must come off the leaderboard.
+            RunState::Predicted { attempt, .. } | RunState::Scored { attempt, .. } => {
+                Ok(self.apply(RunState::Cancelled, owe_withdrawal(*attempt)))
             }
             RunState::Launching { attempt, .. } => Ok(self.apply(RunState::Cancelled, cancelled(*attempt, None, None))),
             RunState::Running { attempt, job, .. } => {
@@ -443,6 +449,29 @@ impl Step<'_> {
             | RunState::Published { .. } => {
                 Err(TransitionError::NotRetryable { run: self.run_id(), state: self.status().state.tag() })
             }
+        }
+    }
+}
+
+impl Step<'_> {
+    /// Back to its predictions, to be scored and published again.
+    fn rescore(&self) -> Result<Transition, TransitionError> {
+        let not_rescorable = || TransitionError::NotRescorable { run: self.run_id(), state: self.status().state.tag() };
+        let attempt = match &self.status().state {
+            RunState::Scored { attempt, .. } | RunState::Published { attempt, .. } => *attempt,
+            _ => return Err(not_rescorable()),
+        };
+        let record = self.status().attempt(attempt).ok_or_else(not_rescorable)?;
+        let job = record.job.clone().ok_or_else(not_rescorable)?;
+        Ok(self.apply(RunState::Predicted { profile: record.profile.clone(), attempt, job }, |_| ()))
+    }
+}
+
+/// Owes the withdrawal of `attempt`'s score from the leaderboard.
+fn owe_withdrawal(attempt: Attempt) -> impl FnOnce(&mut RunStatus) {
+    move |status| {
+        if !status.withdrawals.contains(&attempt) {
+            status.withdrawals.push(attempt);
         }
     }
 }

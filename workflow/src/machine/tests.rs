@@ -621,6 +621,41 @@ fn terminal_states_absorb_every_event_but_retry() {
 }
 
 #[test]
+fn a_rescore_scores_the_same_attempt_again_and_withdraws_it_if_it_fails() {
+    for make in [Harness::published, Harness::scored] {
+        let mut h = make();
+        let (attempt, job_before) = (h.attempt(), h.run.status.attempts.last().unwrap().job.clone().unwrap());
+        let t = h.feed(Event::RescoreRequested);
+        assert_eq!(
+            *h.state(),
+            RunState::Predicted { profile: ProfileName::new("g4").unwrap(), attempt, job: job_before }
+        );
+        assert_eq!(t.commands.len(), 1, "{:?}", t.commands);
+        assert!(matches!(t.commands[0], Command::ScorePredictions { .. }), "scored again: {:?}", t.commands);
+        assert_eq!(h.run.status.attempts.len(), 1, "no job is run again");
+        h.answer(Event::PredictionsScored { attempt, score: Score::new(0.9).unwrap() });
+        h.answer(Event::Published { attempt });
+        assert_eq!(*h.state(), RunState::Published { attempt, score: Score::new(0.9).unwrap() });
+    }
+    // With the corrected labels its predictions no longer score: its old score comes off the leaderboard.
+    let mut h = Harness::published();
+    let attempt = h.attempt();
+    h.feed(Event::RescoreRequested);
+    let t = h.answer(Event::PredictionsRejected { attempt, reason: Detail::new("no label for clip 7") });
+    assert!(matches!(h.state(), RunState::Failed { reason: FailureReason::InvalidPredictions { .. }, .. }));
+    assert_eq!(t.commands, [Command::Withdraw { attempt }]);
+    let mut h = Harness::published();
+    h.feed(Event::RescoreRequested);
+    assert_eq!(h.feed(Event::CancelRequested).commands, [Command::Withdraw { attempt }], "cancelled while rescored");
+    for make in [Harness::predicted, Harness::failed, Harness::cancelled, || Harness::running(false)] {
+        let mut h = make();
+        let err = h.try_step(Envelope::unfenced(Event::RescoreRequested)).unwrap_err();
+        assert!(matches!(err, TransitionError::NotRescorable { .. }), "{err}");
+        assert!(err.to_string().contains("only scored or published runs can be scored again"), "{err}");
+    }
+}
+
+#[test]
 fn the_transition_table_names_every_state_and_event() {
     let doc = include_str!("mod.rs").split("\nmod ").next().unwrap();
     for tag in StateTag::ALL {
@@ -628,7 +663,7 @@ fn the_transition_table_names_every_state_and_event() {
         assert!(doc.contains(&name), "state {name} is missing from the table");
     }
     let h = Harness::running(false);
-    for event in every_event(&h).iter().chain([&Event::RetryRequested]) {
+    for event in every_event(&h).iter().chain([&Event::RetryRequested, &Event::RescoreRequested]) {
         let name = format!("{event:?}");
         let variant = name.split([' ', '(', '{']).next().unwrap();
         assert!(doc.contains(variant), "event {variant} is missing from the table");
@@ -699,7 +734,7 @@ fn every_move_the_code_makes_is_a_row_of_the_table() {
     let mut moves = 0;
     for make in states {
         let base = make();
-        for event in every_event(&base).into_iter().chain([Event::RetryRequested]) {
+        for event in every_event(&base).into_iter().chain([Event::RetryRequested, Event::RescoreRequested]) {
             for fenced in [false, true] {
                 let mut h = make();
                 let from = format!("{:?}", h.state().tag());

@@ -510,7 +510,9 @@ fn activity_of(command: &Command) -> Option<Activity> {
 fn by_operator(input: &Input) -> bool {
     match input {
         Input::Submit(_) => true,
-        Input::Event { envelope, .. } => matches!(envelope.event, Event::CancelRequested | Event::RetryRequested),
+        Input::Event { envelope, .. } => {
+            matches!(envelope.event, Event::CancelRequested | Event::RetryRequested | Event::RescoreRequested)
+        }
     }
 }
 
