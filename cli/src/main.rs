@@ -191,15 +191,8 @@ enum Command {
         /// The stage.
         #[arg(long)]
         stage: Stage,
-        /// Only show how many runs it would touch and what would happen to each.
-        #[arg(long)]
-        dry_run: bool,
-        /// Do not ask before acting on more than 10 runs.
-        #[arg(long, short)]
-        yes: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        confirm: Confirm,
     },
     /// A stage's leaderboard.
     Leaderboard {
@@ -286,6 +279,13 @@ struct Bulk {
     /// Every run of this team.
     #[arg(long, conflicts_with = "runs")]
     team: Option<TeamId>,
+    #[command(flatten)]
+    confirm: Confirm,
+}
+
+/// How a request for many runs is confirmed, and reported.
+#[derive(Debug, clap::Args)]
+struct Confirm {
     /// Only show how many runs it would touch and what would happen to each.
     #[arg(long)]
     dry_run: bool,
@@ -541,41 +541,32 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                 );
             }
             let preview = backend.call(Retry { selection: bulk.selection(), dry_run: true }).await?;
-            let Some(selection) = confirmed(bulk.dry_run, bulk.yes, &preview, "retry")? else {
-                return match bulk.dry_run {
-                    true => dry_run(&preview, bulk.json, "retry"),
-                    false => report_actions(&preview, bulk.json, "retry"),
-                };
+            let Some(runs) = confirmed(&bulk.confirm, &preview, "retry")? else {
+                return unconfirmed(&bulk.confirm, &preview, "retry");
             };
-            let views = backend.call(Retry { selection, dry_run: false }).await?;
-            report_actions(&views, bulk.json, "retry")
+            let views = backend.call(Retry { selection: Selection::Runs(runs), dry_run: false }).await?;
+            report_actions(&views, bulk.confirm.json, "retry")
         }
         Command::Cancel(bulk) => {
             if let Some(state) = bulk.state.filter(|s| s.is_terminal()) {
                 bail!("cancel --state {state}: a {state} run has ended already, there is nothing to stop");
             }
             let preview = backend.call(Cancel { selection: bulk.selection(), dry_run: true }).await?;
-            let Some(selection) = confirmed(bulk.dry_run, bulk.yes, &preview, "cancel")? else {
-                return match bulk.dry_run {
-                    true => dry_run(&preview, bulk.json, "cancel"),
-                    false => report_actions(&preview, bulk.json, "cancel"),
-                };
+            let Some(runs) = confirmed(&bulk.confirm, &preview, "cancel")? else {
+                return unconfirmed(&bulk.confirm, &preview, "cancel");
             };
-            let views = backend.call(Cancel { selection, dry_run: false }).await?;
+            let views = backend.call(Cancel { selection: Selection::Runs(runs), dry_run: false }).await?;
             wait_for_terminations(backend, &views).await?;
-            report_actions(&views, bulk.json, "cancel")
+            report_actions(&views, bulk.confirm.json, "cancel")
         }
-        Command::Rescore { stage, dry_run, yes, json } => {
+        Command::Rescore { stage, confirm } => {
             let preview = backend.call(Rescore { stage, runs: None, dry_run: true }).await?;
-            let Some(Selection::Runs(runs)) = confirmed(dry_run, yes, &preview, "score again")? else {
-                return match dry_run {
-                    true => self::dry_run(&preview, json, "rescore"),
-                    false => report_actions(&preview, json, "score again"),
-                };
+            let Some(runs) = confirmed(&confirm, &preview, "score again")? else {
+                return unconfirmed(&confirm, &preview, "score again");
             };
             // Exactly the runs previewed: one that moved on meanwhile is refused, not rescored.
             let views = backend.call(Rescore { stage, runs: Some(runs), dry_run: false }).await?;
-            report_actions(&views, json, "score again")
+            report_actions(&views, confirm.json, "score again")
         }
         Command::Leaderboard { stage, json } => {
             let board = backend.call(Standings { stage: Some(stage) }).await?;
@@ -662,9 +653,9 @@ const CONFIRM_ABOVE: usize = 10;
 /// dry run or when none would change (the preview is then the report).
 /// Above [`CONFIRM_ABOVE`] runs it asks on a terminal, and without one
 /// wants `--yes`.
-fn confirmed(dry_run: bool, yes: bool, preview: &[ActionView], verb: &str) -> Result<Option<Selection>> {
+fn confirmed(confirm: &Confirm, preview: &[ActionView], verb: &str) -> Result<Option<Vec<RunId>>> {
     use std::io::IsTerminal as _;
-    if dry_run {
+    if confirm.dry_run {
         return Ok(None);
     }
     // Only the runs shown as changed: one refused or already done then is left alone.
@@ -674,7 +665,7 @@ fn confirmed(dry_run: bool, yes: bool, preview: &[ActionView], verb: &str) -> Re
         return Ok(None);
     }
     let touched = runs.len();
-    if touched > CONFIRM_ABOVE && !yes {
+    if touched > CONFIRM_ABOVE && !confirm.yes {
         let what = format!("{verb} {touched} runs ({} matched)", preview.len());
         if !std::io::stdin().is_terminal() {
             bail!("this would {what}: pass --yes to do it, or --dry-run to see each run first");
@@ -686,7 +677,16 @@ fn confirmed(dry_run: bool, yes: bool, preview: &[ActionView], verb: &str) -> Re
             bail!("nothing done: not confirmed");
         }
     }
-    Ok(Some(Selection::Runs(runs)))
+    Ok(Some(runs))
+}
+
+/// The report of a request [`confirmed`] did not go on with: the dry run's,
+/// or that of the preview (no run would change: each says why).
+fn unconfirmed(confirm: &Confirm, preview: &[ActionView], verb: &str) -> Result<ExitCode> {
+    match confirm.dry_run {
+        true => dry_run(preview, confirm.json, verb),
+        false => report_actions(preview, confirm.json, verb),
+    }
 }
 
 fn report_actions(views: &[ActionView], json: bool, verb: &str) -> Result<ExitCode> {
