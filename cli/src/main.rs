@@ -455,7 +455,10 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             if cleared > 0 {
                 eprintln!("removed {cleared} copies left by a submit that did not finish (none of them had a run)");
             }
-            let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock)?;
+            let bar = preparing(requests.len());
+            let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock, || bar.inc(1));
+            bar.finish_and_clear();
+            let prepared = prepared?;
             // Without an answer the engine may or may not have them: the
             // journal stays, and the next submit removes what it does not have.
             let views = backend.call(Submit(prepared.specs.clone())).await?;
@@ -643,6 +646,21 @@ async fn watch_status(dir: &Path, interval: u64) -> Result<ExitCode> {
             _ = &mut stop => return Ok(ExitCode::SUCCESS),
         }
     }
+}
+
+/// A progress bar for preparing `n` submissions, on a terminal and for more
+/// than a few; hidden otherwise.
+fn preparing(n: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal as _;
+    if n < 100 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(n as u64);
+    let style = indicatif::ProgressStyle::with_template("preparing {pos}/{len} submissions {wide_bar} {eta}");
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar
 }
 
 /// Above this many runs, a bulk request asks before it acts (`--yes` does not).

@@ -6,7 +6,7 @@
 //! directory only where [`prepare`] keeps it, `DIR/submissions/<id>`, and
 //! only with the digest of what is there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use evalflow_activities::artifacts::check_stage_files;
@@ -212,9 +212,9 @@ impl SubmitLock {
 /// Returns how many directories it removed; nothing else is touched.
 pub fn clear_unsubmitted(config: &Config, stored: &HashMap<SubmissionId, TeamId>, lock: &SubmitLock) -> usize {
     let submissions = config.submissions_dir();
-    let mut removed = 0;
-    for id in lock.left.iter().filter(|id| !stored.contains_key(*id)) {
-        removed += clear_staging(&submissions, id);
+    let left: HashSet<&SubmissionId> = lock.left.iter().filter(|id| !stored.contains_key(*id)).collect();
+    let mut removed = clear_staging(&submissions, &left);
+    for id in left {
         let kept = submissions.join(id.as_str());
         if std::fs::symlink_metadata(&kept).is_ok_and(|m| m.is_dir()) {
             match std::fs::remove_dir_all(&kept) {
@@ -226,16 +226,16 @@ pub fn clear_unsubmitted(config: &Config, stored: &HashMap<SubmissionId, TeamId>
     removed
 }
 
-/// Removes copies of `id` left half-made by a process that died while
-/// copying; returns how many.
-fn clear_staging(dir: &Path, id: &SubmissionId) -> usize {
-    let prefix = format!(".new-{id}-");
+/// Removes the copies of `ids` left half-made (`.new-<id>-<pid>`) by a
+/// process that died while copying, in one look at `dir`; returns how many.
+fn clear_staging(dir: &Path, ids: &HashSet<&SubmissionId>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(&prefix).unwrap_or_default();
-        if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
+        let Some((id, pid)) = name.strip_prefix(".new-").and_then(|rest| rest.rsplit_once('-')) else { continue };
+        let ours = SubmissionId::new(id).is_ok_and(|id| ids.contains(&id));
+        if ours && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
             removed += usize::from(std::fs::remove_dir_all(entry.path()).is_ok());
         }
     }
@@ -345,13 +345,15 @@ impl Prepared {
 }
 
 /// Prepares every request ([`prepare`]), its new copies written in `lock`'s
-/// journal first; if one fails, removes the copies the others made, so that
-/// a corrected manifest can be submitted again.
+/// journal first, calling `done` after each; if one fails, removes the
+/// copies the others made, so that a corrected manifest can be submitted
+/// again. The submissions' directory is looked through once, not per request.
 pub fn prepare_all(
     config: &Config,
     requests: &[SubmissionRequest],
     now: Timestamp,
     lock: &SubmitLock,
+    mut done: impl FnMut(),
 ) -> Result<Prepared, SubmitError> {
     let submissions = config.submissions_dir();
     let mut new_ids: Vec<&SubmissionId> = requests
@@ -364,7 +366,15 @@ pub fn prepare_all(
     lock.record(new_ids.iter().copied())
         .map_err(|error| SubmitError::Journal { path: config.submit_lock().display().to_string(), error })?;
     let fresh: Vec<PathBuf> = new_ids.iter().map(|id| submissions.join(id.as_str())).collect();
-    let prepared = requests.iter().map(|r| prepare(config, r, now)).collect::<Result<Vec<_>, _>>();
+    clear_staging(&submissions, &new_ids.iter().copied().collect());
+    let prepared = requests
+        .iter()
+        .map(|r| {
+            let spec = prepare(config, r, now);
+            done();
+            spec
+        })
+        .collect::<Result<Vec<_>, _>>();
     match prepared {
         Ok(specs) => Ok(Prepared { specs, fresh }),
         Err(e) => {
@@ -457,9 +467,10 @@ fn prepare_directory(
         digest
     } else {
         // Copied first, then digested: the digest is of what is kept, even
-        // if the source changes meanwhile.
-        clear_staging(&submissions, id);
+        // if the source changes meanwhile. A dead process's copy under this
+        // very name (its pid reused) goes first; `prepare_all` clears the others.
         let staging = submissions.join(format!(".new-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
         let kept_copy = copy_dir(path, &staging, bytes_max)
             .map_err(|e| invalid(format!("cannot copy it: {e}")))
             .and_then(|()| digest_of(&staging, u64::MAX))
@@ -602,6 +613,21 @@ mod tests {
             cpu_only: false,
         };
         prepare(config, &request, Timestamp(1000)).unwrap()
+    }
+
+    #[test]
+    fn copies_left_half_made_by_a_dead_submit_are_cleared_in_one_look_and_only_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".new-team-a-123", ".new-team-a-b-77", ".new-team-a-x", "team-a", ".new-other-9"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let (team_a, other) = (SubmissionId::new("team-a").unwrap(), SubmissionId::new("other").unwrap());
+        assert_eq!(clear_staging(dir.path(), &[&team_a].into()), 1, "team-a's copy by pid 123, nothing else");
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, [".new-other-9", ".new-team-a-b-77", ".new-team-a-x", "team-a"]);
+        assert_eq!(clear_staging(dir.path(), &[&other, &team_a].into()), 1);
     }
 
     #[test]
