@@ -266,12 +266,18 @@ impl Budget {
 /// Every run of `store`, tallied at `now`.
 fn tally<'a>(store: &SledStore, policy: &'a Policy, billing: Billing, now: Timestamp) -> Result<Tally<'a>, StoreError> {
     let mut tally = Tally::new(policy, billing, now);
+    each_run(store, |run| tally.add(&run))?;
+    Ok(tally)
+}
+
+/// Visits every run of `store`, in id order.
+fn each_run(store: &SledStore, mut visit: impl FnMut(Run)) -> Result<(), StoreError> {
     for id in all_runs(store, RunFilter::All)? {
         if let Some(stored) = store.load(&id)? {
-            tally.add(&stored.run);
+            visit(stored.run);
         }
     }
-    Ok(tally)
+    Ok(())
 }
 
 /// What `budget_usd` allows now, from the runs in `store`.
@@ -964,11 +970,7 @@ impl Node {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let mut statuses = Vec::new();
-            for id in all_runs(store, RunFilter::All)? {
-                if let Some(stored) = store.load(&id)? {
-                    statuses.push(stored.run.status);
-                }
-            }
+            each_run(store, |run| statuses.push(run.status))?;
             let report = cost_report(&statuses, &policy, billing);
             Ok(CostView { billing, report })
         })
@@ -1072,12 +1074,10 @@ impl Node {
         self.read(move |store| {
             let (now, mut snapshot) = (Timestamp::now(), Snapshot::default());
             let mut tally = Tally::new(&policy, billing, now);
-            for id in all_runs(store, RunFilter::All)? {
-                if let Some(stored) = store.load(&id)? {
-                    snapshot.add(&stored.run, &policy, billing);
-                    tally.add(&stored.run);
-                }
-            }
+            each_run(store, |run| {
+                snapshot.add(&run, &policy, billing);
+                tally.add(&run);
+            })?;
             let progress = tally.forecast(slots).whole;
             snapshot.encode(&progress, queues, &engine).map_err(|e| ControlError::Internal(e.to_string()))
         })
@@ -1097,11 +1097,7 @@ impl Node {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let mut runs = Vec::new();
-            for id in all_runs(store, RunFilter::All)? {
-                if let Some(stored) = store.load(&id)? {
-                    runs.push(stored.run);
-                }
-            }
+            each_run(store, |run| runs.push(run))?;
             let reference_secs = observed_secs(&runs, &policy, billing);
             Ok(DurationsView { runs: runs.len(), reference_secs })
         })
