@@ -6,22 +6,32 @@
 //! | path | what |
 //! |---|---|
 //! | `jobs/<job>/output/submission.csv` | a job's predictions (read beneath `jobs/`, through no link, at most the cap + 1 bytes) |
-//! | `results/<stage>/<run>.json` | a published result (one per run) |
-//! | `results/<stage>/<run>.a<attempt>.withdrawn` | a withdrawal: that attempt's result does not count |
-//! | `leaderboard/<stage>.json`, `.csv` | the leaderboard, rebuilt from the results |
+//! | `results/<stage>/journal.jsonl` | the published results and the withdrawals, a JSON line each |
+//! | `results/<stage>/<run>.json`, `<run>.a<attempt>.withdrawn` | the same, one file each, as versions before the journal wrote them (read, never written) |
+//! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
 //!
-//! Publishers and withdrawers take `leaderboard/.lock` in turn, across processes.
+//! Publishers and withdrawers take `leaderboard/.lock` in turn, across
+//! processes. Each [`FsArtifacts`] keeps every stage's [`Standings`] in
+//! memory, read from the files once and then from the journal's new lines
+//! only (another process's), so a publish appends one line and settles one
+//! team's row, instead of reading every result again. A change is durable
+//! once the journal is synced, which the writer of the board's files does
+//! before writing them; a publisher whose change a board already written
+//! holds returns that board. So publishes arriving together share one sync
+//! and one write of the board.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use evalflow_workflow::{Attempt, RunId, Stage, job_name};
+use evalflow_workflow::{Attempt, RunId, Stage, TeamId, job_name};
+use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
-use crate::leaderboard::{Leaderboard, PublishedResult};
+use crate::leaderboard::{Leaderboard, PublishedResult, Standings};
 use crate::untrusted::{self, Contents, Refusal};
 use crate::{ActivityError, blocking};
 
@@ -154,14 +164,15 @@ pub trait ArtifactStore: Send + Sync {
     /// A stage's private labels.
     async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError>;
 
-    /// Records a published result, once, and rebuilds its stage's leaderboard
-    /// from every result. Publishing the same result again changes nothing.
-    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError>;
+    /// Records a published result, once, and brings its team's row of the
+    /// stage's leaderboard up to date. Publishing the same result again
+    /// changes nothing.
+    async fn publish(&self, result: &PublishedResult) -> Result<Arc<Leaderboard>, ActivityError>;
 
-    /// Keeps the result of the run's attempt off the leaderboard, whether it
-    /// was published before or is published after, and rebuilds the
-    /// leaderboard. Withdrawing again changes nothing.
-    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError>;
+    /// Keeps the result of `team`'s run's attempt off the leaderboard,
+    /// whether it was published before or is published after, and brings
+    /// the team's row up to date. Withdrawing again changes nothing.
+    async fn withdraw(&self, team: &TeamId, run: &RunId, attempt: Attempt) -> Result<Arc<Leaderboard>, ActivityError>;
 }
 
 /// The name a withdrawal goes by: `<run>.a<attempt>`.
@@ -181,6 +192,31 @@ struct FsLayout {
     results_dir: PathBuf,
     leaderboard_dir: PathBuf,
     labels: BTreeMap<Stage, PathBuf>,
+    /// Each stage's standings, as this process last read them.
+    known: Mutex<HashMap<Stage, Known>>,
+    /// Held by the one publisher syncing the journal and writing the board.
+    writing: Mutex<()>,
+}
+
+/// A stage's standings as of a length of its journal, and the board
+/// written when the journal, synced, had `written` bytes.
+#[derive(Debug)]
+struct Known {
+    standings: Standings,
+    journal: fs::File,
+    read: u64,
+    written: u64,
+    board: Arc<Leaderboard>,
+    /// Whether a row changed since the board was written (or none was).
+    dirty: bool,
+}
+
+/// A line of the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Publish(PublishedResult),
+    Withdraw { team: TeamId, run: RunId, attempt: Attempt },
 }
 
 impl FsArtifacts {
@@ -192,6 +228,8 @@ impl FsArtifacts {
                 results_dir: data_dir.join("results"),
                 leaderboard_dir: data_dir.join("leaderboard"),
                 labels,
+                known: Mutex::default(),
+                writing: Mutex::default(),
             }),
         }
     }
@@ -227,57 +265,268 @@ impl ArtifactStore for FsArtifacts {
         .await
     }
 
-    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
+    async fn publish(&self, result: &PublishedResult) -> Result<Arc<Leaderboard>, ActivityError> {
         let (layout, result) = (self.inner.clone(), result.clone());
-        blocking(move || {
-            let bytes = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other)?;
-            layout.record_and_rebuild(result.stage, &format!("{}.json", result.run), &bytes)
-        })
-        .await
+        blocking(move || layout.change(result.stage, Record::Publish(result))).await
     }
 
-    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError> {
-        let (layout, stage) = (self.inner.clone(), run.parts().1);
-        let name = format!("{}.withdrawn", withdrawal_name(run, attempt));
-        blocking(move || layout.record_and_rebuild(stage, &name, b"")).await
+    async fn withdraw(&self, team: &TeamId, run: &RunId, attempt: Attempt) -> Result<Arc<Leaderboard>, ActivityError> {
+        let (layout, team, run) = (self.inner.clone(), team.clone(), run.clone());
+        blocking(move || layout.change(run.parts().1, Record::Withdraw { team, run, attempt })).await
     }
 }
 
 impl FsLayout {
-    /// Writes `bytes` to `results/<stage>/<name>` (unless already there) and
-    /// rebuilds the stage's leaderboard, holding the leaderboard lock.
-    fn record_and_rebuild(&self, stage: Stage, name: &str, bytes: &[u8]) -> Result<Leaderboard, ActivityError> {
-        let stage_dir = self.results_dir.join(stage.as_str());
-        fs::create_dir_all(&stage_dir)?;
+    /// Takes the leaderboard lock, holding it until the returned file is dropped.
+    fn lock(&self) -> Result<fs::File, ActivityError> {
         fs::create_dir_all(&self.leaderboard_dir)?;
         let lock = fs::File::create(self.leaderboard_dir.join(".lock"))?;
         lock.lock()?;
-        let record = stage_dir.join(name);
-        if fs::read(&record).ok().as_deref() != Some(bytes) {
-            write_atomic(&record, bytes)?;
+        Ok(lock)
+    }
+
+    /// Appends the change to the journal (unless the standings hold it
+    /// already), then makes it durable and writes the board's files, unless
+    /// a board written meanwhile holds it.
+    fn change(&self, stage: Stage, record: Record) -> Result<Arc<Leaderboard>, ActivityError> {
+        let upto = {
+            let _lock = self.lock()?;
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            let known = self.current(&mut known, stage)?;
+            let held = match &record {
+                Record::Publish(result) => known.standings.holds(result),
+                Record::Withdraw { run, attempt, .. } => known.standings.is_withdrawn(run, *attempt),
+            };
+            if !held {
+                let mut line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                known.journal.write_all(&line)?;
+                known.read += line.len() as u64;
+                known.dirty |= apply(&mut known.standings, record);
+            }
+            known.read
+        };
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&stage)
+            && known.written >= upto
+        {
+            return Ok(known.board.clone());
         }
-        let mut results = Vec::new();
-        let mut withdrawn = std::collections::HashSet::new();
+        let _lock = self.lock()?;
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = self.current(&mut known, stage)?;
+        known.journal.sync_data()?;
+        if known.dirty {
+            let board = known.standings.board(stage);
+            let json_path = self.leaderboard_dir.join(format!("{stage}.json"));
+            let json = board.to_json();
+            if fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
+                write_atomic(&self.leaderboard_dir.join(format!("{stage}.csv")), board.to_csv().as_bytes())?;
+                write_atomic(&json_path, json.as_bytes())?;
+            }
+            known.board = Arc::new(board);
+            known.dirty = false;
+        }
+        known.written = known.read;
+        Ok(known.board.clone())
+    }
+
+    /// The stage's standings with every line of its journal counted: this
+    /// process's, and those another process appended since. Called holding
+    /// the lock.
+    fn current<'k>(&self, known: &'k mut HashMap<Stage, Known>, stage: Stage) -> Result<&'k mut Known, ActivityError> {
+        use std::collections::hash_map::Entry;
+        let known = match known.entry(stage) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(self.read_files(stage)?),
+        };
+        let length = known.journal.metadata()?.len();
+        if length < known.read {
+            // Cut short by someone else: read it all again.
+            *known = self.read_files(stage)?;
+        } else if length > known.read {
+            let mut tail = Vec::new();
+            known.journal.seek(SeekFrom::Start(known.read))?;
+            (&known.journal).take(length - known.read).read_to_end(&mut tail)?;
+            let (read, changed) = read_lines(&mut known.standings, &tail, &self.journal_path(stage))?;
+            known.read += read;
+            known.dirty |= changed;
+            if known.read < length {
+                // A line its writer did not finish: it never counted, and
+                // the next line must not be appended to it.
+                known.journal.set_len(known.read)?;
+            }
+        }
+        Ok(known)
+    }
+
+    fn journal_path(&self, stage: Stage) -> PathBuf {
+        self.results_dir.join(stage.as_str()).join("journal.jsonl")
+    }
+
+    /// A stage's standings from its files: the results and withdrawals of
+    /// one file each, then the journal.
+    fn read_files(&self, stage: Stage) -> Result<Known, ActivityError> {
+        let stage_dir = self.results_dir.join(stage.as_str());
+        fs::create_dir_all(&stage_dir)?;
+        let (mut results, mut withdrawn) = (Vec::new(), Vec::new());
         for entry in fs::read_dir(&stage_dir)? {
             let path = entry?.path();
             let Some(file) = path.file_name().and_then(|n| n.to_str()) else { continue };
             if let Some(withdrawal) = file.strip_suffix(".withdrawn") {
-                withdrawn.insert(withdrawal.to_owned());
-            } else if file.ends_with(".json") {
+                let parsed = withdrawal
+                    .rsplit_once(".a")
+                    .and_then(|(run, attempt)| Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?))));
+                withdrawn.extend(parsed);
+            } else if file.ends_with(".json") && !file.starts_with('.') {
                 let bytes = fs::read(&path)?;
                 let published: PublishedResult = serde_json::from_slice(&bytes)
                     .map_err(|e| ActivityError::Permanent(format!("result {}: {e}", path.display())))?;
                 results.push(published);
             }
         }
-        results.retain(|r| !withdrawn.contains(&withdrawal_name(&r.run, r.attempt)));
-        let board = Leaderboard::build(stage, results);
-        let json_path = self.leaderboard_dir.join(format!("{stage}.json"));
-        let json = board.to_json();
-        if fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
-            write_atomic(&self.leaderboard_dir.join(format!("{stage}.csv")), board.to_csv().as_bytes())?;
-            write_atomic(&json_path, json.as_bytes())?;
+        let mut standings = Standings::withdrawn(withdrawn);
+        for result in results.into_iter().filter(|r| r.stage == stage) {
+            standings.publish(result);
         }
-        Ok(board)
+        let path = self.journal_path(stage);
+        let mut journal = fs::File::options().read(true).append(true).create(true).open(&path)?;
+        let mut bytes = Vec::new();
+        journal.read_to_end(&mut bytes)?;
+        let (read, _) = read_lines(&mut standings, &bytes, &path)?;
+        if read < bytes.len() as u64 {
+            journal.set_len(read)?;
+        }
+        let board = Arc::new(standings.board(stage));
+        // The board's files are written again (if they differ) once.
+        Ok(Known { standings, journal, read, written: 0, board, dirty: true })
+    }
+}
+
+/// Counts a record in the standings; returns whether a row changed.
+fn apply(standings: &mut Standings, record: Record) -> bool {
+    match record {
+        Record::Publish(result) => standings.publish(result),
+        Record::Withdraw { team, run, attempt } => standings.withdraw(&team, &run, attempt),
+    }
+}
+
+/// Counts the journal's complete lines of `bytes`; returns the bytes they
+/// take and whether a row changed. A line that is not a record means the
+/// journal is damaged.
+fn read_lines(standings: &mut Standings, bytes: &[u8], path: &Path) -> Result<(u64, bool), ActivityError> {
+    let (mut read, mut changed) = (0, false);
+    while let Some(end) = bytes[read..].iter().position(|&b| b == b'\n') {
+        let line = &bytes[read..read + end];
+        let record: Record = serde_json::from_slice(line).map_err(|e| {
+            ActivityError::Permanent(format!(
+                "{} is damaged at byte {read}: {e}; restore the data directory from a backup",
+                path.display()
+            ))
+        })?;
+        changed |= apply(standings, record);
+        read += end + 1;
+    }
+    Ok((read as u64, changed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evalflow_workflow::{SubmissionId, Timestamp};
+
+    fn result(submission: &str, score: f64) -> PublishedResult {
+        let submission = SubmissionId::new(submission).unwrap();
+        PublishedResult {
+            run: RunId::new(&submission, Stage::Public),
+            team: TeamId::new(format!("team-{submission}")).unwrap(),
+            submission,
+            stage: Stage::Public,
+            attempt: Attempt(1),
+            score,
+            submitted_at: Timestamp(1_000),
+            version: 0,
+        }
+    }
+
+    fn teams(board: &Leaderboard) -> Vec<&str> {
+        board.entries.iter().map(|e| e.submission.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_results_of_earlier_versions_count_and_a_torn_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage_dir = dir.path().join("results/public");
+        fs::create_dir_all(&stage_dir).unwrap();
+        // One file a result or withdrawal, as before the journal.
+        for (name, score) in [("old", 0.4), ("gone", 0.1)] {
+            let bytes = serde_json::to_vec_pretty(&result(name, score)).unwrap();
+            fs::write(stage_dir.join(format!("{name}-public.json")), bytes).unwrap();
+        }
+        fs::write(stage_dir.join("gone-public.a1.withdrawn"), b"").unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        assert_eq!(teams(&store.publish(&result("new", 0.3)).await.unwrap()), ["new", "old"]);
+
+        // A writer died in the middle of a line.
+        let journal = stage_dir.join("journal.jsonl");
+        let mut file = fs::File::options().append(true).open(&journal).unwrap();
+        file.write_all(br#"{"publish":{"run":"torn-pub"#).unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        assert_eq!(teams(&store.publish(&result("next", 0.2)).await.unwrap()), ["next", "new", "old"]);
+        let text = fs::read_to_string(&journal).unwrap();
+        assert_eq!(text.lines().count(), 2, "the torn line is gone: {text}");
+        assert!(text.lines().all(|l| serde_json::from_str::<Record>(l).is_ok()), "{text}");
+
+        // Published again: nothing is appended.
+        let again = store.publish(&result("next", 0.2)).await.unwrap();
+        assert_eq!(teams(&again), ["next", "new", "old"]);
+        assert_eq!(fs::read_to_string(&journal).unwrap(), text);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_journal_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage_dir = dir.path().join("results/public");
+        fs::create_dir_all(&stage_dir).unwrap();
+        fs::write(stage_dir.join("journal.jsonl"), b"{\"publish\":1}\n").unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        let error = store.publish(&result("a", 0.2)).await.unwrap_err().to_string();
+        assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
+        assert!(error.contains("restore the data directory from a backup"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn publishes_at_once_all_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        let tasks: Vec<_> = (0..64)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let published = result(&format!("s{n}"), f64::from(n) / 100.0);
+                    (published.submission.clone(), store.publish(&published).await.unwrap())
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (submission, board) = task.await.unwrap();
+            assert!(board.entries.iter().any(|e| e.submission == submission), "a publish's board holds it");
+        }
+        let written: Leaderboard =
+            serde_json::from_slice(&fs::read(dir.path().join("leaderboard/public.json")).unwrap()).unwrap();
+        assert_eq!(written.entries.len(), 64);
+        let fresh = FsArtifacts::new(dir.path(), BTreeMap::new());
+        assert_eq!(
+            *fresh.withdraw(&TeamId::new("team-s0").unwrap(), &result("s0", 0.0).run, Attempt(1)).await.unwrap(),
+            Leaderboard {
+                entries: written.entries[1..]
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .map(|(i, e)| crate::leaderboard::Entry { rank: i + 1, ..e })
+                    .collect(),
+                ..written
+            }
+        );
     }
 }

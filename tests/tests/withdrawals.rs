@@ -32,6 +32,7 @@ fn result(submission: &str, attempt: u32, score: f64) -> PublishedResult {
         attempt: Attempt(attempt),
         score,
         submitted_at: Timestamp(1_000),
+        version: 0,
     }
 }
 
@@ -45,21 +46,28 @@ async fn in_turn(store: &dyn ArtifactStore) {
     store.publish(&alpha).await.unwrap();
     assert_eq!(submissions(&store.publish(&beta).await.unwrap()), ["beta", "alpha"]);
 
-    let board = store.withdraw(&beta.run, Attempt(1)).await.unwrap();
+    let board = store.withdraw(&beta.team, &beta.run, Attempt(1)).await.unwrap();
     assert_eq!(submissions(&board), ["alpha"], "withdrawn after its publish");
-    let again = store.withdraw(&beta.run, Attempt(1)).await.unwrap();
+    let again = store.withdraw(&beta.team, &beta.run, Attempt(1)).await.unwrap();
     assert_eq!(again, board, "withdrawing again changes nothing");
     let late = store.publish(&beta).await.unwrap();
     assert_eq!(submissions(&late), ["alpha"], "a publish landing after its withdrawal");
 
     let gamma = result("gamma", 2, 0.10);
-    store.withdraw(&gamma.run, Attempt(2)).await.unwrap();
+    store.withdraw(&gamma.team, &gamma.run, Attempt(2)).await.unwrap();
     let board = store.publish(&gamma).await.unwrap();
     assert_eq!(submissions(&board), ["alpha"], "withdrawn before its publish landed");
 
     let retried = result("beta", 3, 0.25);
     let board = store.publish(&retried).await.unwrap();
     assert_eq!(submissions(&board), ["beta", "alpha"], "a later attempt of a withdrawn run counts");
+
+    // Rescored: the same attempt published again at a later version.
+    let rescored = PublishedResult { score: 0.40, version: 7, ..retried.clone() };
+    let board = store.publish(&rescored).await.unwrap();
+    assert_eq!(submissions(&board), ["alpha", "beta"], "the later score of an attempt counts");
+    let stale = store.publish(&retried).await.unwrap();
+    assert_eq!(stale, board, "an earlier version published again changes nothing");
 }
 
 /// Holds the first leaderboard write of its client until the test lets it
@@ -134,6 +142,27 @@ async fn in_turn_on_the_file_system() {
     in_turn(&FsArtifacts::new(dir.path(), BTreeMap::new())).await;
 }
 
+/// Two stores on one data directory (two processes, in turn): each finds
+/// the other's results, and a new store reads every result there is.
+#[tokio::test]
+async fn stores_on_one_directory_see_each_others_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (FsArtifacts::new(dir.path(), BTreeMap::new()), FsArtifacts::new(dir.path(), BTreeMap::new()));
+    one.publish(&result("alpha", 1, 0.3)).await.unwrap();
+    assert_eq!(submissions(&two.publish(&result("beta", 1, 0.2)).await.unwrap()), ["beta", "alpha"]);
+    let gamma = result("gamma", 1, 0.1);
+    assert_eq!(submissions(&one.publish(&gamma).await.unwrap()), ["gamma", "beta", "alpha"]);
+    assert_eq!(submissions(&two.withdraw(&gamma.team, &gamma.run, Attempt(1)).await.unwrap()), ["beta", "alpha"]);
+    let rescored = PublishedResult { score: 0.9, version: 3, ..result("beta", 1, 0.2) };
+    assert_eq!(submissions(&one.publish(&rescored).await.unwrap()), ["alpha", "beta"]);
+    let fresh = FsArtifacts::new(dir.path(), BTreeMap::new());
+    let board = fresh.publish(&result("delta", 1, 0.5)).await.unwrap();
+    assert_eq!(submissions(&board), ["alpha", "delta", "beta"]);
+    let written: Leaderboard =
+        serde_json::from_slice(&std::fs::read(dir.path().join("leaderboard/public.json")).unwrap()).unwrap();
+    assert_eq!(written, *board, "the board's file is the last board");
+}
+
 #[tokio::test]
 async fn in_turn_on_s3() {
     let (store, ..) = stores("withdraw").await;
@@ -153,7 +182,7 @@ async fn a_publish_paused_across_its_withdrawal_does_not_bring_the_score_back() 
         async move { gated.publish(&late).await }
     });
     gate.meet().await;
-    let board = store.withdraw(&late.run, Attempt(1)).await.unwrap();
+    let board = store.withdraw(&late.team, &late.run, Attempt(1)).await.unwrap();
     assert_eq!(submissions(&board), ["alpha"]);
     gate.meet().await;
     publish.await.unwrap().unwrap();

@@ -957,7 +957,7 @@ impl Node {
                 // An audit run's score is its audit's, never the leaderboard's.
                 let counts = spec.stage == stage && spec.audit.is_none();
                 if let (RunState::Published { attempt, score }, true) = (status.state, counts) {
-                    results.push(PublishedResult::new(&spec, attempt, score));
+                    results.push(PublishedResult::new(&spec, attempt, score, status.version));
                 }
             }
             Ok(Leaderboard::build(stage, results))

@@ -3,20 +3,23 @@
 //! | key | what |
 //! |---|---|
 //! | `outputs/<run>/a<attempt>-<tag>/submission.csv` | a job's predictions (written by the job; the tag is secret, see [`super::outputs`]) |
-//! | `results/<stage>/<run>.a<attempt>.<team>.<submitted ms>.<score bits>.json` | a published result |
-//! | `withdrawn/<stage>/<run>.a<attempt>` | a withdrawal: that attempt's result does not count |
+//! | `results/<stage>/<team>/<run>.a<attempt>.v<version>.<submitted ms>.<score bits>.json` | a published result |
+//! | `withdrawn/<stage>/<team>/<run>.a<attempt>` | a withdrawal: that attempt's result does not count |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
 //!
 //! A result is created once (`If-None-Match: *`), so publishing again is a
-//! no-op. Its key carries everything the leaderboard needs, so rebuilding
-//! the leaderboard is two paginated listings (withdrawals, then results),
-//! not a read per result. The leaderboard is rebuilt from the listings and
-//! written with compare-and-swap (`If-Match` on the ETag read *before*
-//! listing): a publisher that lost a race rebuilds from a listing that
-//! includes the winner's result. After a successful write the withdrawals
-//! are listed again, and a new one means a rebuild: a withdrawal that lands
-//! while a board is built is either seen by that builder afterwards, or its
-//! withdrawer reads the board after it was written and rebuilds it.
+//! no-op. Its key carries everything the leaderboard needs, and results and
+//! withdrawals are kept by team, so a publish or a withdrawal settles its
+//! team's row alone: it reads the board, lists that team's withdrawals and
+//! results (not every result of the stage: publishing stays linear over a
+//! competition), and writes the board with the row replaced, with
+//! compare-and-swap (`If-Match` on the ETag read *before* listing): a
+//! publisher that lost a race settles again from a listing that includes
+//! the winner's result. After a successful write the team's withdrawals are
+//! listed again, and a new one means settling again: a withdrawal that lands
+//! while a row is settled is either seen by that settler afterwards, or its
+//! withdrawer reads the board after it was written and settles it.
+//! A board that is not a leaderboard is rebuilt from every result.
 //!
 //! Predictions are read with a ranged GET of one byte more than the limit,
 //! and no more than that is taken from the body, whatever the object's
@@ -33,10 +36,9 @@ use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
 use crate::artifacts::{ArtifactStore, Labels, Predictions, withdrawal_name};
-use crate::leaderboard::Leaderboard;
-use crate::leaderboard::PublishedResult;
+use crate::leaderboard::{Leaderboard, PublishedResult, Standings};
 
-/// Rebuilds of a leaderboard a publisher tries before giving up (for now).
+/// Writes of a leaderboard a publisher tries before giving up (for now).
 const PUBLISH_TRIES_MAX: usize = 8;
 /// Pages of a listing read at most (1,000 keys each).
 const PAGES_MAX: usize = 1000;
@@ -123,43 +125,56 @@ impl S3Artifacts {
         Ok(keys)
     }
 
-    /// The withdrawals of `stage`, as [`withdrawal_name`]s.
-    async fn withdrawn(&self, stage: Stage) -> Result<BTreeSet<String>, ActivityError> {
-        Ok(self.list(&format!("withdrawn/{stage}/")).await?.into_iter().collect())
+    /// The withdrawals under `prefix` (a stage's or a team's), as
+    /// (run, attempt); what is not a withdrawal's name is skipped.
+    async fn withdrawals(&self, prefix: &str) -> Result<BTreeSet<(RunId, Attempt)>, ActivityError> {
+        let names = self.list(prefix).await?;
+        Ok(names.iter().filter_map(|name| parse_withdrawal(name.rsplit('/').next()?)).collect())
     }
 
-    /// Every published result of `stage` not `withdrawn`, the latest attempt of each run.
-    async fn results(&self, stage: Stage, withdrawn: &BTreeSet<String>) -> Result<Vec<PublishedResult>, ActivityError> {
-        let prefix = format!("results/{stage}/");
-        let mut latest: BTreeMap<RunId, PublishedResult> = BTreeMap::new();
+    /// The standings of `team` on `stage` (of every team, for `None`), from
+    /// the listings of its withdrawals, then its results; and the withdrawals.
+    async fn standings(
+        &self,
+        stage: Stage,
+        team: Option<&TeamId>,
+    ) -> Result<(Standings, BTreeSet<(RunId, Attempt)>), ActivityError> {
+        let under = team.map(|t| format!("{t}/")).unwrap_or_default();
+        let withdrawn = self.withdrawals(&format!("withdrawn/{stage}/{under}")).await?;
+        let mut standings = Standings::withdrawn(withdrawn.iter().cloned());
+        let prefix = format!("results/{stage}/{under}");
         for name in self.list(&prefix).await? {
-            let Some(result) = parse_result_key(stage, &format!("{prefix}{name}")) else { continue };
-            if withdrawn.contains(&withdrawal_name(&result.run, result.attempt)) {
-                continue;
-            }
-            match latest.get(&result.run) {
-                Some(known) if known.attempt >= result.attempt => {}
-                _ => _ = latest.insert(result.run.clone(), result),
+            let result = parse_result_key(stage, &format!("{prefix}{name}"));
+            if let Some(result) = result.filter(|r| team.is_none_or(|t| &r.team == t)) {
+                standings.publish(result);
             }
         }
-        Ok(latest.into_values().collect())
+        Ok((standings, withdrawn))
     }
 
-    /// Rebuilds the leaderboard of `stage` (see the module's doc for why it is safe).
-    async fn rebuild(&self, stage: Stage) -> Result<Leaderboard, ActivityError> {
+    /// Brings `team`'s row of `stage`'s leaderboard up to date (see the
+    /// module's doc for why it is safe).
+    async fn settle(&self, stage: Stage, team: &TeamId) -> Result<Leaderboard, ActivityError> {
         let json_key = format!("leaderboard/{stage}.json");
+        let withdrawals = format!("withdrawn/{stage}/{team}/");
         for _ in 0..PUBLISH_TRIES_MAX {
             let current = self.get(&self.inner.bucket, &json_key).await?;
-            let withdrawn = self.withdrawn(stage).await?;
-            let board = Leaderboard::build(stage, self.results(stage, &withdrawn).await?);
-            let json = board.to_json();
-            let etag = match &current {
-                Some((bytes, _)) if bytes.as_slice() == json.as_bytes() => return Ok(board),
-                Some((_, etag)) => Some(etag.clone().unwrap_or_default()),
-                None => None,
+            let stored = current.as_ref().and_then(|(bytes, _)| serde_json::from_slice::<Leaderboard>(bytes).ok());
+            let (standings, withdrawn) = self.standings(stage, Some(team)).await?;
+            let board = match stored.filter(|board| board.stage == stage) {
+                Some(board) => {
+                    let best = standings.best(team);
+                    if board.shows(team, best) {
+                        return Ok(board);
+                    }
+                    board.with_row(team, best)
+                }
+                // None yet, or not a leaderboard: from every result.
+                None => self.standings(stage, None).await?.0.board(stage),
             };
-            if self.put_if(&json_key, json.into_bytes(), etag.as_deref()).await?
-                && self.withdrawn(stage).await? == withdrawn
+            let etag = current.map(|(_, etag)| etag.unwrap_or_default());
+            if self.put_if(&json_key, board.to_json().into_bytes(), etag.as_deref()).await?
+                && self.withdrawals(&withdrawals).await? == withdrawn
             {
                 self.sync_csv(stage).await?;
                 return Ok(board);
@@ -223,11 +238,12 @@ fn range_total(content_range: &str) -> Option<u64> {
 /// The key of a published result: everything the leaderboard needs.
 pub fn result_key(result: &PublishedResult) -> String {
     format!(
-        "results/{}/{}.a{}.{}.{}.{:016x}.json",
+        "results/{}/{}/{}.a{}.v{}.{}.{:016x}.json",
         result.stage,
+        result.team,
         result.run,
         result.attempt,
-        result.team,
+        result.version,
         result.submitted_at.as_millis(),
         result.score.to_bits()
     )
@@ -235,8 +251,8 @@ pub fn result_key(result: &PublishedResult) -> String {
 
 /// Reads a result back from its key.
 pub fn parse_result_key(stage: Stage, key: &str) -> Option<PublishedResult> {
-    let name = key.strip_prefix(&format!("results/{stage}/"))?.strip_suffix(".json")?;
-    let [run, attempt, team, submitted, score] = name.split('.').collect::<Vec<_>>()[..] else { return None };
+    let (team, name) = key.strip_prefix(&format!("results/{stage}/"))?.strip_suffix(".json")?.split_once('/')?;
+    let [run, attempt, version, submitted, score] = name.split('.').collect::<Vec<_>>()[..] else { return None };
     let run = RunId::parse(run).ok()?;
     let (submission, run_stage) = run.parts();
     (run_stage == stage).then_some(())?;
@@ -245,10 +261,22 @@ pub fn parse_result_key(stage: Stage, key: &str) -> Option<PublishedResult> {
         team: TeamId::new(team).ok()?,
         stage,
         attempt: Attempt(attempt.strip_prefix('a')?.parse().ok()?),
+        version: version.strip_prefix('v')?.parse().ok()?,
         score: f64::from_bits(u64::from_str_radix(score, 16).ok()?),
         submitted_at: Timestamp(submitted.parse().ok()?),
         run,
     })
+}
+
+/// The key of a withdrawal.
+pub fn withdrawal_key(stage: Stage, team: &TeamId, run: &RunId, attempt: Attempt) -> String {
+    format!("withdrawn/{stage}/{team}/{}", withdrawal_name(run, attempt))
+}
+
+/// A withdrawal's (run, attempt) from its [`withdrawal_name`].
+fn parse_withdrawal(name: &str) -> Option<(RunId, Attempt)> {
+    let (run, attempt) = name.rsplit_once(".a")?;
+    Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?)))
 }
 
 #[async_trait]
@@ -290,19 +318,18 @@ impl ArtifactStore for S3Artifacts {
         Labels::parse(&bytes, &uri)
     }
 
-    async fn publish(&self, result: &PublishedResult) -> Result<Leaderboard, ActivityError> {
+    async fn publish(&self, result: &PublishedResult) -> Result<Arc<Leaderboard>, ActivityError> {
         let body = serde_json::to_vec_pretty(result).map_err(|e| ActivityError::Permanent(e.to_string()))?;
         // Created once; an existing one (a repeated publish) is left alone.
         self.put_if(&result_key(result), body, None).await?;
-        self.rebuild(result.stage).await
+        self.settle(result.stage, &result.team).await.map(Arc::new)
     }
 
-    async fn withdraw(&self, run: &RunId, attempt: Attempt) -> Result<Leaderboard, ActivityError> {
+    async fn withdraw(&self, team: &TeamId, run: &RunId, attempt: Attempt) -> Result<Arc<Leaderboard>, ActivityError> {
         let stage = run.parts().1;
-        let key = format!("withdrawn/{stage}/{}", withdrawal_name(run, attempt));
         // Empty and created once; an existing one (a repeated withdrawal) is left alone.
-        self.put_if(&key, Vec::new(), None).await?;
-        self.rebuild(stage).await
+        self.put_if(&withdrawal_key(stage, team, run, attempt), Vec::new(), None).await?;
+        self.settle(stage, team).await.map(Arc::new)
     }
 }
 
@@ -320,6 +347,7 @@ mod tests {
             team: TeamId::new("team_9").unwrap(),
             stage: Stage::Private,
             attempt: Attempt(3),
+            version: 41,
             score: 0.123_456_789_012_345_67,
             submitted_at: Timestamp(1_795_000_000_123),
         };
@@ -327,6 +355,11 @@ mod tests {
         assert_eq!(parse_result_key(Stage::Private, &key), Some(result));
         assert_eq!(parse_result_key(Stage::Public, &key), None);
         assert_eq!(parse_result_key(Stage::Private, "results/private/junk.json"), None);
+        assert_eq!(parse_result_key(Stage::Private, "results/private/t/junk.json"), None);
+        let run = RunId::new(&SubmissionId::new("a-b").unwrap(), Stage::Public);
+        let key = withdrawal_key(Stage::Public, &TeamId::new("t").unwrap(), &run, Attempt(2));
+        assert_eq!(key, "withdrawn/public/t/a-b-public.a2");
+        assert_eq!(parse_withdrawal(key.rsplit('/').next().unwrap()), Some((run, Attempt(2))));
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Activities {
                 return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
             }
             Command::Withdraw { attempt } => {
-                self.artifacts.withdraw(&spec.run, *attempt).await?;
+                self.artifacts.withdraw(&spec.team, &spec.run, *attempt).await?;
                 let event = Event::Withdrawn { attempt: *attempt };
                 return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
             }
@@ -74,7 +74,7 @@ impl Activities {
                 return Err(ActivityError::Permanent(format!("{} is an audit run: it is never published", spec.run)));
             }
             Command::Publish { attempt, score } => {
-                self.artifacts.publish(&PublishedResult::new(spec, *attempt, *score)).await?;
+                self.artifacts.publish(&PublishedResult::new(spec, *attempt, *score, dispatch.version)).await?;
                 Event::Published { attempt: *attempt }
             }
         };
