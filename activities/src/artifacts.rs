@@ -320,7 +320,9 @@ impl FsLayout {
             let board = known.standings.board(stage);
             let json_path = self.leaderboard_dir.join(format!("{stage}.json"));
             let json = board.to_json();
-            if fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
+            // A row changed since this process wrote the board; before it
+            // wrote one, the files may be this board already.
+            if known.written > 0 || fs::read_to_string(&json_path).ok().as_deref() != Some(json.as_str()) {
                 write_atomic(&self.leaderboard_dir.join(format!("{stage}.csv")), board.to_csv().as_bytes())?;
                 write_atomic(&json_path, json.as_bytes())?;
             }

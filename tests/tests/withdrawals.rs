@@ -163,6 +163,28 @@ async fn stores_on_one_directory_see_each_others_results() {
     assert_eq!(written, *board, "the board's file is the last board");
 }
 
+/// Publishes of one process arriving together on S3 (they share board
+/// writes): every one counts, and each one's board holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishes_at_once_on_s3_all_count() {
+    let (store, _, _, s3, bucket) = stores("atonce").await;
+    let tasks: Vec<_> = (0..32)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let published = result(&format!("s{n}"), 1, f64::from(n) / 100.0);
+                (published.submission.clone(), store.publish(&published).await.unwrap())
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (submission, board) = task.await.unwrap();
+        assert!(board.entries.iter().any(|e| e.submission == submission), "{submission}'s board holds it");
+    }
+    let expected: Vec<String> = (0..32).map(|n| format!("s{n}")).collect();
+    assert_eq!(submissions(&stored_board(&s3, &bucket).await), expected);
+}
+
 #[tokio::test]
 async fn in_turn_on_s3() {
     let (store, ..) = stores("withdraw").await;

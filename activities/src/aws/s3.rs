@@ -40,6 +40,10 @@ use crate::leaderboard::{Leaderboard, PublishedResult, Standings};
 
 /// Writes of a leaderboard a publisher tries before giving up (for now).
 const PUBLISH_TRIES_MAX: usize = 8;
+/// The wait after losing a compare-and-swap to another process, doubling.
+const CAS_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest such wait.
+const CAS_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(640);
 /// Pages of a listing read at most (1,000 keys each).
 const PAGES_MAX: usize = 1000;
 
@@ -72,6 +76,20 @@ struct Buckets {
     bucket: String,
     labels: BTreeMap<Stage, S3Location>,
     output_key: OutputKey,
+    /// Each stage's rows to settle, for publishes in this process.
+    settling: BTreeMap<Stage, Settling>,
+}
+
+/// One stage's settling in this process: the teams whose row a change
+/// awaits, taken all at once by the one settler at a time, so that the
+/// publishes of one process arriving together share one board write
+/// instead of racing each other's compare-and-swap.
+#[derive(Debug, Default)]
+struct Settling {
+    /// The teams changed, and the ticket of the latest change.
+    pending: std::sync::Mutex<(BTreeSet<TeamId>, u64)>,
+    /// Held by the settler; the ticket it settled up to and its board.
+    settler: tokio::sync::Mutex<(u64, Option<Arc<Leaderboard>>)>,
 }
 
 impl S3Artifacts {
@@ -83,7 +101,8 @@ impl S3Artifacts {
         labels: BTreeMap<Stage, S3Location>,
         output_key: OutputKey,
     ) -> S3Artifacts {
-        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels, output_key }) }
+        let settling = [Stage::Public, Stage::Private].into_iter().map(|s| (s, Settling::default())).collect();
+        S3Artifacts { client, inner: Arc::new(Buckets { bucket, labels, output_key, settling }) }
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>, ActivityError> {
@@ -152,32 +171,86 @@ impl S3Artifacts {
         Ok((standings, withdrawn))
     }
 
-    /// Brings `team`'s row of `stage`'s leaderboard up to date (see the
-    /// module's doc for why it is safe).
-    async fn settle(&self, stage: Stage, team: &TeamId) -> Result<Leaderboard, ActivityError> {
+    /// Brings `team`'s row of `stage`'s leaderboard up to date, with the
+    /// rows of every other change of this process waiting meanwhile.
+    async fn settle(&self, stage: Stage, team: &TeamId) -> Result<Arc<Leaderboard>, ActivityError> {
+        let Some(settling) = self.inner.settling.get(&stage) else {
+            return Err(ActivityError::Permanent(format!("no settling for stage {stage}")));
+        };
+        let ticket = {
+            let mut pending = settling.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.0.insert(team.clone());
+            pending.1 += 1;
+            pending.1
+        };
+        let mut settler = settling.settler.lock().await;
+        if let (settled, Some(board)) = &*settler
+            && *settled >= ticket
+        {
+            return Ok(board.clone());
+        }
+        let (teams, upto) = {
+            let mut pending = settling.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (std::mem::take(&mut pending.0), pending.1)
+        };
+        let settled = self.settle_rows(stage, &teams).await;
+        if settled.is_err() {
+            // Left for the next settler (or this change's retry).
+            let mut pending = settling.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.0.extend(teams);
+        }
+        let board = Arc::new(settled?);
+        *settler = (upto, Some(board.clone()));
+        Ok(board)
+    }
+
+    /// Brings the rows of `teams` on `stage`'s leaderboard up to date (see
+    /// the module's doc for why it is safe).
+    async fn settle_rows(&self, stage: Stage, teams: &BTreeSet<TeamId>) -> Result<Leaderboard, ActivityError> {
         let json_key = format!("leaderboard/{stage}.json");
-        let withdrawals = format!("withdrawn/{stage}/{team}/");
+        let mut backoff = crate::backoff::Backoff::new(CAS_BACKOFF, CAS_BACKOFF_MAX);
         for _ in 0..PUBLISH_TRIES_MAX {
             let current = self.get(&self.inner.bucket, &json_key).await?;
             let stored = current.as_ref().and_then(|(bytes, _)| serde_json::from_slice::<Leaderboard>(bytes).ok());
-            let (standings, withdrawn) = self.standings(stage, Some(team)).await?;
+            let mut withdrawn = BTreeMap::new();
             let board = match stored.filter(|board| board.stage == stage) {
-                Some(board) => {
-                    let best = standings.best(team);
-                    if board.shows(team, best) {
+                Some(mut board) => {
+                    let mut changed = false;
+                    for team in teams {
+                        let (standings, team_withdrawn) = self.standings(stage, Some(team)).await?;
+                        let best = standings.best(team);
+                        if !board.shows(team, best) {
+                            board = board.with_row(team, best);
+                            changed = true;
+                        }
+                        withdrawn.insert(team, team_withdrawn);
+                    }
+                    if !changed {
                         return Ok(board);
                     }
-                    board.with_row(team, best)
+                    board
                 }
                 // None yet, or not a leaderboard: from every result.
-                None => self.standings(stage, None).await?.0.board(stage),
+                None => {
+                    for team in teams {
+                        withdrawn.insert(team, self.withdrawals(&format!("withdrawn/{stage}/{team}/")).await?);
+                    }
+                    self.standings(stage, None).await?.0.board(stage)
+                }
             };
             let etag = current.map(|(_, etag)| etag.unwrap_or_default());
-            if self.put_if(&json_key, board.to_json().into_bytes(), etag.as_deref()).await?
-                && self.withdrawals(&withdrawals).await? == withdrawn
-            {
-                self.sync_csv(stage).await?;
-                return Ok(board);
+            if self.put_if(&json_key, board.to_json().into_bytes(), etag.as_deref()).await? {
+                let mut unchanged = true;
+                for (team, before) in &withdrawn {
+                    unchanged &= self.withdrawals(&format!("withdrawn/{stage}/{team}/")).await? == *before;
+                }
+                if unchanged {
+                    self.sync_csv(stage).await?;
+                    return Ok(board);
+                }
+            } else {
+                // Another process won: let it finish before reading again.
+                tokio::time::sleep(backoff.delay()).await;
             }
         }
         Err(ActivityError::Transient(format!("{json_key}: other publishers kept winning; will try again")))
@@ -322,14 +395,14 @@ impl ArtifactStore for S3Artifacts {
         let body = serde_json::to_vec_pretty(result).map_err(|e| ActivityError::Permanent(e.to_string()))?;
         // Created once; an existing one (a repeated publish) is left alone.
         self.put_if(&result_key(result), body, None).await?;
-        self.settle(result.stage, &result.team).await.map(Arc::new)
+        self.settle(result.stage, &result.team).await
     }
 
     async fn withdraw(&self, team: &TeamId, run: &RunId, attempt: Attempt) -> Result<Arc<Leaderboard>, ActivityError> {
         let stage = run.parts().1;
         // Empty and created once; an existing one (a repeated withdrawal) is left alone.
         self.put_if(&withdrawal_key(stage, team, run, attempt), Vec::new(), None).await?;
-        self.settle(stage, team).await.map(Arc::new)
+        self.settle(stage, team).await
     }
 }
 
