@@ -79,7 +79,9 @@ pub struct NodeOptions {
     pub supervisor: Vec<OsString>,
     /// What the node does.
     pub mode: Mode,
-    /// On AWS, a job runner to use instead of AWS Batch (tests script job outcomes with one).
+    /// A job runner to use instead of the sandbox or AWS Batch: tests script
+    /// job outcomes with one, and the benchmark's jobs end at once. Never set
+    /// from a competition's configuration.
     pub runner: Option<Arc<dyn JobRunner>>,
 }
 
@@ -178,21 +180,29 @@ struct Setup {
 
 impl Setup {
     fn local(config: &Config, options: &NodeOptions) -> Result<Setup, NodeError> {
-        let runner = LocalRunner::new(LocalRunnerConfig {
-            jobs_dir: config.jobs_dir(),
-            supervisor: options.supervisor.clone(),
-            test_sets: config.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
-            isolation: options.isolation,
-            limits: config.local.limits(),
-            signatures: config.causes.signature.clone(),
-        });
         if options.mode == Mode::Engine {
             config.make_private().map_err(|e| NodeError::Private(config.data_dir.display().to_string(), e))?;
-            runner.check_host()?;
         }
+        let runner: Arc<dyn JobRunner> = match &options.runner {
+            Some(runner) => runner.clone(),
+            None => {
+                let runner = LocalRunner::new(LocalRunnerConfig {
+                    jobs_dir: config.jobs_dir(),
+                    supervisor: options.supervisor.clone(),
+                    test_sets: config.stages.iter().map(|(stage, files)| (*stage, files.test_set.clone())).collect(),
+                    isolation: options.isolation,
+                    limits: config.local.limits(),
+                    signatures: config.causes.signature.clone(),
+                });
+                if options.mode == Mode::Engine {
+                    runner.check_host()?;
+                }
+                Arc::new(runner)
+            }
+        };
         let labels = config.stages.iter().map(|(stage, files)| (*stage, files.labels.clone())).collect();
         Ok(Setup {
-            runner: Arc::new(runner),
+            runner,
             artifacts: Arc::new(FsArtifacts::new(&config.data_dir, labels)),
             queues: None,
             logs: None,

@@ -1,0 +1,299 @@
+//! The whole stack: a real engine node serving its HTTP API in a process of
+//! its own, runs submitted through that API, jobs that end at once (the
+//! benchmark's [`InstantJobs`], handed to the node in code: no
+//! competition's configuration can select it), each scored from a real
+//! predictions file against the stage's labels and published to the real
+//! leaderboard, until every run is published.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use evalflow_activities::{ActivityError, Checked, EndedJob, JobRunner, LaunchRequest, RunningJob};
+use evalflow_worker::api;
+use evalflow_worker::api::operations::Submit;
+use evalflow_worker::api::token::ApiToken;
+use evalflow_worker::config::Config;
+use evalflow_worker::datadir::lock::{EngineInfo, LockState, lock_for_engine};
+use evalflow_worker::node::{Mode, Node, NodeOptions};
+use evalflow_worker::views::{RunView, StatusView};
+use evalflow_workflow::{
+    Attempt, Evidence, JobId, JobOutcome, JobUsage, RunId, RunSpec, Stage, StateTag, SubmissionId, SubmissionSource,
+    TeamId, Timestamp, job_name,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+
+/// The argument that makes this binary the serving node of the full-stack phase.
+pub const SERVE_CHILD: &str = "--serve-child";
+
+/// Files in the benchmark's test set; each job's predictions list them all.
+const TEST_FILES: usize = 10;
+/// Runs per submit request.
+const SUBMIT_BATCH: usize = 1_000;
+/// Teams the runs belong to (the DFDC's 2,265, rounded).
+const TEAMS: usize = 2_300;
+
+/// Jobs that end at once: a launch writes the job's predictions and the
+/// next check finds it succeeded.
+struct InstantJobs {
+    jobs_dir: PathBuf,
+    predictions: Vec<u8>,
+    launched: Mutex<HashMap<JobId, Timestamp>>,
+}
+
+#[async_trait]
+impl JobRunner for InstantJobs {
+    async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
+        let name = job_name(&request.spec.run, request.attempt);
+        let (dir, output) = (self.jobs_dir.join(&name), self.jobs_dir.join(&name).join("output"));
+        for made in [&dir, &output] {
+            match std::fs::create_dir(made) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+        }
+        std::fs::write(output.join("submission.csv"), &self.predictions)?;
+        let job = JobId::new(name).map_err(|e| ActivityError::Permanent(e.to_string()))?;
+        self.launched.lock().unwrap_or_else(PoisonError::into_inner).insert(job.clone(), Timestamp::now());
+        Ok(job)
+    }
+
+    async fn terminate(&self, _run: &RunId, _attempt: Attempt, _job: Option<&JobId>) -> Result<(), ActivityError> {
+        Ok(())
+    }
+
+    async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError> {
+        let mut launched = self.launched.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Timestamp::now();
+        let ended = jobs
+            .iter()
+            .map(|job| EndedJob {
+                job: job.clone(),
+                outcome: JobOutcome::Succeeded,
+                usage: JobUsage {
+                    started_at: Some(launched.remove(&job.job).unwrap_or(job.since)),
+                    ended_at: now,
+                    peak_memory_mib: None,
+                },
+                evidence: Evidence { exit_code: Some(0), ..Evidence::default() },
+            })
+            .collect();
+        Ok(Checked { ended, waiting: Vec::new() })
+    }
+}
+
+/// Writes a competition of one public stage in `dir`, whose every job may
+/// run at once.
+fn competition(dir: &Path) -> Result<(), Error> {
+    let stage = dir.join("data/public");
+    std::fs::create_dir_all(stage.join("test"))?;
+    let mut labels = String::from("filename,label\n");
+    for n in 0..TEST_FILES {
+        std::fs::write(stage.join("test").join(format!("clip{n:02}.mp4")), [n as u8])?;
+        labels.push_str(&format!("clip{n:02}.mp4,{}\n", n % 2));
+    }
+    std::fs::write(stage.join("labels.csv"), labels)?;
+    std::fs::write(
+        dir.join("evalflow.toml"),
+        r#"
+[competition]
+name = "fullstack-benchmark"
+metric = "binary_log_loss"
+
+[stages.public]
+test_set = "data/public/test"
+labels = "data/public/labels.csv"
+
+[policy]
+time_limit_secs = 32400
+
+[[policy.profile]]
+name = "g4"
+host_memory_mib = 15000
+gpu_memory_mib = 15360
+vcpus = 4
+price_per_hour_usd = 0.526
+
+[local]
+max_concurrent_jobs = 100000
+"#,
+    )?;
+    Ok(())
+}
+
+/// A job's predictions: every test file, a little off its label.
+fn predictions() -> Vec<u8> {
+    let mut csv = String::from("filename,label\n");
+    for n in 0..TEST_FILES {
+        csv.push_str(&format!("clip{n:02}.mp4,{}\n", if n % 2 == 1 { 0.8 } else { 0.2 }));
+    }
+    csv.into_bytes()
+}
+
+/// The serving node of the full-stack phase: `evalflow serve`'s engine,
+/// workers and API on `dir`, with [`InstantJobs`] for a runner.
+pub fn serve_child(dir: &Path) -> Result<(), Error> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let LockState::Acquired(mut lock) = lock_for_engine(dir, Duration::from_secs(5))? else {
+            return Err("the benchmark's data directory is locked".into());
+        };
+        let config = Config::load(dir)?;
+        let token = ApiToken::load_or_create(&config.data_dir)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        lock.announce(&EngineInfo { pid: std::process::id(), api: format!("http://{}", listener.local_addr()?) })?;
+        let jobs = InstantJobs { jobs_dir: config.jobs_dir(), predictions: predictions(), launched: Mutex::default() };
+        let options = NodeOptions {
+            isolation: evalflow_activities::local::sandbox::Isolation::Sandbox,
+            supervisor: Vec::new(),
+            mode: Mode::Engine,
+            runner: Some(Arc::new(jobs)),
+        };
+        let node = Arc::new(Node::start(config, lock, options).await?);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        let mut stdin = tokio::io::stdin();
+        let eof = shutdown.clone();
+        // The parent closes stdin to stop it.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut stdin, &mut tokio::io::sink()).await;
+            eof.cancel();
+        });
+        api::serve(node.clone(), token, listener, shutdown).await?;
+        match Arc::try_unwrap(node) {
+            Ok(node) => node.shutdown().await?,
+            Err(_) => return Err("the API kept the node busy".into()),
+        }
+        Ok(())
+    })
+}
+
+/// What the full stack did.
+pub struct FullStack {
+    /// Runs published per second, from the first submit to the last publish.
+    pub runs_per_sec: f64,
+    /// State changes recorded per second.
+    pub transitions_per_sec: f64,
+    /// State changes a run went through.
+    pub transitions_per_run: u64,
+    /// Seconds submitting took (the runs started on their way meanwhile).
+    pub submit_secs: f64,
+}
+
+fn spec(index: usize) -> RunSpec {
+    let submission = SubmissionId::new(format!("s{index:07}")).unwrap_or_else(|e| panic!("{e}"));
+    let team = TeamId::new(format!("team{}", index % TEAMS)).unwrap_or_else(|e| panic!("{e}"));
+    let uri = format!("123456789012.dkr.ecr.us-east-1.amazonaws.com/team{}:final", index % TEAMS);
+    RunSpec::new(submission, team, Stage::Public, false, SubmissionSource::Image { uri }, Timestamp::now())
+}
+
+/// Runs `runs` runs through a serving node in a child process. Returns its
+/// data directory too, to be removed once every phase is done: ext4 (without
+/// a journal) passes over inodes freed in the last minutes when it makes a
+/// file, so removing tens of thousands of them would slow the next phases.
+pub fn measure(runs: usize) -> Result<(FullStack, tempfile::TempDir), Error> {
+    let dir = crate::scratch()?;
+    competition(dir.path())?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([SERVE_CHILD, &dir.path().display().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let result = tokio::runtime::Runtime::new()?.block_on(drive(dir.path(), runs));
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    let result = result?;
+    if !status.success() {
+        return Err(format!("the serving node exited with {status}").into());
+    }
+    Ok((result, dir))
+}
+
+async fn drive(dir: &Path, runs: usize) -> Result<FullStack, Error> {
+    let info_path = dir.join("state/engine.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info: EngineInfo = loop {
+        if let Ok(bytes) = std::fs::read(&info_path)
+            && let Ok(info) = serde_json::from_slice(&bytes)
+        {
+            break info;
+        }
+        if Instant::now() > deadline {
+            return Err("the serving node did not announce its API in 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = ApiToken::read(dir)?;
+    let http = reqwest::Client::new();
+    let get_status = || async {
+        let response = http.get(format!("{}/v1/status", info.api)).bearer_auth(token.as_str()).send().await?;
+        Ok::<StatusView, Error>(response.error_for_status()?.json().await?)
+    };
+    // Answering at all: the node is up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_status().await.is_err() {
+        if Instant::now() > deadline {
+            return Err("the serving node does not answer".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (start, started_ms) = (Instant::now(), Timestamp::now().as_millis());
+    for first in (0..runs).step_by(SUBMIT_BATCH) {
+        let specs: Vec<RunSpec> = (first..(first + SUBMIT_BATCH).min(runs)).map(spec).collect();
+        let response = http
+            .post(format!("{}/v1/submit", info.api))
+            .bearer_auth(token.as_str())
+            .json(&Submit(specs))
+            .send()
+            .await?;
+        response.error_for_status()?;
+    }
+    let submit_secs = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let status = get_status().await?;
+        let published = status.counts.get(&StateTag::Published).copied().unwrap_or(0);
+        let failed = status.counts.get(&StateTag::Failed).copied().unwrap_or(0);
+        if failed > 0 {
+            return Err(format!("{failed} runs failed: the benchmark's runs should all be published").into());
+        }
+        if published as usize == runs {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{published} of {runs} runs published after an hour").into());
+        }
+        // Each look reads every run: not too often.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    // The last run's last change, not the look that found it.
+    let response = http.get(format!("{}/v1/runs", info.api)).bearer_auth(token.as_str()).send().await?;
+    let views: Vec<RunView> = response.error_for_status()?.json().await?;
+    let ended_ms = views.iter().map(|v| v.updated_at_ms).max().unwrap_or(started_ms);
+    let secs = (ended_ms.saturating_sub(started_ms) as f64 / 1000.0).max(f64::EPSILON);
+    let run = RunId::new(&spec(0).submission, Stage::Public);
+    let response = http.get(format!("{}/v1/runs/{run}/history", info.api)).bearer_auth(token.as_str()).send().await?;
+    let history: Vec<serde_json::Value> = response.error_for_status()?.json().await?;
+    let transitions_per_run = history.iter().filter(|e| e["disposition"] == "applied").count() as u64;
+    let board = std::fs::read(dir.join("leaderboard/public.json"))?;
+    let board: evalflow_activities::leaderboard::Leaderboard = serde_json::from_slice(&board)?;
+    if board.entries.len() != TEAMS.min(runs) {
+        return Err(format!("the leaderboard has {} teams, not {}", board.entries.len(), TEAMS.min(runs)).into());
+    }
+    Ok(FullStack {
+        runs_per_sec: runs as f64 / secs,
+        transitions_per_sec: (runs as u64 * transitions_per_run) as f64 / secs,
+        transitions_per_run,
+        submit_secs,
+    })
+}
