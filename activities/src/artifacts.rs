@@ -180,6 +180,12 @@ pub fn withdrawal_name(run: &RunId, attempt: Attempt) -> String {
     format!("{run}.a{attempt}")
 }
 
+/// The run and attempt of a [`withdrawal_name`].
+pub fn parse_withdrawal_name(name: &str) -> Option<(RunId, Attempt)> {
+    let (run, attempt) = name.rsplit_once(".a")?;
+    Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?)))
+}
+
 /// Artifacts in the data directory.
 #[derive(Debug, Clone)]
 pub struct FsArtifacts {
@@ -279,8 +285,14 @@ impl ArtifactStore for FsArtifacts {
 impl FsLayout {
     /// Takes the leaderboard lock, holding it until the returned file is dropped.
     fn lock(&self) -> Result<fs::File, ActivityError> {
-        fs::create_dir_all(&self.leaderboard_dir)?;
-        let lock = fs::File::create(self.leaderboard_dir.join(".lock"))?;
+        let path = self.leaderboard_dir.join(".lock");
+        let lock = match fs::File::create(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(&self.leaderboard_dir)?;
+                fs::File::create(&path)?
+            }
+            lock => lock?,
+        };
         lock.lock()?;
         Ok(lock)
     }
@@ -346,7 +358,8 @@ impl FsLayout {
         if length < known.read {
             // Cut short by someone else: read it all again.
             *known = self.read_files(stage)?;
-        } else if length > known.read {
+        }
+        if length > known.read {
             let mut tail = Vec::new();
             known.journal.seek(SeekFrom::Start(known.read))?;
             (&known.journal).take(length - known.read).read_to_end(&mut tail)?;
@@ -366,8 +379,8 @@ impl FsLayout {
         self.results_dir.join(stage.as_str()).join("journal.jsonl")
     }
 
-    /// A stage's standings from its files: the results and withdrawals of
-    /// one file each, then the journal.
+    /// A stage's standings from the results and withdrawals of one file
+    /// each, with none of the journal read yet.
     fn read_files(&self, stage: Stage) -> Result<Known, ActivityError> {
         let stage_dir = self.results_dir.join(stage.as_str());
         fs::create_dir_all(&stage_dir)?;
@@ -376,10 +389,7 @@ impl FsLayout {
             let path = entry?.path();
             let Some(file) = path.file_name().and_then(|n| n.to_str()) else { continue };
             if let Some(withdrawal) = file.strip_suffix(".withdrawn") {
-                let parsed = withdrawal
-                    .rsplit_once(".a")
-                    .and_then(|(run, attempt)| Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?))));
-                withdrawn.extend(parsed);
+                withdrawn.extend(parse_withdrawal_name(withdrawal));
             } else if file.ends_with(".json") && !file.starts_with('.') {
                 let bytes = fs::read(&path)?;
                 let published: PublishedResult = serde_json::from_slice(&bytes)
@@ -391,17 +401,10 @@ impl FsLayout {
         for result in results.into_iter().filter(|r| r.stage == stage) {
             standings.publish(result);
         }
-        let path = self.journal_path(stage);
-        let mut journal = fs::File::options().read(true).append(true).create(true).open(&path)?;
-        let mut bytes = Vec::new();
-        journal.read_to_end(&mut bytes)?;
-        let (read, _) = read_lines(&mut standings, &bytes, &path)?;
-        if read < bytes.len() as u64 {
-            journal.set_len(read)?;
-        }
+        let journal = fs::File::options().read(true).append(true).create(true).open(self.journal_path(stage))?;
         let board = Arc::new(standings.board(stage));
         // The board's files are written again (if they differ) once.
-        Ok(Known { standings, journal, read, written: 0, board, dirty: true })
+        Ok(Known { standings, journal, read: 0, written: 0, board, dirty: true })
     }
 }
 

@@ -35,7 +35,7 @@ use evalflow_workflow::{Attempt, RunId, Stage, TeamId, Timestamp};
 use super::outputs::OutputKey;
 use super::{activity_error, error_code, error_status};
 use crate::ActivityError;
-use crate::artifacts::{ArtifactStore, Labels, Predictions, withdrawal_name};
+use crate::artifacts::{ArtifactStore, Labels, Predictions, parse_withdrawal_name, withdrawal_name};
 use crate::leaderboard::{Leaderboard, PublishedResult, Standings};
 
 /// Writes of a leaderboard a publisher tries before giving up (for now).
@@ -148,7 +148,7 @@ impl S3Artifacts {
     /// (run, attempt); what is not a withdrawal's name is skipped.
     async fn withdrawals(&self, prefix: &str) -> Result<BTreeSet<(RunId, Attempt)>, ActivityError> {
         let names = self.list(prefix).await?;
-        Ok(names.iter().filter_map(|name| parse_withdrawal(name.rsplit('/').next()?)).collect())
+        Ok(names.iter().filter_map(|name| parse_withdrawal_name(name.rsplit('/').next()?)).collect())
     }
 
     /// The standings of `team` on `stage` (of every team, for `None`), from
@@ -346,12 +346,6 @@ pub fn withdrawal_key(stage: Stage, team: &TeamId, run: &RunId, attempt: Attempt
     format!("withdrawn/{stage}/{team}/{}", withdrawal_name(run, attempt))
 }
 
-/// A withdrawal's (run, attempt) from its [`withdrawal_name`].
-fn parse_withdrawal(name: &str) -> Option<(RunId, Attempt)> {
-    let (run, attempt) = name.rsplit_once(".a")?;
-    Some((RunId::parse(run).ok()?, Attempt(attempt.parse().ok()?)))
-}
-
 #[async_trait]
 impl ArtifactStore for S3Artifacts {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
@@ -432,7 +426,7 @@ mod tests {
         let run = RunId::new(&SubmissionId::new("a-b").unwrap(), Stage::Public);
         let key = withdrawal_key(Stage::Public, &TeamId::new("t").unwrap(), &run, Attempt(2));
         assert_eq!(key, "withdrawn/public/t/a-b-public.a2");
-        assert_eq!(parse_withdrawal(key.rsplit('/').next().unwrap()), Some((run, Attempt(2))));
+        assert_eq!(parse_withdrawal_name(key.rsplit('/').next().unwrap()), Some((run, Attempt(2))));
     }
 
     #[test]
