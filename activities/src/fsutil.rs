@@ -114,6 +114,37 @@ pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives `to` (created) the files of `from` as hard links to them, each
+/// made read-only for everyone first: whoever neither owns them nor is
+/// root can read them and cannot change them, so a sandbox of another
+/// uid reads the kept copy without the cost of copying it. The files
+/// `copied` (relative to `from`), and any on another file system than
+/// `to`, are copied instead. Refuses what [`list_files`] refuses; every
+/// file is opened beneath `from`, through no link.
+pub fn link_dir(from: &Path, to: &Path, copied: &[&Path]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(to)?;
+    for (relative, _) in list_files(from, u64::MAX)? {
+        let target = to.join(&relative);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let (file, length) = open_listed(from, &relative)?;
+        if copied.contains(&relative.as_path()) {
+            io::copy(&mut file.take(length), &mut File::create(target)?)?;
+            continue;
+        }
+        file.set_permissions(fs::Permissions::from_mode(0o444))?;
+        match fs::hard_link(from.join(&relative), &target) {
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                io::copy(&mut file.take(length), &mut File::create(target)?)?;
+            }
+            linked => linked?,
+        }
+    }
+    Ok(())
+}
+
 /// Opens a file [`list_files`] listed; it must still be a regular file.
 fn open_listed(dir: &Path, relative: &Path) -> io::Result<(File, u64)> {
     untrusted::open_file(dir, relative)?
@@ -125,6 +156,30 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn linked_files_are_the_kept_ones_read_only_and_the_copied_ones_single() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("kept");
+        fs::create_dir_all(kept.join("sub")).unwrap();
+        fs::write(kept.join("submission.toml"), "command = [\"true\"]").unwrap();
+        fs::write(kept.join("sub/model.bin"), "weights").unwrap();
+        let work = dir.path().join("work");
+        link_dir(&kept, &work, &[Path::new("submission.toml")]).unwrap();
+        let (source, linked) =
+            (fs::metadata(kept.join("sub/model.bin")).unwrap(), fs::metadata(work.join("sub/model.bin")).unwrap());
+        assert_eq!((linked.ino(), linked.nlink()), (source.ino(), 2));
+        assert_eq!(source.permissions().mode() & 0o777, 0o444);
+        let copied = fs::metadata(work.join("submission.toml")).unwrap();
+        assert_eq!(copied.nlink(), 1);
+        assert_eq!(fs::read_to_string(work.join("submission.toml")).unwrap(), "command = [\"true\"]");
+        // Linking again (a relaunch) adds links and changes nothing else.
+        link_dir(&kept, &dir.path().join("again"), &[]).unwrap();
+        assert_eq!(fs::metadata(kept.join("submission.toml")).unwrap().nlink(), 2);
+        std::os::unix::fs::symlink("/etc/passwd", kept.join("link")).unwrap();
+        assert!(link_dir(&kept, &dir.path().join("refused"), &[]).is_err(), "a link in the kept copy is refused");
+    }
 
     #[test]
     fn digests_change_with_contents_and_names_but_not_with_copies() {

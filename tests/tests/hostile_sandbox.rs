@@ -7,7 +7,7 @@
 //! | the scoring boundary | a link to the labels (absolute, relative), to a rival's predictions, to the engine's environment; a FIFO; a hard link; a directory; predictions over the cap |
 //! | what the sandbox inherits | the engine's environment (also at `/proc/1/environ`), its fds, its keyring; denied system calls; threads still work |
 //! | limits | more files than allowed, paths deeper than a walk follows, a program that ignores `EFBIG`, the grace period of a stop, the size of a submission |
-//! | tenants | a uid per job, a private data directory, a private parent refused up front |
+//! | tenants | a uid per job, the kept submission unchangeable from its job, a private data directory, a private parent refused up front |
 //! | two competitions | the same run ids in two data directories at once |
 
 use std::fs;
@@ -214,6 +214,27 @@ fn logs(cli: &Cli, id: &str) -> String {
     cli.ok(&["logs", &format!("{id}-public")])
 }
 
+/// Tries to change the submission's own files in its scratch directory, then replaces one.
+const TAMPER: &str = r#"
+tries = [
+    ("append", lambda: open("main.py", "a").write("x")),
+    ("chmod", lambda: os.chmod("main.py", 0o777)),
+    ("truncate", lambda: os.truncate("main.py", 0)),
+    ("utime", lambda: os.utime("main.py", (0, 0))),
+    ("chown", lambda: os.chown("main.py", os.getuid(), os.getgid())),
+]
+for how, act in tries:
+    try:
+        act()
+        print("%s: CHANGED" % how)
+    except OSError:
+        print("%s: refused" % how)
+os.remove("main.py")
+open("main.py", "w").write("replaced")
+print("replaced: " + open("main.py").read())
+halves()
+"#;
+
 #[test]
 fn tenants_are_apart_on_the_host_and_a_private_parent_is_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,8 +244,18 @@ fn tenants_are_apart_on_the_host_and_a_private_parent_is_refused_up_front() {
     for id in ["one", "two", "three"] {
         submit(&cli, &subs, id, "halves()\ntime.sleep(2)");
     }
-    wait_ended(&cli, &["one", "two", "three"], Duration::from_secs(60));
+    submit(&cli, &subs, "tamper", TAMPER);
+    wait_ended(&cli, &["one", "two", "three", "tamper"], Duration::from_secs(60));
     drop(engine);
+    // The scratch directory's files are the kept copy's, linked: the job
+    // may replace them, never change them.
+    let logs = logs(&cli, "tamper");
+    for how in ["append", "chmod", "truncate", "utime", "chown"] {
+        assert!(logs.contains(&format!("{how}: refused")), "{how}: {logs}");
+    }
+    assert!(!logs.contains("CHANGED") && logs.contains("replaced: replaced"), "{logs}");
+    let kept = fs::read_to_string(cli.data_dir.join("submissions/tamper/main.py")).unwrap();
+    assert_eq!(kept, fs::read_to_string(subs.join("tamper/main.py")).unwrap(), "the kept copy is unchanged");
     let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
     let data = &cli.data_dir;
     assert_eq!(mode(data), 0o711, "nobody else lists the data directory");

@@ -234,12 +234,17 @@ impl JobCgroup {
         if let JobCgroup::V2 { dir } = self {
             let _ = fs::write(dir.join("cgroup.kill"), "1");
         }
-        for _ in 0..200 {
+        // The last of a sandbox's processes is often still on its way out
+        // when bubblewrap has ended: look again soon, then every 10 ms.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut pause = Duration::from_millis(1);
+        while std::time::Instant::now() < deadline {
             if self.members().is_empty() {
                 return;
             }
             self.signal_all(libc::SIGKILL);
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         tracing::warn!("processes of {self:?} survived SIGKILL for 2 s");
     }

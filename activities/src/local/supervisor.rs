@@ -25,11 +25,11 @@ use super::sandbox::{
 };
 use super::uid::JobUid;
 use crate::causes::{Cause, Signatures};
-use crate::fsutil::{copy_dir, free_space, write_atomic};
-use crate::submission::{GPU_OOM_EXIT_CODE, Manifest};
+use crate::fsutil::{copy_dir, free_space, link_dir, write_atomic};
+use crate::submission::{GPU_OOM_EXIT_CODE, MANIFEST, Manifest};
 use crate::untrusted::{self, Unmeasurable};
 
-/// How often the supervisor looks at its job.
+/// How often the supervisor looks at its job's limits (its exit is seen at once).
 const POLL: Duration = Duration::from_millis(50);
 /// How often it measures the job's disk use.
 const DISK_POLL: Duration = Duration::from_millis(500);
@@ -184,19 +184,29 @@ fn prepare_when_room(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -
     }
 }
 
-/// Makes a fresh scratch copy of the submission and an empty output
-/// directory, and checks the command exists where it will run.
+/// Makes a fresh scratch directory holding the submission's files and an
+/// empty output directory, and checks the command exists where it will run.
+///
+/// A job of a uid of its own gets the kept copy's files as read-only hard
+/// links in directories of its own: it may add, remove and replace files
+/// there, not change the kept ones, and a large model costs no copy. A job
+/// of the engine's own user could change the kept files: it gets a copy.
 fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<Vec<String>, Unprepared> {
     for dir in [paths.work(), paths.output()] {
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(unprepared(format!("cannot clear {}", dir.display())))?;
         }
     }
-    // The kept copy was checked against the size cap when it was submitted.
-    copy_dir(&request.submission_dir, &paths.work(), u64::MAX)
-        .map_err(unprepared("cannot copy the submission".into()))?;
+    let (kept, work) = (&request.submission_dir, &paths.work());
+    match uid {
+        // The manifest is read as the submitter's file, which must have one link.
+        Some(_) => link_dir(kept, work, &[Path::new(MANIFEST)])
+            .map_err(unprepared("cannot link the submission's files".into()))?,
+        // The kept copy was checked against the size cap when it was submitted.
+        None => copy_dir(kept, work, u64::MAX).map_err(unprepared("cannot copy the submission".into()))?,
+    }
     fs::create_dir_all(paths.output()).map_err(unprepared("cannot create the output directory".into()))?;
-    let manifest = Manifest::read(&paths.work()).map_err(|e| Unprepared::Refused(e.to_string()))?;
+    let manifest = Manifest::read(work).map_err(|e| Unprepared::Refused(e.to_string()))?;
     let program = &manifest.command[0];
     if resolve(program, &paths.work(), request.isolation).is_none() {
         return Err(Unprepared::Refused(format!(
@@ -212,8 +222,9 @@ fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<V
     Ok(manifest.command)
 }
 
-/// Gives a tree (a fresh copy, made by the supervisor) to the job's uid,
-/// its top directory to that uid alone.
+/// Gives a tree (made by the supervisor) to the job's uid, its top
+/// directory to that uid alone: its directories, and the files it holds
+/// but the links to the kept copy, which stay read-only and root's.
 fn chown_tree(dir: &Path, uid: u32) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     chown_below(dir, uid)
@@ -225,7 +236,7 @@ fn chown_below(dir: &Path, uid: u32) -> io::Result<()> {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
             chown_below(&entry.path(), uid)?;
-        } else {
+        } else if entry.metadata()?.nlink() == 1 {
             std::os::unix::fs::lchown(entry.path(), Some(uid), Some(uid))?;
         }
     }
@@ -361,6 +372,7 @@ fn watch(
     let start = Instant::now();
     let deadline = start + Duration::from_secs(request.time_limit_secs);
     let mut next_disk_check = start;
+    let exited = Exited::of(child);
     loop {
         if let Ok(Some(exit)) = child.try_wait() {
             return (exit, None);
@@ -382,7 +394,29 @@ fn watch(
             let grace = Duration::from_secs(request.limits.kill_grace_secs);
             return (stop_job(child, cgroup, sandboxed, grace), Some(stop));
         }
-        std::thread::sleep(POLL);
+        exited.wait(POLL);
+    }
+}
+
+/// Tells when a child exits: its pidfd becomes readable.
+struct Exited(Option<std::os::fd::OwnedFd>);
+
+impl Exited {
+    fn of(child: &Child) -> Exited {
+        Exited(
+            rustix::process::pidfd_open(rustix::process::Pid::from_child(child), rustix::process::PidfdFlags::empty())
+                .ok(),
+        )
+    }
+
+    /// Sleeps for `most`, or less if the child exits meanwhile.
+    fn wait(&self, most: Duration) {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let Some(pidfd) = &self.0 else { return std::thread::sleep(most) };
+        let timeout = Timespec::try_from(most).unwrap_or(Timespec { tv_sec: 0, tv_nsec: 50_000_000 });
+        if rustix::event::poll(&mut [PollFd::new(pidfd, PollFlags::IN)], Some(&timeout)).is_err() {
+            std::thread::sleep(most);
+        }
     }
 }
 
