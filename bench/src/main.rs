@@ -13,7 +13,8 @@
 //!    jobs ending at once, scored and published (see [`fullstack`]), and
 //!    its ratio to the engine alone;
 //! 6. publishing at scale, on the file system and on moto ([`publish`]);
-//! 7. the peers, DBOS and Restate, in the same shape ([`peers`]), and one
+//! 7. the local sandbox's own cost ([`sandbox`]);
+//! 8. the peers, DBOS and Restate, in the same shape ([`peers`]), and one
 //!    table of them all.
 //!
 //! Usage: `scripts/bench [--runs N --stored-runs N --live-runs N ...]`,
@@ -30,6 +31,8 @@ use evalflow_workflow::{
 };
 
 const GROUP: usize = 100;
+/// Trivial sandboxed jobs at once in the sandbox's throughput phase.
+const SANDBOX_AT_ONCE: usize = 4;
 const POLICY: &str = r#"
     time_limit_secs = 32400
     [[profile]]
@@ -49,6 +52,7 @@ const POLICY: &str = r#"
 mod fullstack;
 mod peers;
 mod publish;
+mod sandbox;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -63,6 +67,11 @@ fn main() -> Result<(), Error> {
         && phase == fullstack::SERVE_CHILD
     {
         return fullstack::serve_child(dir.as_ref());
+    }
+    if let [phase, dir] = args.as_slice()
+        && phase == sandbox::SUPERVISE_CHILD
+    {
+        return Ok(evalflow_activities::local::supervisor::supervise(dir.as_ref())?);
     }
     let flag = |name: &str, default: usize| -> Result<usize, Error> {
         match args.iter().position(|a| a == name) {
@@ -80,8 +89,15 @@ fn main() -> Result<(), Error> {
     let publish_sizes = [flag("--publish", 10_000)?, flag("--publish-large", 100_000)?];
     let s3_stored = [flag("--s3-stored", 10_000)?, flag("--s3-stored-large", 100_000)?];
     let s3_publishes = flag("--s3-publishes", 200)?;
+    let sandbox_runs = flag("--sandbox-runs", 1_000)?;
     let policy = Policy::from_toml(POLICY)?;
     println!("evalflow core benchmark ({} CPUs)", std::thread::available_parallelism()?);
+    if args.iter().any(|a| a == "--sandbox-only") {
+        if let Some(report) = sandbox::measure(&policy, 20, sandbox_runs, SANDBOX_AT_ONCE)? {
+            report.print();
+        }
+        return Ok(());
+    }
 
     let (raw_writes, raw_flushes) = raw_sled()?;
     println!("raw sled, batches of {GROUP}, one flush each: {:>9.0} writes/s (best of 3)", raw_writes);
@@ -140,6 +156,10 @@ fn main() -> Result<(), Error> {
         }
     } else {
         println!("publishing on S3: skipped (scripts/bench starts moto and sets EVALFLOW_MOTO_URL)");
+    }
+
+    if let Some(report) = sandbox::measure(&policy, 20, sandbox_runs, SANDBOX_AT_ONCE)? {
+        report.print();
     }
 
     let peers = match &peers_dir {
