@@ -99,8 +99,9 @@ pub fn free_space(dir: &Path) -> io::Result<FreeSpace> {
     })
 }
 
-/// Copies the files of `from` into `to` (created), refusing what
-/// [`list_files`] refuses; every file is opened beneath `from`, through no link.
+/// Copies the files of `from` into `to` (created), executable ones
+/// executable, refusing what [`list_files`] refuses; every file is opened
+/// beneath `from`, through no link.
 pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
     fs::create_dir_all(to)?;
     for (relative, _) in list_files(from, bytes_max)? {
@@ -109,39 +110,56 @@ pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
             fs::create_dir_all(parent)?;
         }
         let (file, length) = open_listed(from, &relative)?;
-        io::copy(&mut file.take(length), &mut File::create(target)?)?;
+        copy_file(file, length, &target)?;
     }
     Ok(())
 }
 
 /// Gives `to` (created) the files of `from` as hard links to them, each
-/// made read-only for everyone first: whoever neither owns them nor is
-/// root can read them and cannot change them, so a sandbox of another
-/// uid reads the kept copy without the cost of copying it. The files
-/// `copied` (relative to `from`), and any on another file system than
-/// `to`, are copied instead. Refuses what [`list_files`] refuses; every
+/// made read-only for everyone first (executable ones stay executable):
+/// whoever neither owns them nor is root can read them and cannot change
+/// them, so a sandbox of another uid reads the kept copy without the cost
+/// of copying it. The files `copied` (relative to `from`) are copied
+/// instead, and so is any that cannot be made read-only or linked (a
+/// read-only or another file system, too many links). Returns the files
+/// copied, relative to `to`. Refuses what [`list_files`] refuses; every
 /// file is opened beneath `from`, through no link.
-pub fn link_dir(from: &Path, to: &Path, copied: &[&Path]) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+pub fn link_dir(from: &Path, to: &Path, copied: &[&Path]) -> io::Result<Vec<PathBuf>> {
     fs::create_dir_all(to)?;
+    let mut copies = Vec::new();
     for (relative, _) in list_files(from, u64::MAX)? {
         let target = to.join(&relative);
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent)?;
         }
         let (file, length) = open_listed(from, &relative)?;
-        if copied.contains(&relative.as_path()) {
-            io::copy(&mut file.take(length), &mut File::create(target)?)?;
-            continue;
-        }
-        file.set_permissions(fs::Permissions::from_mode(0o444))?;
-        match fs::hard_link(from.join(&relative), &target) {
-            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                io::copy(&mut file.take(length), &mut File::create(target)?)?;
-            }
-            linked => linked?,
+        let link = !copied.contains(&relative.as_path()) && read_only(&file).is_ok();
+        if !(link && fs::hard_link(from.join(&relative), &target).is_ok()) {
+            copy_file(file, length, &target)?;
+            copies.push(relative);
         }
     }
+    Ok(copies)
+}
+
+/// Makes `file` read-only for everyone (0444, or 0555 if executable), unless it is.
+fn read_only(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    let wanted = if mode & 0o111 != 0 { 0o555 } else { 0o444 };
+    if mode != wanted {
+        file.set_permissions(fs::Permissions::from_mode(wanted))?;
+    }
+    Ok(())
+}
+
+/// Copies `length` bytes of `file` to `target`, executable if `file` is.
+fn copy_file(file: File, length: u64, target: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let executable = file.metadata()?.permissions().mode() & 0o111 != 0;
+    let mode = if executable { 0o755 } else { 0o644 };
+    let mut copy = File::options().write(true).create(true).truncate(true).mode(mode).open(target)?;
+    io::copy(&mut file.take(length), &mut copy)?;
     Ok(())
 }
 
@@ -166,7 +184,11 @@ mod tests {
         fs::write(kept.join("submission.toml"), "command = [\"true\"]").unwrap();
         fs::write(kept.join("sub/model.bin"), "weights").unwrap();
         let work = dir.path().join("work");
-        link_dir(&kept, &work, &[Path::new("submission.toml")]).unwrap();
+        fs::write(kept.join("run.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(kept.join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+        let copied = link_dir(&kept, &work, &[Path::new("submission.toml")]).unwrap();
+        assert_eq!(copied, [Path::new("submission.toml")], "only what was asked is copied");
+        assert_eq!(fs::metadata(work.join("run.sh")).unwrap().permissions().mode() & 0o777, 0o555);
         let (source, linked) =
             (fs::metadata(kept.join("sub/model.bin")).unwrap(), fs::metadata(work.join("sub/model.bin")).unwrap());
         assert_eq!((linked.ino(), linked.nlink()), (source.ino(), 2));
@@ -175,8 +197,13 @@ mod tests {
         assert_eq!(copied.nlink(), 1);
         assert_eq!(fs::read_to_string(work.join("submission.toml")).unwrap(), "command = [\"true\"]");
         // Linking again (a relaunch) adds links and changes nothing else.
-        link_dir(&kept, &dir.path().join("again"), &[]).unwrap();
+        assert!(link_dir(&kept, &dir.path().join("again"), &[]).unwrap().is_empty());
         assert_eq!(fs::metadata(kept.join("submission.toml")).unwrap().nlink(), 2);
+        // What cannot be linked (here: across file systems, from /dev/shm) is copied.
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            fs::write(shm.path().join("x"), "x").unwrap();
+            assert_eq!(link_dir(shm.path(), &dir.path().join("shm"), &[]).unwrap(), [Path::new("x")]);
+        }
         std::os::unix::fs::symlink("/etc/passwd", kept.join("link")).unwrap();
         assert!(link_dir(&kept, &dir.path().join("refused"), &[]).is_err(), "a link in the kept copy is refused");
     }

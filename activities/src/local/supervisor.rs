@@ -79,7 +79,14 @@ pub fn supervise(job_dir: &Path) -> io::Result<()> {
                 tracing::warn!("cannot write the job's status ({e}): waiting for room on the host's disk");
                 std::thread::sleep(ROOM_POLL);
             }
-            written => return written,
+            written => {
+                // The scratch directory was the job's alone: nothing reads it
+                // after the job, and it holds links to the kept copy.
+                if written.is_ok() && paths.work().exists() {
+                    let _ = fs::remove_dir_all(paths.work());
+                }
+                return written;
+            }
         }
     }
 }
@@ -198,13 +205,19 @@ fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<V
         }
     }
     let (kept, work) = (&request.submission_dir, &paths.work());
-    match uid {
+    // The files of the scratch directory that are the job's own: `None`, all.
+    let copied = match uid {
         // The manifest is read as the submitter's file, which must have one link.
-        Some(_) => link_dir(kept, work, &[Path::new(MANIFEST)])
-            .map_err(unprepared("cannot link the submission's files".into()))?,
+        Some(_) if hard_links_protected() => Some(
+            link_dir(kept, work, &[Path::new(MANIFEST)])
+                .map_err(unprepared("cannot link the submission's files".into()))?,
+        ),
         // The kept copy was checked against the size cap when it was submitted.
-        None => copy_dir(kept, work, u64::MAX).map_err(unprepared("cannot copy the submission".into()))?,
-    }
+        _ => {
+            copy_dir(kept, work, u64::MAX).map_err(unprepared("cannot copy the submission".into()))?;
+            None
+        }
+    };
     fs::create_dir_all(paths.output()).map_err(unprepared("cannot create the output directory".into()))?;
     let manifest = Manifest::read(work).map_err(|e| Unprepared::Refused(e.to_string()))?;
     let program = &manifest.command[0];
@@ -215,28 +228,42 @@ fn prepare(paths: &JobPaths, request: &JobRequest, uid: Option<u32>) -> Result<V
         )));
     }
     if let Some(uid) = uid {
-        for dir in [paths.work(), paths.output()] {
-            chown_tree(&dir, uid).map_err(unprepared(format!("cannot hand {} to the sandbox", dir.display())))?;
-        }
+        let hand = |dir: &Path, files| {
+            chown_tree(dir, uid, files).map_err(unprepared(format!("cannot hand {} to the sandbox", dir.display())))
+        };
+        hand(work, copied.as_deref())?;
+        hand(&paths.output(), None)?;
     }
     Ok(manifest.command)
 }
 
-/// Gives a tree (made by the supervisor) to the job's uid, its top
-/// directory to that uid alone: its directories, and the files it holds
-/// but the links to the kept copy, which stay read-only and root's.
-fn chown_tree(dir: &Path, uid: u32) -> io::Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    chown_below(dir, uid)
+/// Whether the kernel lets nobody link a file they may not write
+/// (`fs.protected_hardlinks`): otherwise a job could link a kept file until
+/// it has no links left to give, and its scratch directory gets copies.
+fn hard_links_protected() -> bool {
+    fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|value| value.trim() == "1")
 }
 
-fn chown_below(dir: &Path, uid: u32) -> io::Result<()> {
+/// Gives a tree (made by the supervisor) to the job's uid, its top
+/// directory to that uid alone: its directories, and its files, all or
+/// only `files` (relative to `dir`; the others are links to the kept copy,
+/// which stay read-only and root's).
+fn chown_tree(dir: &Path, uid: u32, files: Option<&[PathBuf]>) -> io::Result<()> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    chown_below(dir, uid, files.is_none())?;
+    for file in files.unwrap_or_default() {
+        std::os::unix::fs::lchown(dir.join(file), Some(uid), Some(uid))?;
+    }
+    Ok(())
+}
+
+fn chown_below(dir: &Path, uid: u32, files: bool) -> io::Result<()> {
     std::os::unix::fs::lchown(dir, Some(uid), Some(uid))?;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
-            chown_below(&entry.path(), uid)?;
-        } else if entry.metadata()?.nlink() == 1 {
+            chown_below(&entry.path(), uid, files)?;
+        } else if files {
             std::os::unix::fs::lchown(entry.path(), Some(uid), Some(uid))?;
         }
     }
@@ -372,7 +399,7 @@ fn watch(
     let start = Instant::now();
     let deadline = start + Duration::from_secs(request.time_limit_secs);
     let mut next_disk_check = start;
-    let exited = Exited::of(child);
+    let mut exited = Exited::of(child);
     loop {
         if let Ok(Some(exit)) = child.try_wait() {
             return (exit, None);
@@ -398,7 +425,8 @@ fn watch(
     }
 }
 
-/// Tells when a child exits: its pidfd becomes readable.
+/// Tells when a child exits: its pidfd becomes readable (and stays so:
+/// once it was, the wait is a plain sleep, should the exit go unseen).
 struct Exited(Option<std::os::fd::OwnedFd>);
 
 impl Exited {
@@ -410,12 +438,14 @@ impl Exited {
     }
 
     /// Sleeps for `most`, or less if the child exits meanwhile.
-    fn wait(&self, most: Duration) {
+    fn wait(&mut self, most: Duration) {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let Some(pidfd) = &self.0 else { return std::thread::sleep(most) };
         let timeout = Timespec::try_from(most).unwrap_or(Timespec { tv_sec: 0, tv_nsec: 50_000_000 });
-        if rustix::event::poll(&mut [PollFd::new(pidfd, PollFlags::IN)], Some(&timeout)).is_err() {
-            std::thread::sleep(most);
+        match rustix::event::poll(&mut [PollFd::new(pidfd, PollFlags::IN)], Some(&timeout)) {
+            Ok(0) => {}
+            Ok(_) => self.0 = None,
+            Err(_) => std::thread::sleep(most),
         }
     }
 }
