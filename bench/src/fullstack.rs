@@ -6,6 +6,7 @@
 //! leaderboard, until every run is published.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -88,7 +89,7 @@ impl JobRunner for InstantJobs {
 
 /// Writes a competition of one public stage in `dir`, whose every job may
 /// run at once.
-fn competition(dir: &Path) -> Result<(), Error> {
+pub fn competition(dir: &Path) -> Result<(), Error> {
     let stage = dir.join("data/public");
     std::fs::create_dir_all(stage.join("test"))?;
     let mut labels = String::from("filename,label\n");
@@ -202,60 +203,82 @@ fn spec(index: usize) -> RunSpec {
 pub fn measure(runs: usize) -> Result<(FullStack, tempfile::TempDir), Error> {
     let dir = crate::scratch()?;
     competition(dir.path())?;
+    let result = serving(dir.path(), |api| drive(dir.path(), api, runs))?;
+    Ok((result, dir))
+}
+
+/// Runs `work` against a serving node on `dir`, in a child process stopped
+/// after it, once the node answers.
+pub fn serving<T, F: Future<Output = Result<T, Error>>>(dir: &Path, work: impl FnOnce(Api) -> F) -> Result<T, Error> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args([SERVE_CHILD, &dir.path().display().to_string()])
+        .args([SERVE_CHILD, &dir.display().to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .env("RUST_LOG", "warn")
         .spawn()?;
-    let result = tokio::runtime::Runtime::new()?.block_on(drive(dir.path(), runs));
+    let result = tokio::runtime::Runtime::new()?.block_on(async { work(Api::connect(dir).await?).await });
     drop(child.stdin.take());
     let status = child.wait()?;
     let result = result?;
     if !status.success() {
         return Err(format!("the serving node exited with {status}").into());
     }
-    Ok((result, dir))
+    Ok(result)
 }
 
-async fn drive(dir: &Path, runs: usize) -> Result<FullStack, Error> {
-    let info_path = dir.join("state/engine.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let info: EngineInfo = loop {
-        if let Ok(bytes) = std::fs::read(&info_path)
-            && let Ok(info) = serde_json::from_slice(&bytes)
-        {
-            break info;
+/// A serving node's API, as a client reaches it.
+pub struct Api {
+    /// Its address.
+    pub base: String,
+    /// Its token.
+    pub token: ApiToken,
+    /// The client.
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    /// Waits (bounded) until the node of `dir` announces its API and answers.
+    async fn connect(dir: &Path) -> Result<Api, Error> {
+        let info_path = dir.join("state/engine.json");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let info: EngineInfo = loop {
+            if let Ok(bytes) = std::fs::read(&info_path)
+                && let Ok(info) = serde_json::from_slice(&bytes)
+            {
+                break info;
+            }
+            if Instant::now() > deadline {
+                return Err("the serving node did not announce its API in 600 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let api = Api { base: info.api, token: ApiToken::read(dir)?, http: reqwest::Client::new() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while api.get::<String>("/v1/ping").await.is_err() {
+            if Instant::now() > deadline {
+                return Err("the serving node does not answer".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if Instant::now() > deadline {
-            return Err("the serving node did not announce its API in 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let token = ApiToken::read(dir)?;
-    let http = reqwest::Client::new();
-    let get_status = || async {
-        let response = http.get(format!("{}/v1/status", info.api)).bearer_auth(token.as_str()).send().await?;
-        Ok::<StatusView, Error>(response.error_for_status()?.json().await?)
-    };
-    // Answering at all: the node is up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_status().await.is_err() {
-        if Instant::now() > deadline {
-            return Err("the serving node does not answer".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(api)
     }
+
+    /// `GET path`, its answer parsed.
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(self.token.as_str()).send().await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+}
+
+async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
+    let Api { base, token, http } = &api;
+    let get_status = || api.get::<StatusView>("/v1/status");
 
     let (start, started_ms) = (Instant::now(), Timestamp::now().as_millis());
     for first in (0..runs).step_by(SUBMIT_BATCH) {
         let specs: Vec<RunSpec> = (first..(first + SUBMIT_BATCH).min(runs)).map(spec).collect();
-        let response = http
-            .post(format!("{}/v1/submit", info.api))
-            .bearer_auth(token.as_str())
-            .json(&Submit(specs))
-            .send()
-            .await?;
+        let response =
+            http.post(format!("{base}/v1/submit")).bearer_auth(token.as_str()).json(&Submit(specs)).send().await?;
         response.error_for_status()?;
     }
     let submit_secs = start.elapsed().as_secs_f64();
@@ -277,13 +300,11 @@ async fn drive(dir: &Path, runs: usize) -> Result<FullStack, Error> {
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     // The last run's last change, not the look that found it.
-    let response = http.get(format!("{}/v1/runs", info.api)).bearer_auth(token.as_str()).send().await?;
-    let views: Vec<RunView> = response.error_for_status()?.json().await?;
+    let views: Vec<RunView> = api.get("/v1/runs").await?;
     let ended_ms = views.iter().map(|v| v.updated_at_ms).max().unwrap_or(started_ms);
     let secs = (ended_ms.saturating_sub(started_ms) as f64 / 1000.0).max(f64::EPSILON);
     let run = RunId::new(&spec(0).submission, Stage::Public);
-    let response = http.get(format!("{}/v1/runs/{run}/history", info.api)).bearer_auth(token.as_str()).send().await?;
-    let history: Vec<serde_json::Value> = response.error_for_status()?.json().await?;
+    let history: Vec<serde_json::Value> = api.get(&format!("/v1/runs/{run}/history")).await?;
     let transitions_per_run = history.iter().filter(|e| e["disposition"] == "applied").count() as u64;
     let board = std::fs::read(dir.join("leaderboard/public.json"))?;
     let board: evalflow_activities::leaderboard::Leaderboard = serde_json::from_slice(&board)?;

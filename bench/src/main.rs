@@ -6,7 +6,9 @@
 //!    published, activities answered instantly), with groups of 100 events,
 //!    and the ratio to raw sled;
 //! 3. a store of 1,000,000 runs: time to count runs by state on a fresh
-//!    open, and the engine's resident memory;
+//!    open, the engine's resident memory, and a serving node on it: its
+//!    start, and its answers to `status`, `runs --state failed` and a
+//!    run's history ([`scale`]);
 //! 4. the same store plus 100,000 non-terminal runs: time to reopen and
 //!    recover every outstanding command;
 //! 5. the whole stack: runs submitted through a real node's HTTP API, its
@@ -53,6 +55,7 @@ mod fullstack;
 mod peers;
 mod publish;
 mod sandbox;
+mod scale;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -92,6 +95,9 @@ fn main() -> Result<(), Error> {
     let sandbox_runs = flag("--sandbox-runs", 1_000)?;
     let policy = Policy::from_toml(POLICY)?;
     println!("evalflow core benchmark ({} CPUs)", std::thread::available_parallelism()?);
+    if args.iter().any(|a| a == "--scale-only") {
+        return stored_at_scale(&policy, stored_runs, live_runs);
+    }
     if args.iter().any(|a| a == "--sandbox-only") {
         if let Some(report) = sandbox::measure(&policy, 20, sandbox_runs, SANDBOX_AT_ONCE)? {
             report.print();
@@ -190,8 +196,18 @@ fn main() -> Result<(), Error> {
     println!("(targets: the full stack >= 0.5x the engine alone, >= 20x Restate, >= 100x DBOS)");
     println!();
 
+    stored_at_scale(&policy, stored_runs, live_runs)?;
+    drop(kept);
+    Ok(())
+}
+
+/// The stored runs at scale: a store filled with `stored_runs`, counted,
+/// served through the API, then `live_runs` more added and recovered.
+fn stored_at_scale(policy: &Policy, stored_runs: usize, live_runs: usize) -> Result<(), Error> {
     let dir = scratch()?;
-    let fill = fill_in_child(dir.path(), stored_runs)?;
+    fullstack::competition(dir.path())?;
+    let store = dir.path().join("state/store");
+    let fill = fill_in_child(&store, stored_runs)?;
     println!(
         "{stored_runs} stored runs: filled in {:.1} s, engine RSS {} MiB (peak {} MiB; target < 500), {} MiB on disk",
         fill.elapsed.as_secs_f64(),
@@ -199,20 +215,22 @@ fn main() -> Result<(), Error> {
         fill.peak_rss_mib,
         fill.disk_mib
     );
-    let (open, count) = count_by_state(dir.path())?;
+    let (open, count) = count_by_state(&store)?;
     println!(
         "count by state on a fresh open:           {:>9.3} ms (store open {:.0} ms; target < 50 ms)",
         ms(count),
         ms(open)
     );
 
-    add_live_runs(&policy, dir.path(), stored_runs, live_runs)?;
-    let (recovery, commands) = reopen_and_recover(&policy, dir.path())?;
+    let history_of = evalflow_workflow::RunId::new(&spec(0).submission, Stage::Public);
+    scale::measure(dir.path(), history_of.as_str())?.print(stored_runs);
+
+    add_live_runs(policy, &store, stored_runs, live_runs)?;
+    let (recovery, commands) = reopen_and_recover(policy, &store)?;
     println!(
         "reopen + recover {live_runs} live runs:         {:>9.0} ms, {commands} commands owed (target < 2000 ms)",
         ms(recovery)
     );
-    drop(kept);
     Ok(())
 }
 

@@ -80,7 +80,7 @@ pub async fn run(data_dir: &Path, isolation: Isolation) -> Result<ExitCode> {
     let options = NodeOptions { isolation, supervisor: supervisor()?, mode: Mode::Engine, runner: None };
     let node = Node::start(config, lock, options).await?;
     // Runs submitted by an earlier demo are not submitted again.
-    let known: Vec<RunId> = node.runs(None).await?.into_iter().map(|r| r.id).collect();
+    let known: Vec<RunId> = node.runs(None, None, None).await?.into_iter().map(|r| r.id).collect();
     specs.retain(|spec| !known.contains(&spec.run));
     if let Some(refused) = node.submit(specs).await?.into_iter().find(|a| !a.accepted) {
         bail!("{}: {}", refused.run, refused.message);
@@ -127,7 +127,7 @@ async fn progress(node: &Node, runs: &[RunId]) -> Result<()> {
         "{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} ended  {msg}  ETA {eta}",
     )?);
     loop {
-        let views = node.runs(None).await?;
+        let views = node.runs(None, None, None).await?;
         let mine: Vec<&RunView> = views.iter().filter(|v| runs.contains(&v.id)).collect();
         let mut counts: BTreeMap<StateTag, usize> = BTreeMap::new();
         for view in &mine {
@@ -150,7 +150,7 @@ async fn progress(node: &Node, runs: &[RunId]) -> Result<()> {
 
 /// The runs of the examples that did not end as documented, in words.
 async fn astray(node: &Node, examples: &[(competition::Example, PathBuf)]) -> Result<Vec<String>> {
-    let views = node.runs(None).await?;
+    let views = node.runs(None, None, None).await?;
     let mut astray = Vec::new();
     for (example, _) in examples {
         for view in views.iter().filter(|v| v.submission.as_str() == example.id) {
@@ -172,7 +172,7 @@ async fn report(node: &Node, runs: &[RunId]) -> Result<()> {
         output::leaderboard(&node.leaderboard(stage).await?);
         println!();
     }
-    let views: Vec<RunView> = node.runs(None).await?.into_iter().filter(|v| runs.contains(&v.id)).collect();
+    let views: Vec<RunView> = node.runs(None, None, None).await?.into_iter().filter(|v| runs.contains(&v.id)).collect();
     output::runs(&views);
     println!();
     output::failures(&views);

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use evalflow_activities::local::sandbox::Isolation;
 use evalflow_worker::api::operations::{
-    Backup, Cancel, Cost, History, Reload, Replay, Rescore, Retry, Runs, Standings, Status, Stopping, Submit,
+    Backup, Cancel, Cost, History, Reload, Replay, Rescore, Retry, Runs, Standings, Status, Stopping, Submit, Teams,
 };
 use evalflow_worker::config::Config;
 use evalflow_worker::datadir::submit::{
@@ -448,8 +448,11 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             check_stages(&config, &requests)?;
             let lock = SubmitLock::take(&config)
                 .with_context(|| format!("cannot take {} for this submit", config.submit_lock().display()))?;
-            let stored =
-                backend.call(Runs { state: None }).await?.into_iter().map(|r| (r.submission, r.team)).collect();
+            // Only the teams of the ids at hand: a manifest is checked without reading every stored run.
+            let mut asked: Vec<_> = requests.iter().map(|r| r.id.clone()).chain(lock.left().iter().cloned()).collect();
+            asked.sort();
+            asked.dedup();
+            let stored = backend.call(Teams { submissions: asked }).await?.into_iter().collect();
             check_requests(&requests, &stored)?;
             let cleared = clear_unsubmitted(&config, &stored, &lock);
             if cleared > 0 {
@@ -510,13 +513,24 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Runs { state, json } => {
-            let runs = backend.call(Runs { state }).await?;
-            if json {
-                output::json(&runs)?
-            } else {
-                output::runs(&runs)
+        Command::Runs { state, json: true } => {
+            // Page by page: however many runs there are, neither the engine
+            // nor this process holds them all.
+            let mut out = output::JsonArray::stdout()?;
+            let mut after = None;
+            loop {
+                let page = backend.call(Runs { state, after, limit: Some(RUNS_PAGE) }).await?;
+                out.extend(&page)?;
+                if page.len() < RUNS_PAGE {
+                    break;
+                }
+                after = page.last().map(|view| view.id.clone());
             }
+            out.end()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { state, json: false } => {
+            output::runs(&backend.call(Runs { state, ..Runs::default() }).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::History { run, json } => {
@@ -662,6 +676,9 @@ fn preparing(n: usize) -> indicatif::ProgressBar {
     }
     bar
 }
+
+/// Runs per page of `runs --json`.
+const RUNS_PAGE: usize = 1_000;
 
 /// Above this many runs, a bulk request asks before it acts (`--yes` does not).
 const CONFIRM_ABOVE: usize = 10;

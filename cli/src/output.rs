@@ -17,6 +17,48 @@ pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A JSON array written to standard output element by element, as
+/// [`json`] would write it whole.
+pub struct JsonArray {
+    out: std::io::BufWriter<std::io::Stdout>,
+    started: bool,
+}
+
+impl JsonArray {
+    /// An array about to start.
+    pub fn stdout() -> anyhow::Result<JsonArray> {
+        Ok(JsonArray { out: std::io::BufWriter::new(std::io::stdout()), started: false })
+    }
+
+    /// Writes `items`, and flushes them.
+    pub fn extend(&mut self, items: &[impl Serialize]) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        for item in items {
+            // An element of a pretty array is the element pretty, one level in
+            // (a line break inside a JSON string is escaped: each is the layout's).
+            let text = serde_json::to_string_pretty(item)?;
+            self.out.write_all(if self.started { b",\n" } else { b"[\n" })?;
+            for (n, line) in text.lines().enumerate() {
+                if n > 0 {
+                    self.out.write_all(b"\n")?;
+                }
+                write!(self.out, "  {line}")?;
+            }
+            self.started = true;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Ends the array.
+    pub fn end(mut self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        self.out.write_all(if self.started { b"\n]\n" } else { b"[]\n" })?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
 /// Whether tables show every cell whole (`--wide`), set once at start.
 static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 

@@ -50,7 +50,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
         }
         Chosen::Report => Vec::new(),
     };
-    let runs = by_id(backend.call(Runs { state: None }).await?);
+    let runs = by_id(backend.call(Runs::default()).await?);
     let mut new = Vec::new();
     for original in &originals {
         let Some(view) = runs.get(original) else { bail!("{}", ControlError::UnknownRun(original.clone())) };
@@ -78,7 +78,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
             eprintln!("audit {} started", action.run);
         }
     }
-    let mut runs = by_id(backend.call(Runs { state: None }).await?);
+    let mut runs = by_id(backend.call(Runs::default()).await?);
     let audited: Vec<RunId> = if originals.is_empty() {
         let mut all: Vec<RunId> = runs.values().filter_map(|r| r.audit_of.clone()).collect();
         all.sort();
@@ -89,7 +89,7 @@ pub async fn run(backend: &Backend, config: &Config, chosen: Chosen, wait: bool)
     };
     while wait && audited.iter().any(|o| latest_audit(&runs, o).is_some_and(|a| !a.state.is_terminal())) {
         tokio::time::sleep(WAIT_POLL).await;
-        runs = by_id(backend.call(Runs { state: None }).await?);
+        runs = by_id(backend.call(Runs::default()).await?);
     }
     report(config, &runs, &audited).await
 }

@@ -116,13 +116,16 @@ async fn oom_timeouts_spot_and_image_pulls_take_their_paths_through_sqs_and_s3()
     let cancelme = RunId::parse("cancelme-public").unwrap();
     wait_for("cancelme runs", async || node.run(&cancelme).await.unwrap().state == StateTag::Running).await;
     node.cancel(evalflow_worker::views::Selection::Runs(vec![cancelme.clone()]), false).await.unwrap();
-    wait_for("every run ends", async || node.runs(None).await.unwrap().iter().all(|r| r.state.is_terminal())).await;
+    wait_for("every run ends", async || {
+        node.runs(None, None, None).await.unwrap().iter().all(|r| r.state.is_terminal())
+    })
+    .await;
     // The first termination was given up on; the engine sent it again.
     wait_for("cancelme's job is stopped", async || !node.stopping(&cancelme).await.unwrap()).await;
     assert_eq!(*batch.terminations.lock().unwrap(), 2, "given up once, then sent again by the engine");
 
     let runs: BTreeMap<String, RunView> =
-        node.runs(None).await.unwrap().into_iter().map(|r| (r.id.to_string(), r)).collect();
+        node.runs(None, None, None).await.unwrap().into_iter().map(|r| (r.id.to_string(), r)).collect();
     let outcome = |id: &str| {
         let r = &runs[id];
         (r.state, r.profile.as_ref().map(ToString::to_string).unwrap(), r.attempts, r.failure.clone())

@@ -30,6 +30,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/runs/x-public/history", ""),
     ("POST", "/v1/replay", "{}"),
     ("POST", "/v1/submit", "[]"),
+    ("POST", "/v1/teams", r#"{"submissions": []}"#),
     ("POST", "/v1/cancel", r#"{"selection": {"matching": {"state": "running"}}}"#),
     ("POST", "/v1/retry", r#"{"selection": {"matching": {"state": "failed"}}, "dry_run": true}"#),
     ("POST", "/v1/reload", "{}"),
@@ -243,6 +244,11 @@ fn a_submit_takes_only_what_was_prepared_in_the_data_directory() {
     let status: StatusView = engine.cli.json(&["status", "--json"]);
     assert!(status.engine.is_some(), "the CLI went through the API");
     assert_eq!(status.progress.whole.total, 2, "{status:?}");
+    // A submit checks its ids' teams, and only theirs, through the API.
+    let teams = engine.call("POST", "/v1/teams", r#"{"submissions": ["through-cli", "nobody"]}"#);
+    assert_eq!((teams.status, teams.body.as_str()), (200, r#"{"through-cli":"t"}"#));
+    let taken = engine.cli.fails(&["submit", "--id", "through-cli", "--team", "u", path.to_str().unwrap()]);
+    assert!(taken.contains("already submitted by team t"), "{taken}");
 }
 
 #[test]

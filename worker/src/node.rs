@@ -25,10 +25,11 @@ use evalflow_workflow::cost::{Billing, cost_report};
 use evalflow_workflow::engine::InputError;
 use evalflow_workflow::plan::observed_secs;
 use evalflow_workflow::progress::Tally;
-use evalflow_workflow::store::{RunFilter, SledOptions, all_runs};
+use evalflow_workflow::store::{LIST_LIMIT_MAX, RunFilter, SledOptions, all_runs};
 use evalflow_workflow::{
     Dispatch, Disposition, Engine, EngineError, Envelope, Event, FailureReason, IgnoreReason, Input, Outcome, Policy,
-    Run, RunId, RunSpec, RunState, SledStore, Stage, StateTag, StoreError, Timestamp, WorkflowStore, job_name, replay,
+    Run, RunId, RunSpec, RunState, SledStore, Stage, StateTag, StoreError, SubmissionId, TeamId, Timestamp,
+    WorkflowStore, job_name, replay,
 };
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -158,6 +159,8 @@ pub struct Node {
     /// The budget, and what it allowed when the engine last looked.
     budget: Budget,
     billing: Billing,
+    /// Every run tallied, kept up to date (an engine's node only).
+    tally: Option<SharedTally>,
     lock: DataDirLock,
 }
 
@@ -273,11 +276,20 @@ impl Budget {
     }
 }
 
-/// Every run of `store`, tallied at `now`.
-fn tally<'a>(store: &SledStore, policy: &'a Policy, billing: Billing, now: Timestamp) -> Result<Tally<'a>, StoreError> {
-    let mut tally = Tally::new(policy, billing, now);
+/// Every run of `store`, tallied.
+fn tally(store: &SledStore, policy: &Policy, billing: Billing) -> Result<Tally, StoreError> {
+    let mut tally = Tally::new(policy, billing);
     each_run(store, |run| tally.add(&run))?;
     Ok(tally)
+}
+
+/// An engine's tally of every run, which its engine thread keeps up to date
+/// as each group becomes durable ([`Engine::observe`]): what `status` and
+/// the budget read, without reading every run.
+type SharedTally = Arc<std::sync::Mutex<Tally>>;
+
+fn lock_tally(tally: &SharedTally) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Visits every run of `store`, in id order.
@@ -290,51 +302,24 @@ fn each_run(store: &SledStore, mut visit: impl FnMut(Run)) -> Result<(), StoreEr
     Ok(())
 }
 
-/// What `budget_usd` allows now, from the runs in `store`.
-fn budget_view(
-    store: &SledStore,
-    policy: &Policy,
-    billing: Billing,
-    budget_usd: f64,
-) -> Result<BudgetView, StoreError> {
-    let tally = tally(store, policy, billing, Timestamp::now())?;
-    let queued = tally.forecast(0).whole.queued;
-    Ok(BudgetView::new(tally.allowance(budget_usd), queued))
-}
-
-/// What the launch watch reads the store with.
-struct Reading {
-    store: SledStore,
-    billing: Billing,
+/// What `budget_usd` allows now, from the runs `tally` counted.
+fn budget_view(tally: &Tally, budget_usd: f64) -> BudgetView {
+    let now = Timestamp::now();
+    BudgetView::new(tally.allowance(budget_usd, now), tally.forecast(0, now).whole.queued)
 }
 
 /// Looks again at the budget (when one is set): tells the engine how many
 /// more runs it may admit, and returns whether it is spent, so that not even
 /// a relaunch goes out. The engine's count is taken before the store is
 /// read, so that a run admitted meanwhile is counted twice, never not at all.
-async fn watch_budget(
-    config: &Config,
-    reading: &Reading,
-    budget: &Budget,
-    engine: &EngineHandle,
-) -> Result<bool, EngineStopped> {
+async fn watch_budget(tally: &SharedTally, budget: &Budget, engine: &EngineHandle) -> Result<bool, EngineStopped> {
     let Some(budget_usd) = budget.lock().budget_usd else {
         budget.lock().last = None;
         engine.limit_admissions(None).await?;
         return Ok(false);
     };
     let admitted = engine.admitted().await?;
-    let (store, policy, billing) = (reading.store.clone(), config.policy.clone(), reading.billing);
-    let looked = tokio::task::spawn_blocking(move || budget_view(&store, &policy, billing, budget_usd)).await;
-    let view = match looked {
-        Ok(Ok(view)) => view,
-        Ok(Err(e)) => {
-            tracing::error!("cannot read the store to check the budget, so no new run is admitted: {e}");
-            engine.limit_admissions(Some(admitted)).await?;
-            return Ok(budget.lock().last.as_ref().is_some_and(|v| v.allowance.spent()));
-        }
-        Err(_) => return Err(EngineStopped),
-    };
+    let view = budget_view(&lock_tally(tally), budget_usd);
     engine.limit_admissions(view.allowance.admits.map(|n| admitted.saturating_add(n))).await?;
     let mut state = budget.lock();
     let was = state.last.as_ref().and_then(|v| v.stopped.clone());
@@ -357,7 +342,7 @@ async fn watch_launching(
     config: Arc<Config>,
     held: StageProblems,
     space: Option<Arc<Space>>,
-    (reading, budget): (Reading, Budget),
+    (tally, budget): (SharedTally, Budget),
     engine: EngineHandle,
     told: Holding,
     shutdown: CancellationToken,
@@ -394,7 +379,7 @@ async fn watch_launching(
             holding = hold;
         }
         let short = space.as_ref().is_some_and(|space| space.short().is_some());
-        let Ok(spent) = watch_budget(&config, &reading, &budget, &engine).await else { return };
+        let Ok(spent) = watch_budget(&tally, &budget, &engine).await else { return };
         let pause = short || spent;
         if pause != paused {
             if engine.pause_launches(pause).await.is_err() {
@@ -463,6 +448,16 @@ impl Node {
             Mode::Direct => 0,
         };
         let (mut engine, recovered) = Engine::open(store.clone(), config.policy.clone(), max_active)?;
+        // An engine counts every run once, then follows each change.
+        let tally = match options.mode {
+            Mode::Engine => {
+                let tally: SharedTally = Arc::new(std::sync::Mutex::new(tally(&store, &config.policy, setup.billing)?));
+                let kept = tally.clone();
+                engine.observe(Box::new(move |spec, before, after| lock_tally(&kept).change(spec, before, after)));
+                Some(tally)
+            }
+            Mode::Direct => None,
+        };
         let shutdown = CancellationToken::new();
         // Jobs, results and the store take this machine's disk when it runs the jobs.
         let space = (options.mode == Mode::Engine && config.aws.is_none()).then(|| {
@@ -475,9 +470,9 @@ impl Node {
         let budget = Budget::default();
         budget.lock().budget_usd = config.policy.budget_usd();
         let mut spent = false;
-        if let (Mode::Engine, Some(budget_usd)) = (options.mode, config.policy.budget_usd()) {
+        if let (Some(tally), Some(budget_usd)) = (&tally, config.policy.budget_usd()) {
             // Before the engine admits what waited while none ran.
-            let view = budget_view(&store, &config.policy, setup.billing, budget_usd)?;
+            let view = budget_view(&lock_tally(tally), budget_usd);
             engine.limit_admissions(view.allowance.admits);
             spent = view.allowance.spent();
             if let Some(stopped) = &view.stopped {
@@ -534,13 +529,12 @@ impl Node {
             }
             loops.push(tokio::spawn(watcher::run(setup.runner.clone(), engine.clone(), setup.watch, shutdown.clone())));
             loops.push(tokio::spawn(engine::tick(engine.clone(), shutdown.clone())));
-            if let Some(held) = &held {
-                let reading = Reading { store: store.clone(), billing: setup.billing };
+            if let (Some(held), Some(tally)) = (&held, &tally) {
                 let watch = watch_launching(
                     config.clone(),
                     held.clone(),
                     space.clone(),
-                    (reading, budget.clone()),
+                    (tally.clone(), budget.clone()),
                     engine.clone(),
                     told,
                     shutdown.clone(),
@@ -564,6 +558,7 @@ impl Node {
             space,
             budget,
             billing,
+            tally,
             lock,
         })
     }
@@ -630,17 +625,19 @@ impl Node {
             (state.budget_usd.filter(|_| self.direct.is_some()), state.last.clone())
         };
         let (policy, billing) = (self.config.policy.clone(), self.billing);
-        let (mut progress, budget) = self
-            .read(move |store| {
-                let tally = tally(store, &policy, billing, Timestamp::now())?;
-                let forecast = tally.forecast(max_active as u64);
-                let budget = match budget_usd {
-                    Some(usd) => Some(BudgetView::new(tally.allowance(usd), forecast.whole.queued)),
-                    None => enforced,
-                };
-                Ok((forecast, budget))
-            })
-            .await?;
+        let look = move |tally: &Tally| {
+            let now = Timestamp::now();
+            let forecast = tally.forecast(max_active as u64, now);
+            let budget = match budget_usd {
+                Some(usd) => Some(BudgetView::new(tally.allowance(usd, now), forecast.whole.queued)),
+                None => enforced,
+            };
+            (forecast, budget)
+        };
+        let (mut progress, budget) = match &self.tally {
+            Some(tally) => look(&lock_tally(tally)),
+            None => self.read(move |store| Ok(look(&tally(store, &policy, billing)?))).await?,
+        };
         let paused = self.space.as_ref().and_then(|space| space.short());
         // While launching is stopped, the queued runs' end cannot be foreseen.
         let budget_stops = budget.as_ref().is_some_and(|b| b.allowance.spent() || b.allowance.admits == Some(0));
@@ -687,8 +684,14 @@ impl Node {
     }
 
     /// The runs, all or those in one state, in id order, read after the
-    /// engine applied every input sent to it before.
-    pub async fn runs(&self, state: Option<StateTag>) -> Result<Vec<RunView>, ControlError> {
+    /// engine applied every input sent to it before: those after `after`,
+    /// at most `limit` of them (fewer: there are no more).
+    pub async fn runs(
+        &self,
+        state: Option<StateTag>,
+        after: Option<RunId>,
+        limit: Option<usize>,
+    ) -> Result<Vec<RunView>, ControlError> {
         self.engine.running().await?;
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         let problems = self.stage_problems().await?;
@@ -701,10 +704,20 @@ impl Node {
                 Some(tag) if tag.is_terminal() => RunFilter::Terminal(tag),
                 Some(_) => RunFilter::Live,
             };
-            let mut views = Vec::new();
-            for id in all_runs(store, filter)? {
-                let Some(stored) = store.load(&id)? else { continue };
-                if state.is_none_or(|tag| stored.run.status.state.tag() == tag) {
+            let limit = limit.unwrap_or(usize::MAX);
+            let (mut views, mut after) = (Vec::new(), after);
+            while views.len() < limit {
+                let page = store.runs(filter, after.as_ref(), LIST_LIMIT_MAX)?;
+                let last_page = page.len() < LIST_LIMIT_MAX;
+                after = page.last().cloned();
+                for id in page {
+                    if views.len() == limit {
+                        break;
+                    }
+                    let Some(stored) = store.load(&id)? else { continue };
+                    if state.is_some_and(|tag| stored.run.status.state.tag() != tag) {
+                        continue;
+                    }
                     let mut view = RunView::new(&stored.run, &policy, billing);
                     if let (StateTag::Queued, Some(problem)) = (view.state, &short) {
                         view.waiting = Some(format!("waiting for disk space: {problem}"));
@@ -715,8 +728,31 @@ impl Node {
                     }
                     views.push(view);
                 }
+                if last_page {
+                    break;
+                }
             }
             Ok(views)
+        })
+        .await
+    }
+
+    /// The teams of those of `submissions` that have a run, read after the
+    /// engine applied every input sent to it before: a look-up per stage of
+    /// each, however many runs are stored.
+    pub async fn teams(&self, submissions: Vec<SubmissionId>) -> Result<BTreeMap<SubmissionId, TeamId>, ControlError> {
+        self.engine.running().await?;
+        self.read(move |store| {
+            let mut teams = BTreeMap::new();
+            for submission in submissions {
+                for stage in Stage::ALL {
+                    if let Some(stored) = store.load(&RunId::new(&submission, stage))? {
+                        teams.insert(submission, stored.run.spec.team);
+                        break;
+                    }
+                }
+            }
+            Ok(teams)
         })
         .await
     }
@@ -1083,12 +1119,12 @@ impl Node {
         let slots = self.max_active() as u64;
         self.read(move |store| {
             let (now, mut snapshot) = (Timestamp::now(), Snapshot::default());
-            let mut tally = Tally::new(&policy, billing, now);
+            let mut tally = Tally::new(&policy, billing);
             each_run(store, |run| {
                 snapshot.add(&run, &policy, billing);
                 tally.add(&run);
             })?;
-            let progress = tally.forecast(slots).whole;
+            let progress = tally.forecast(slots, now).whole;
             snapshot.encode(&progress, queues, &engine).map_err(|e| ControlError::Internal(e.to_string()))
         })
         .await

@@ -203,6 +203,10 @@ struct Group {
     runs: HashMap<RunId, Working>,
 }
 
+/// What is told, once a group is durable, of each run it changed: its
+/// spec, its status before (`None`: new) and after.
+pub type Observer = Box<dyn FnMut(&RunSpec, Option<&RunStatus>, &RunStatus) + Send>;
+
 /// Applies events to runs, durably, in groups.
 pub struct Engine<S: WorkflowStore> {
     store: S,
@@ -215,6 +219,7 @@ pub struct Engine<S: WorkflowStore> {
     admitted: u64,
     /// Admissions stop once `admitted` reaches it (a budget's allowance).
     admit_until: Option<u64>,
+    observer: Option<Observer>,
 }
 
 impl<S: WorkflowStore> Engine<S> {
@@ -238,7 +243,16 @@ impl<S: WorkflowStore> Engine<S> {
                 command,
             }));
         }
-        let engine = Engine { store, policy, max_active, live, held: BTreeSet::new(), admitted: 0, admit_until: None };
+        let engine = Engine {
+            store,
+            policy,
+            max_active,
+            live,
+            held: BTreeSet::new(),
+            admitted: 0,
+            admit_until: None,
+            observer: None,
+        };
         Ok((engine, dispatches))
     }
 
@@ -247,6 +261,11 @@ impl<S: WorkflowStore> Engine<S> {
     /// is launched that could only fail.
     pub fn hold_stages(&mut self, stages: BTreeSet<Stage>) {
         self.held = stages;
+    }
+
+    /// Tells `observer` of every change from now on, once it is durable.
+    pub fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
     }
 
     /// The stages held.
@@ -331,6 +350,9 @@ impl<S: WorkflowStore> Engine<S> {
         for run in &group.order {
             let Some(working) = group.runs.remove(run) else { continue };
             let Run { spec, status } = working.stored.run;
+            if let Some(observe) = self.observer.as_mut().filter(|_| !working.entries.is_empty()) {
+                observe(&spec, working.before.as_ref(), &status);
+            }
             self.live.update(&spec, &status);
             let owed = status.outbox();
             for command in working.issued.into_iter().filter(|c| owed.contains(c)) {

@@ -3,6 +3,10 @@
 //!
 //! A [`Tally`] takes the runs one at a time (the store is read as a stream,
 //! never held whole) and estimates the rest from what the ended runs took.
+//! Nothing it keeps depends on the clock, and a run can be taken out again
+//! as it was put in: an engine keeps one up to date change by change
+//! ([`Tally::change`]) and forecasts from it at any moment, however many
+//! runs ended, in the time its live runs take.
 //! A live run on profile p is expected to cost and take, in all, what the
 //! ended runs that ran on p did (so the escalations seen are in the
 //! estimate); a queued run what an ended run of its stage did. The ETA
@@ -16,8 +20,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::cost::{Billing, attempt_cost};
-use crate::ids::{ProfileName, Stage};
-use crate::machine::{Run, RunState, StateTag};
+use crate::ids::{ProfileName, RunId, Stage};
+use crate::machine::{Run, RunSpec, RunState, RunStatus, StateTag};
 use crate::policy::Policy;
 use crate::time::Timestamp;
 
@@ -112,7 +116,7 @@ impl Sums {
 /// ran on one profile or any.
 type Key = (Option<Stage>, Option<ProfileName>);
 
-/// A live run, as far as the estimates need it.
+/// A live run, as far as the estimates need it at some moment.
 #[derive(Debug, Clone)]
 struct LiveRun {
     stage: Stage,
@@ -129,48 +133,104 @@ struct LiveRun {
     accrued_usd: f64,
 }
 
+/// A live run as the tally keeps it: what does not change with the clock.
+#[derive(Debug, Clone)]
+struct Live {
+    stage: Stage,
+    tag: StateTag,
+    submitted_at: Timestamp,
+    cpu_only: bool,
+    profile: Option<ProfileName>,
+    spent_usd: f64,
+    /// How long its ended jobs ran.
+    ended_secs: f64,
+    /// When its running job was launched.
+    running_since: Option<Timestamp>,
+}
+
+/// Whether a run is counted in or taken out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sign {
+    In,
+    Out,
+}
+
+impl Sign {
+    fn count(self, n: &mut u64) {
+        match self {
+            Sign::In => *n += 1,
+            Sign::Out => *n = n.saturating_sub(1),
+        }
+    }
+
+    fn sum(self, total: &mut f64, value: f64) {
+        match self {
+            Sign::In => *total += value,
+            Sign::Out => *total -= value,
+        }
+    }
+}
+
 /// The runs, taken one at a time.
-pub struct Tally<'a> {
-    policy: &'a Policy,
+#[derive(Debug, Clone)]
+pub struct Tally {
+    policy: Policy,
     billing: Billing,
-    now: Timestamp,
     whole: Progress,
     stages: BTreeMap<Stage, Progress>,
     observed: HashMap<Key, Sums>,
     /// The same, of the published runs only: a budget's measure, which a
     /// run that failed at once (at no cost) must not bring down.
     published: HashMap<Key, Sums>,
-    live: Vec<LiveRun>,
+    /// When the ended runs of each stage ended (ms), and how many then.
+    ended_at: BTreeMap<Stage, BTreeMap<u64, u64>>,
+    live: BTreeMap<RunId, Live>,
 }
 
 /// How long an ended run counts as ended lately.
 const LATELY_MS: u64 = 3_600_000;
 
-impl<'a> Tally<'a> {
-    /// An empty tally at `now`, costs billed as `billing`.
-    pub fn new(policy: &'a Policy, billing: Billing, now: Timestamp) -> Tally<'a> {
+impl Tally {
+    /// An empty tally, costs billed as `billing`.
+    pub fn new(policy: &Policy, billing: Billing) -> Tally {
         Tally {
-            policy,
+            policy: policy.clone(),
             billing,
-            now,
             whole: Progress::default(),
             stages: BTreeMap::new(),
             observed: HashMap::new(),
             published: HashMap::new(),
-            live: Vec::new(),
+            ended_at: BTreeMap::new(),
+            live: BTreeMap::new(),
         }
     }
 
     /// Counts `run`.
     pub fn add(&mut self, run: &Run) {
-        let (spec, status) = (&run.spec, &run.status);
+        self.count(&run.spec, &run.status, Sign::In);
+    }
+
+    /// Takes out `run`, counted before as it is.
+    pub fn remove(&mut self, run: &Run) {
+        self.count(&run.spec, &run.status, Sign::Out);
+    }
+
+    /// Follows a run of `spec` from `before` (`None`: a new run) to `after`.
+    pub fn change(&mut self, spec: &RunSpec, before: Option<&RunStatus>, after: &RunStatus) {
+        if let Some(before) = before {
+            self.count(spec, before, Sign::Out);
+        }
+        self.count(spec, after, Sign::In);
+    }
+
+    fn count(&mut self, spec: &RunSpec, status: &RunStatus, sign: Sign) {
         let tag = status.state.tag();
         let costs: Vec<(f64, f64)> = status
             .attempts
             .iter()
             .map(|a| {
                 let secs = a.usage.as_ref().map_or(0.0, crate::JobUsage::running_secs);
-                (attempt_cost(a, self.policy, self.billing).map_or(0.0, |(_, usd)| usd), secs)
+                (attempt_cost(a, &self.policy, self.billing).map_or(0.0, |(_, usd)| usd), secs)
             })
             .collect();
         let usd = costs.iter().fold(0.0, |total, (usd, _)| total + usd);
@@ -179,19 +239,40 @@ impl<'a> Tally<'a> {
             RunState::Launching { profile, .. } | RunState::Running { profile, .. } => Some(profile),
             _ => None,
         };
-        let ended_lately =
-            tag.is_terminal() && self.now.as_millis().saturating_sub(status.updated_at.as_millis()) < LATELY_MS;
+        if tag.is_terminal() {
+            let ended = self.ended_at.entry(spec.stage).or_default();
+            let at = ended.entry(status.updated_at.as_millis()).or_default();
+            sign.count(at);
+            if *at == 0 {
+                ended.remove(&status.updated_at.as_millis());
+            }
+        }
         let stage = self.stages.entry(spec.stage).or_default();
         for progress in [&mut self.whole, stage] {
-            progress.total += 1;
-            progress.ended += u64::from(tag.is_terminal());
-            progress.queued += u64::from(tag == StateTag::Queued);
-            progress.ended_last_hour += u64::from(ended_lately);
-            progress.cost_usd += usd;
-            if let Some(profile) = profile {
-                progress.running += 1;
-                *progress.running_per_profile.entry(profile.clone()).or_default() += 1;
+            sign.count(&mut progress.total);
+            if tag.is_terminal() {
+                sign.count(&mut progress.ended);
             }
+            if tag == StateTag::Queued {
+                sign.count(&mut progress.queued);
+            }
+            sign.sum(&mut progress.cost_usd, usd);
+            if let Some(profile) = profile {
+                sign.count(&mut progress.running);
+                let on = progress.running_per_profile.entry(profile.clone()).or_default();
+                sign.count(on);
+                if *on == 0 {
+                    progress.running_per_profile.remove(profile);
+                }
+            }
+        }
+        if self.stages.get(&spec.stage).is_some_and(|p| p.total == 0) {
+            self.stages.remove(&spec.stage);
+            self.ended_at.remove(&spec.stage);
+        }
+        if self.whole.total == 0 {
+            // Nothing left: no sum keeps what rounding left of what was taken out.
+            self.whole.cost_usd = 0.0;
         }
         match tag {
             // What a cancelled run took says nothing of what a run takes.
@@ -209,29 +290,64 @@ impl<'a> Tally<'a> {
                     }
                     for map in maps {
                         let sums = map.entry(key.clone()).or_default();
-                        sums.runs += 1;
-                        sums.usd += usd;
-                        sums.secs += secs;
+                        sign.count(&mut sums.runs);
+                        sign.sum(&mut sums.usd, usd);
+                        sign.sum(&mut sums.secs, secs);
+                        if sums.runs == 0 {
+                            map.remove(&key);
+                        }
                     }
                 }
             }
             StateTag::Cancelled => {}
+            _ if sign == Sign::Out => _ = self.live.remove(&spec.run),
             _ => {
-                let running_secs = match (&status.state, status.attempts.last()) {
-                    (RunState::Running { .. }, Some(current)) => self.now.since(current.launched_at).as_secs_f64(),
-                    _ => 0.0,
+                let running_since = match (&status.state, status.attempts.last()) {
+                    (RunState::Running { .. }, Some(current)) => Some(current.launched_at),
+                    _ => None,
                 };
-                self.live.push(LiveRun {
+                let live = Live {
                     stage: spec.stage,
                     tag,
                     submitted_at: spec.submitted_at,
                     cpu_only: spec.cpu_only,
                     profile: profile.cloned(),
                     spent_usd: usd,
-                    spent_secs: secs + running_secs,
-                    accrued_usd: profile.map_or(0.0, |p| self.price_of(p, running_secs)),
-                });
+                    ended_secs: secs,
+                    running_since,
+                };
+                self.live.insert(spec.run.clone(), live);
             }
+        }
+    }
+
+    /// The live runs as they are at `now`, in id order.
+    fn live_at(&self, now: Timestamp) -> Vec<LiveRun> {
+        self.live
+            .values()
+            .map(|live| {
+                let running_secs = live.running_since.map_or(0.0, |since| now.since(since).as_secs_f64());
+                LiveRun {
+                    stage: live.stage,
+                    tag: live.tag,
+                    submitted_at: live.submitted_at,
+                    cpu_only: live.cpu_only,
+                    profile: live.profile.clone(),
+                    spent_usd: live.spent_usd,
+                    spent_secs: live.ended_secs + running_secs,
+                    accrued_usd: live.profile.as_ref().map_or(0.0, |p| self.price_of(p, running_secs)),
+                }
+            })
+            .collect()
+    }
+
+    /// The runs of `stage` (all: `None`) that ended in the hour before `now`.
+    fn ended_lately(&self, stage: Option<Stage>, now: Timestamp) -> u64 {
+        let from = now.as_millis().saturating_sub(LATELY_MS - 1);
+        let of = |ended: &BTreeMap<u64, u64>| ended.range(from..).map(|(_, n)| n).sum::<u64>();
+        match stage {
+            Some(stage) => self.ended_at.get(&stage).map_or(0, of),
+            None => self.ended_at.values().map(of).sum(),
         }
     }
 
@@ -278,21 +394,26 @@ impl<'a> Tally<'a> {
         self.remaining_in(&self.observed, run)
     }
 
-    /// The progress, with its estimates, when `slots` jobs may run at once.
-    pub fn forecast(&self, slots: u64) -> Forecast {
+    /// The progress at `now`, with its estimates, when `slots` jobs may run at once.
+    pub fn forecast(&self, slots: u64, now: Timestamp) -> Forecast {
         let mut whole = self.whole.clone();
         let mut stages = self.stages.clone();
-        let remaining: Option<Vec<Expected>> = self.live.iter().map(|run| self.remaining(run)).collect();
+        whole.ended_last_hour = self.ended_lately(None, now);
+        for (stage, progress) in &mut stages {
+            progress.ended_last_hour = self.ended_lately(Some(*stage), now);
+        }
+        let live = self.live_at(now);
+        let remaining: Option<Vec<Expected>> = live.iter().map(|run| self.remaining(run)).collect();
         if let Some(remaining) = remaining {
             let mut cost: BTreeMap<Stage, f64> = BTreeMap::new();
-            for (run, left) in self.live.iter().zip(&remaining) {
+            for (run, left) in live.iter().zip(&remaining) {
                 *cost.entry(run.stage).or_default() += left.usd;
             }
             whole.remaining_cost_usd = Some(cost.values().fold(0.0, |total, usd| total + usd));
             for (stage, progress) in &mut stages {
                 progress.remaining_cost_usd = Some(cost.get(stage).copied().unwrap_or(0.0));
             }
-            if let Some(ends) = self.schedule(&remaining, slots) {
+            if let Some(ends) = Self::schedule(&live, &remaining, slots) {
                 whole.eta_secs = Some(ends.values().copied().max().unwrap_or(0));
                 for (stage, progress) in &mut stages {
                     progress.eta_secs = Some(ends.get(stage).copied().unwrap_or(0));
@@ -307,7 +428,7 @@ impl<'a> Tally<'a> {
 
     /// When each stage's last live run ends, in seconds from now, placed on
     /// `slots` as the engine admits them; `None` without a slot for the queued.
-    fn schedule(&self, remaining: &[Expected], slots: u64) -> Option<BTreeMap<Stage, u64>> {
+    fn schedule(live: &[LiveRun], remaining: &[Expected], slots: u64) -> Option<BTreeMap<Stage, u64>> {
         let mut ends: BTreeMap<Stage, u64> = BTreeMap::new();
         let mut end_at = |stage: Stage, end: u64| {
             let last = ends.entry(stage).or_default();
@@ -317,7 +438,7 @@ impl<'a> Tally<'a> {
         // When each slot frees: the runs holding one keep it until they end.
         let mut free: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
         let mut queued = Vec::new();
-        for (i, run) in self.live.iter().enumerate() {
+        for (i, run) in live.iter().enumerate() {
             match run.tag {
                 StateTag::Queued => queued.push(i),
                 // Its job is done: scoring and publishing take no slot.
@@ -333,11 +454,11 @@ impl<'a> Tally<'a> {
         while free.len() > slots {
             free.pop();
         }
-        queued.sort_by_key(|&i| (self.live[i].submitted_at, i));
+        queued.sort_by_key(|&i| (live[i].submitted_at, i));
         for i in queued {
             let start = if free.len() < slots { 0 } else { free.pop()?.0 };
             free.push(Reverse(start + secs(i)));
-            end_at(self.live[i].stage, start + secs(i));
+            end_at(live[i].stage, start + secs(i));
         }
         Some(ends)
     }
@@ -348,12 +469,13 @@ impl<'a> Tally<'a> {
     /// published, at their price for the whole time limit, and one run is
     /// let through while none runs, to learn from. A running job commits at
     /// least what it accrued so far.
-    pub fn allowance(&self, budget_usd: f64) -> Allowance {
+    pub fn allowance(&self, budget_usd: f64, now: Timestamp) -> Allowance {
+        let live = self.live_at(now);
         let expected_usd = |run: &LiveRun| match self.remaining_in(&self.published, run) {
             Some(left) => left.usd,
             None => (self.worst_usd(run) - run.spent_usd).max(0.0),
         };
-        let holding: Vec<&LiveRun> = self.live.iter().filter(|r| r.tag != StateTag::Queued).collect();
+        let holding: Vec<&LiveRun> = live.iter().filter(|r| r.tag != StateTag::Queued).collect();
         let committed_usd =
             holding.iter().map(|r| expected_usd(r).max(r.accrued_usd)).fold(0.0, |total, usd| total + usd);
         let accrued_usd = holding.iter().map(|r| r.accrued_usd).fold(0.0, |total, usd| total + usd);
@@ -362,7 +484,7 @@ impl<'a> Tally<'a> {
             [false, true].map(|cpu_only| LiveRun {
                 stage,
                 tag: StateTag::Queued,
-                submitted_at: self.now,
+                submitted_at: now,
                 cpu_only,
                 profile: None,
                 spent_usd: 0.0,
@@ -370,7 +492,7 @@ impl<'a> Tally<'a> {
                 accrued_usd: 0.0,
             })
         });
-        let queued: Vec<LiveRun> = self.live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any).collect();
+        let queued: Vec<LiveRun> = live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any).collect();
         let mut per_run_usd = queued.iter().map(expected_usd).fold(0.0, f64::max);
         if per_run_usd <= 0.0 {
             // Published runs that cost nothing: a run still counts at its time limit's price.

@@ -66,7 +66,7 @@ use crate::config::ApiConfig;
 use crate::node::{ControlError, Node};
 use operations::{
     Backup, Cancel, Cost, Durations, GetRun, History, Log, Method, Operation, Ping, Reload, Replay, Rescore, Retry,
-    Runs, Standings, Status, Stopping, Submit,
+    Runs, Standings, Status, Stopping, Submit, Teams,
 };
 use token::ApiToken;
 
@@ -153,6 +153,7 @@ fn router(api: Api) -> Router {
         .serves::<Log>()
         .serves::<Replay>()
         .serves::<Submit>()
+        .serves::<Teams>()
         .serves::<Cancel>()
         .serves::<Retry>()
         .serves::<Rescore>()

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use evalflow_activities::leaderboard::Leaderboard;
-use evalflow_workflow::{RunId, RunSpec, Stage, StateTag};
+use evalflow_workflow::{RunId, RunSpec, Stage, StateTag, SubmissionId, TeamId};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,7 @@ fn fields(request: &impl Serialize) -> Result<BTreeMap<String, String>, ControlE
         match value {
             serde_json::Value::Null => {}
             serde_json::Value::String(text) => _ = fields.insert(name, text),
+            serde_json::Value::Number(number) => _ = fields.insert(name, number.to_string()),
             other => {
                 return Err(ControlError::Internal(format!("field {name} of a GET request is not a string: {other}")));
             }
@@ -132,11 +133,36 @@ impl Operation for Status {
     }
 }
 
-/// `evalflow runs`: all runs, or those in one state.
+/// `evalflow runs`: all runs, or those in one state, in id order; or a
+/// page of them: at most `limit`, those after `after` (fewer: the last page).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Runs {
     /// Only the runs in this state.
     pub state: Option<StateTag>,
+    /// Only the runs after this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<RunId>,
+    /// At most this many runs.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "count")]
+    pub limit: Option<usize>,
+}
+
+/// A count, as a `GET`'s query gives it (text) or a body (a number).
+fn count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Count {
+        Number(usize),
+        Text(String),
+    }
+    match Option::<Count>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Count::Number(n)) => Ok(Some(n)),
+        Some(Count::Text(text)) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("limit must be a whole number of runs, not {text:?}"))),
+    }
 }
 
 impl Operation for Runs {
@@ -144,7 +170,7 @@ impl Operation for Runs {
     const METHOD: Method = Method::Get;
     const ROUTE: &'static str = "/v1/runs";
     async fn run(self, node: &Node) -> Result<Vec<RunView>, ControlError> {
-        node.runs(self.state).await
+        node.runs(self.state, self.after, self.limit).await
     }
 }
 
@@ -241,6 +267,25 @@ impl Operation for Submit {
     const ROUTE: &'static str = "/v1/submit";
     async fn run(self, node: &Node) -> Result<Vec<ActionView>, ControlError> {
         node.submit(self.0).await
+    }
+}
+
+/// The teams of those of `submissions` that have runs: what `evalflow
+/// submit` checks a manifest against, without reading every run. A `POST`,
+/// since a manifest's ids do not fit in a query.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Teams {
+    /// The submissions asked about.
+    pub submissions: Vec<SubmissionId>,
+}
+
+impl Operation for Teams {
+    type Answer = BTreeMap<SubmissionId, TeamId>;
+    const METHOD: Method = Method::Post;
+    const ROUTE: &'static str = "/v1/teams";
+    async fn run(self, node: &Node) -> Result<BTreeMap<SubmissionId, TeamId>, ControlError> {
+        node.teams(self.submissions).await
     }
 }
 
@@ -385,7 +430,7 @@ mod tests {
 
     #[test]
     fn a_get_request_goes_there_and_back() {
-        let runs = Runs { state: Some(StateTag::Failed) };
+        let runs = Runs { state: Some(StateTag::Failed), ..Runs::default() };
         assert_eq!(runs.target().unwrap(), "/v1/runs?state=failed");
         assert_eq!(Runs::default().target().unwrap(), "/v1/runs");
         let history = History { run: RunId::parse("a_b-public").unwrap() };
@@ -394,6 +439,15 @@ mod tests {
         let back = History::from_fields(field("run", "a_b-public"), Vec::new()).unwrap();
         assert_eq!(back.run, history.run);
         assert_eq!(Runs::from_fields(Vec::new(), field("state", "failed")).unwrap().state, Some(StateTag::Failed));
+
+        // A page: its count travels as text in the query, and comes back a number.
+        let page = Runs { after: Some(RunId::parse("a-public").unwrap()), limit: Some(1000), ..Runs::default() };
+        assert_eq!(page.target().unwrap(), "/v1/runs?after=a-public&limit=1000");
+        let back =
+            Runs::from_fields(Vec::new(), [field("after", "a-public"), field("limit", "1000")].concat()).unwrap();
+        assert_eq!((back.after, back.limit), (page.after, Some(1000)));
+        let refused = Runs::from_fields(Vec::new(), field("limit", "many")).unwrap_err();
+        assert!(refused.to_string().contains("limit must be a whole number of runs"), "{refused}");
     }
 
     #[test]

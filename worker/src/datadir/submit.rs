@@ -200,6 +200,11 @@ impl SubmitLock {
         file.write_all(journal.as_bytes())
     }
 
+    /// The ids the last holder's submit was copying when it stopped.
+    pub fn left(&self) -> &[SubmissionId] {
+        &self.left
+    }
+
     /// The engine took or refused this submit's specs: nothing of it is left over.
     pub fn done(self) -> std::io::Result<()> {
         self.file.set_len(0)
