@@ -10,21 +10,23 @@
 //! | `results/<stage>/<run>.json`, `<run>.a<attempt>.withdrawn` | the same, one file each, as versions before the journal wrote them (read, never written) |
 //! | `leaderboard/<stage>.json`, `.csv` | the leaderboard |
 //!
-//! Publishers and withdrawers take `leaderboard/.lock` in turn, across
-//! processes. Each [`FsArtifacts`] keeps every stage's [`Standings`] in
-//! memory, read from the files once and then from the journal's new lines
-//! only (another process's), so a publish appends one line and settles one
-//! team's row, instead of reading every result again. A change is durable
-//! once the journal is synced, which the writer of the board's files does
-//! before writing them; a publisher whose change a board already written
-//! holds returns that board. So publishes arriving together share one sync
-//! and one write of the board.
+//! Writers take `leaderboard/.lock` in turn, across processes. Each
+//! [`FsArtifacts`] keeps every stage's [`Standings`] in memory, read from
+//! the files once and then from the journal's new lines only (another
+//! process's), so a publish appends one line and settles one team's row,
+//! instead of reading every result again. A change is durable once the
+//! journal is synced, which is done before the board's files are written.
+//!
+//! Within a process, changes are group-committed: each waits in a queue,
+//! and one writer at a time takes all that wait, appends them, syncs the
+//! journal once and writes the board once, and hands each its outcome. So
+//! publishes arriving together share one lock, one sync and one board.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use async_trait::async_trait;
 use evalflow_workflow::{Attempt, RunId, Stage, TeamId, job_name};
@@ -200,8 +202,19 @@ struct FsLayout {
     labels: BTreeMap<Stage, PathBuf>,
     /// Each stage's standings, as this process last read them.
     known: Mutex<HashMap<Stage, Known>>,
-    /// Held by the one publisher syncing the journal and writing the board.
-    writing: Mutex<()>,
+    /// The changes waiting for a writer.
+    waiting: Mutex<Vec<Pending>>,
+    /// Held by the one writer; `leaderboard/.lock`, once opened.
+    writing: Mutex<Option<fs::File>>,
+}
+
+/// A change waiting for a writer, and where the writer leaves its outcome:
+/// the stage's board that holds it, or why it could not be made.
+#[derive(Debug)]
+struct Pending {
+    stage: Stage,
+    record: Record,
+    outcome: Arc<OnceLock<Result<Arc<Leaderboard>, ActivityError>>>,
 }
 
 /// A stage's standings as of a length of its journal, and the board
@@ -235,6 +248,7 @@ impl FsArtifacts {
                 leaderboard_dir: data_dir.join("leaderboard"),
                 labels,
                 known: Mutex::default(),
+                waiting: Mutex::default(),
                 writing: Mutex::default(),
             }),
         }
@@ -283,28 +297,63 @@ impl ArtifactStore for FsArtifacts {
 }
 
 impl FsLayout {
-    /// Takes the leaderboard lock, holding it until the returned file is dropped.
-    fn lock(&self) -> Result<fs::File, ActivityError> {
-        let path = self.leaderboard_dir.join(".lock");
-        let lock = match fs::File::create(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(&self.leaderboard_dir)?;
-                fs::File::create(&path)?
+    /// Takes the leaderboard lock (across processes) on `file`, opened the
+    /// first time; it is released when the returned guard drops.
+    fn lock<'f>(&self, file: &'f mut Option<fs::File>) -> Result<Flock<'f>, ActivityError> {
+        let lock = match file {
+            Some(lock) => lock,
+            None => {
+                let path = self.leaderboard_dir.join(".lock");
+                let opened = match fs::File::create(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        fs::create_dir_all(&self.leaderboard_dir)?;
+                        fs::File::create(&path)?
+                    }
+                    opened => opened?,
+                };
+                file.insert(opened)
             }
-            lock => lock?,
         };
         lock.lock()?;
-        Ok(lock)
+        Ok(Flock(lock))
     }
 
-    /// Appends the change to the journal (unless the standings hold it
-    /// already), then makes it durable and writes the board's files, unless
-    /// a board written meanwhile holds it.
+    /// Makes the change durable and its board written, with every change
+    /// waiting at the same time: the first to take the writer's turn writes
+    /// them all; each of the others finds its outcome when its turn comes.
     fn change(&self, stage: Stage, record: Record) -> Result<Arc<Leaderboard>, ActivityError> {
-        let upto = {
-            let _lock = self.lock()?;
-            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-            let known = self.current(&mut known, stage)?;
+        let outcome = Arc::new(OnceLock::new());
+        locked(&self.waiting).push(Pending { stage, record, outcome: outcome.clone() });
+        let mut writing = locked(&self.writing);
+        if let Some(done) = outcome.get() {
+            return done.clone();
+        }
+        let mut stages = BTreeMap::<Stage, Vec<Pending>>::new();
+        for pending in std::mem::take(&mut *locked(&self.waiting)) {
+            stages.entry(pending.stage).or_default().push(pending);
+        }
+        for (stage, changes) in stages {
+            let (records, outcomes): (Vec<Record>, Vec<_>) = changes.into_iter().map(|p| (p.record, p.outcome)).unzip();
+            let written = self.write(&mut writing, stage, records);
+            outcomes.iter().for_each(|outcome| _ = outcome.set(written.clone()));
+        }
+        // Set above, unless a writer stopped half-way (a panic) after taking it.
+        outcome.get().cloned().unwrap_or_else(|| Err(ActivityError::Transient("a leaderboard writer stopped".into())))
+    }
+
+    /// Appends the records the standings do not hold yet to the stage's
+    /// journal, then makes them durable and writes the board's files,
+    /// unless a board written earlier holds them all.
+    fn write(
+        &self,
+        lock_file: &mut Option<fs::File>,
+        stage: Stage,
+        records: Vec<Record>,
+    ) -> Result<Arc<Leaderboard>, ActivityError> {
+        let _lock = self.lock(lock_file)?;
+        let mut known = locked(&self.known);
+        let known = self.current(&mut known, stage)?;
+        for record in records {
             let held = match &record {
                 Record::Publish(result) => known.standings.holds(result),
                 Record::Withdraw { run, attempt, .. } => known.standings.is_withdrawn(run, *attempt),
@@ -316,17 +365,10 @@ impl FsLayout {
                 known.read += line.len() as u64;
                 known.dirty |= apply(&mut known.standings, record);
             }
-            known.read
-        };
-        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(known) = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&stage)
-            && known.written >= upto
-        {
+        }
+        if known.written >= known.read {
             return Ok(known.board.clone());
         }
-        let _lock = self.lock()?;
-        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        let known = self.current(&mut known, stage)?;
         known.journal.sync_data()?;
         if known.dirty {
             let board = known.standings.board(stage);
@@ -406,6 +448,19 @@ impl FsLayout {
         // The board's files are written again (if they differ) once.
         Ok(Known { standings, journal, read: 0, written: 0, board, dirty: true })
     }
+}
+
+/// The leaderboard lock, held until dropped.
+struct Flock<'f>(&'f fs::File);
+
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts a record in the standings; returns whether a row changed.
@@ -498,6 +553,26 @@ mod tests {
         let error = store.publish(&result("a", 0.2)).await.unwrap_err().to_string();
         assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
         assert!(error.contains("restore the data directory from a backup"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn publishes_written_together_all_hear_why_they_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage_dir = dir.path().join("results/public");
+        fs::create_dir_all(&stage_dir).unwrap();
+        fs::write(stage_dir.join("journal.jsonl"), b"not a record\n").unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        let tasks: Vec<_> = (0..32)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.publish(&result(&format!("s{n}"), 0.3)).await })
+            })
+            .collect();
+        for task in tasks {
+            let error = task.await.unwrap().unwrap_err().to_string();
+            assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
+        }
+        assert!(locked(&store.inner.waiting).is_empty(), "no change is left waiting");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -31,7 +31,7 @@ pub use artifacts::{ArtifactStore, Labels, Predictions};
 pub use leaderboard::PublishedResult;
 
 /// Why an activity failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ActivityError {
     /// A failure that may pass (I/O hiccup, throttling, a service down): retry later.
     #[error("{0}")]
