@@ -98,6 +98,14 @@ fn main() -> Result<(), Error> {
     if args.iter().any(|a| a == "--scale-only") {
         return stored_at_scale(&policy, stored_runs, live_runs);
     }
+    if args.iter().any(|a| a == "--full-stack-only") {
+        let (measured, _dir) = fullstack::measure(full_runs)?;
+        println!(
+            "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s (submitted in {:.1} s)",
+            measured.runs_per_sec, measured.transitions_per_sec, measured.submit_secs
+        );
+        return Ok(());
+    }
     if args.iter().any(|a| a == "--sandbox-only") {
         if let Some(report) = sandbox::measure(&policy, 20, sandbox_runs, SANDBOX_AT_ONCE)? {
             report.print();
@@ -221,6 +229,7 @@ fn stored_at_scale(policy: &Policy, stored_runs: usize, live_runs: usize) -> Res
         ms(count),
         ms(open)
     );
+    footprint(&store, stored_runs, fill.disk_mib)?;
 
     let history_of = evalflow_workflow::RunId::new(&spec(0).submission, Stage::Public);
     scale::measure(dir.path(), history_of.as_str())?.print(stored_runs);
@@ -419,6 +428,30 @@ fn count_by_state(dir: &std::path::Path) -> Result<(Duration, Duration), Error> 
     let shown: Vec<String> = counts.iter().filter(|(_, n)| *n > 0).map(|(t, n)| format!("{t} {n}")).collect();
     println!("  counts: {}", shown.join(", "));
     Ok((opened, counted))
+}
+
+/// Prints the bytes a stored run takes on disk, and what its records take
+/// before sled's layout, by kind.
+fn footprint(dir: &std::path::Path, runs: usize, disk_mib: u64) -> Result<(), Error> {
+    let kinds = SledStore::open(dir, options())?.footprint()?;
+    let runs = runs.max(1) as f64;
+    let logical: u64 = kinds.values().map(|f| f.key_bytes + f.value_bytes).sum();
+    let on_disk = (disk_mib << 20) as f64 / runs;
+    println!(
+        "bytes per stored run: {on_disk:.0} on disk; {:.0} in records (keys and values), so sled's layout takes {:.1}x",
+        logical as f64 / runs,
+        on_disk * runs / logical.max(1) as f64
+    );
+    for (kind, f) in &kinds {
+        println!(
+            "  {kind:<15} {:>6.2} records a run, {:>5.0} bytes a run ({:.0} of keys, {:.0} of values)",
+            f.records as f64 / runs,
+            (f.key_bytes + f.value_bytes) as f64 / runs,
+            f.key_bytes as f64 / runs,
+            f.value_bytes as f64 / runs
+        );
+    }
+    Ok(())
 }
 
 /// Submits `live` more runs and admits them all, leaving each owing a launch.

@@ -20,7 +20,7 @@ mod memory;
 mod sled_store;
 
 pub use memory::MemoryStore;
-pub use sled_store::{SledOptions, SledStore};
+pub use sled_store::{Footprint, SledOptions, SledStore};
 
 use std::ops::{Index, IndexMut};
 

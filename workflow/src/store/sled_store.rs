@@ -19,6 +19,7 @@
 //! read that may have seen a commit returns only once that commit is
 //! flushed, and after a failed flush the store answers nothing more.
 
+use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -53,6 +54,17 @@ impl Default for SledOptions {
     fn default() -> Self {
         SledOptions { cache_capacity_bytes: 64 * 1024 * 1024 }
     }
+}
+
+/// What the records of one kind take ([`SledStore::footprint`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// How many there are.
+    pub records: u64,
+    /// Their keys' bytes.
+    pub key_bytes: u64,
+    /// Their values' bytes.
+    pub value_bytes: u64,
 }
 
 /// Entries written to a backup per batch.
@@ -304,13 +316,38 @@ impl SledStore {
         Ok(self.db.size_on_disk()?)
     }
 
+    /// What the store's records take, by kind (`spec`, `history`, ...):
+    /// how many there are and the bytes of their keys and values, before
+    /// sled's own layout. Reads every record.
+    pub fn footprint(&self) -> Result<BTreeMap<&'static str, Footprint>, StoreError> {
+        let mut kinds = BTreeMap::<&'static str, Footprint>::new();
+        for item in self.tree.iter() {
+            let (key, value) = item?;
+            let kind = match key.first() {
+                Some(&SPEC) => "spec",
+                Some(&HISTORY) => "history",
+                Some(&LIVE) => "live index",
+                Some(&TERMINAL) => "terminal index",
+                Some(&COUNT) => "counter",
+                _ => "other",
+            };
+            let footprint = kinds.entry(kind).or_default();
+            footprint.records += 1;
+            footprint.key_bytes += key.len() as u64;
+            footprint.value_bytes += value.len() as u64;
+        }
+        Ok(kinds)
+    }
+
     fn last_entry(&self, run: &RunId) -> Result<Option<HistoryEntry>, StoreError> {
-        let prefix = history_prefix(run);
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&[0xff; 5]);
-        match self.tree.get_lt(upper)? {
-            Some((key, value)) if key.starts_with(&prefix) => Ok(Some(codec::decode(&key, &value)?)),
-            _ => Ok(None),
+        // Forward through the run's few entries: sled's backward steps cost more.
+        let mut last = None;
+        for item in self.tree.scan_prefix(history_prefix(run)) {
+            last = Some(item?);
+        }
+        match last {
+            Some((key, value)) => Ok(Some(codec::decode(&key, &value)?)),
+            None => Ok(None),
         }
     }
 
