@@ -340,14 +340,12 @@ impl SledStore {
     }
 
     fn last_entry(&self, run: &RunId) -> Result<Option<HistoryEntry>, StoreError> {
-        // Forward through the run's few entries: sled's backward steps cost more.
-        let mut last = None;
-        for item in self.tree.scan_prefix(history_prefix(run)) {
-            last = Some(item?);
-        }
-        match last {
-            Some((key, value)) => Ok(Some(codec::decode(&key, &value)?)),
-            None => Ok(None),
+        let prefix = history_prefix(run);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 5]);
+        match self.tree.get_lt(upper)? {
+            Some((key, value)) if key.starts_with(&prefix) => Ok(Some(codec::decode(&key, &value)?)),
+            _ => Ok(None),
         }
     }
 
