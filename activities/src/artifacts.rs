@@ -164,7 +164,7 @@ pub trait ArtifactStore: Send + Sync {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError>;
 
     /// A stage's private labels.
-    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError>;
+    async fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError>;
 
     /// Records a published result, once, and brings its team's row of the
     /// stage's leaderboard up to date. Publishing the same result again
@@ -202,6 +202,8 @@ struct FsLayout {
     labels: BTreeMap<Stage, PathBuf>,
     /// Each stage's standings, as this process last read them.
     known: Mutex<HashMap<Stage, Known>>,
+    /// Each stage's labels as last parsed, and their file's stamp then.
+    parsed_labels: Mutex<HashMap<Stage, (Stamp, Arc<Labels>)>>,
     /// The changes waiting for a writer.
     waiting: Mutex<Vec<Pending>>,
     /// Held by the one writer; `leaderboard/.lock`, once opened.
@@ -248,6 +250,7 @@ impl FsArtifacts {
                 leaderboard_dir: data_dir.join("leaderboard"),
                 labels,
                 known: Mutex::default(),
+                parsed_labels: Mutex::default(),
                 waiting: Mutex::default(),
                 writing: Mutex::default(),
             }),
@@ -273,14 +276,27 @@ impl ArtifactStore for FsArtifacts {
         .await
     }
 
-    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError> {
+    async fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError> {
         let path = self.inner.labels.get(&stage).cloned().ok_or_else(|| {
             ActivityError::Permanent(format!("no labels file is configured for stage {stage} in evalflow.toml"))
         })?;
+        let layout = self.inner.clone();
         blocking(move || {
-            let bytes = fs::read(&path)
-                .map_err(|e| ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display())))?;
-            Labels::parse(&bytes, &path.display().to_string())
+            let unreadable = |e: std::io::Error| {
+                ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display()))
+            };
+            let mut file = fs::File::open(&path).map_err(unreadable)?;
+            let stamp = Stamp::of(&file.metadata().map_err(unreadable)?);
+            if let Some((parsed_at, labels)) = locked(&layout.parsed_labels).get(&stage)
+                && *parsed_at == stamp
+            {
+                return Ok(labels.clone());
+            }
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).map_err(unreadable)?;
+            let labels = Arc::new(Labels::parse(&bytes, &path.display().to_string())?);
+            locked(&layout.parsed_labels).insert(stage, (stamp, labels.clone()));
+            Ok(labels)
         })
         .await
     }
@@ -450,6 +466,19 @@ impl FsLayout {
     }
 }
 
+/// What tells a file changed: which file it is, its length, and when its
+/// contents and its inode last changed (the latter no one can set back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp([i64; 7]);
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let (dev, ino, len) = (meta.dev() as i64, meta.ino() as i64, meta.len() as i64);
+        Stamp([dev, ino, len, meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec()])
+    }
+}
+
 /// The leaderboard lock, held until dropped.
 struct Flock<'f>(&'f fs::File);
 
@@ -541,6 +570,24 @@ mod tests {
         let again = store.publish(&result("next", 0.2)).await.unwrap();
         assert_eq!(teams(&again), ["next", "new", "old"]);
         assert_eq!(fs::read_to_string(&journal).unwrap(), text);
+    }
+
+    #[tokio::test]
+    async fn labels_are_parsed_again_only_once_their_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        fs::write(&path, "filename,label\na.mp4,1\n").unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::from([(Stage::Public, path.clone())]));
+        let first = store.labels(Stage::Public).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &store.labels(Stage::Public).await.unwrap()), "parsed once");
+        // The same length, rewritten in place: the file's times tell.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&path, "filename,label\na.mp4,0\n").unwrap();
+        let second = store.labels(Stage::Public).await.unwrap();
+        assert_eq!(second.is_fake("a.mp4"), Some(false), "{second:?}");
+        fs::write(&path, "filename,label\n").unwrap();
+        let error = store.labels(Stage::Public).await.unwrap_err().to_string();
+        assert!(error.contains("no labels"), "{error}");
     }
 
     #[tokio::test]

@@ -373,7 +373,7 @@ impl ArtifactStore for S3Artifacts {
         Ok(Predictions::Found(bytes))
     }
 
-    async fn labels(&self, stage: Stage) -> Result<Labels, ActivityError> {
+    async fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError> {
         let place = self.inner.labels.get(&stage).ok_or_else(|| {
             ActivityError::Permanent(format!("no [aws.stages.{stage}] labels are configured in evalflow.toml"))
         })?;
@@ -382,7 +382,7 @@ impl ArtifactStore for S3Artifacts {
             .get(&place.bucket, &place.key)
             .await?
             .ok_or_else(|| ActivityError::Permanent(format!("the labels of stage {stage} are missing at {uri}")))?;
-        Labels::parse(&bytes, &uri)
+        Labels::parse(&bytes, &uri).map(Arc::new)
     }
 
     async fn publish(&self, result: &PublishedResult) -> Result<Arc<Leaderboard>, ActivityError> {
