@@ -590,13 +590,19 @@ mod tests {
         assert!(error.contains("no labels"), "{error}");
     }
 
-    #[tokio::test]
-    async fn a_damaged_journal_is_named() {
+    /// Artifacts whose public journal holds `line`, a line that is not a record.
+    fn damaged_journal(line: &[u8]) -> (tempfile::TempDir, FsArtifacts) {
         let dir = tempfile::tempdir().unwrap();
         let stage_dir = dir.path().join("results/public");
         fs::create_dir_all(&stage_dir).unwrap();
-        fs::write(stage_dir.join("journal.jsonl"), b"{\"publish\":1}\n").unwrap();
+        fs::write(stage_dir.join("journal.jsonl"), line).unwrap();
         let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_damaged_journal_is_named() {
+        let (_dir, store) = damaged_journal(b"{\"publish\":1}\n");
         let error = store.publish(&result("a", 0.2)).await.unwrap_err().to_string();
         assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
         assert!(error.contains("restore the data directory from a backup"), "{error}");
@@ -604,11 +610,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn publishes_written_together_all_hear_why_they_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let stage_dir = dir.path().join("results/public");
-        fs::create_dir_all(&stage_dir).unwrap();
-        fs::write(stage_dir.join("journal.jsonl"), b"not a record\n").unwrap();
-        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        let (_dir, store) = damaged_journal(b"not a record\n");
         let tasks: Vec<_> = (0..32)
             .map(|n| {
                 let store = store.clone();

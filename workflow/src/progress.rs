@@ -14,6 +14,7 @@
 //! holding a slot first, then the queued ones oldest submission first, each
 //! on the slot that frees first.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
@@ -116,17 +117,11 @@ impl Sums {
 /// ran on one profile or any.
 type Key = (Option<Stage>, Option<ProfileName>);
 
-/// A live run, as far as the estimates need it at some moment.
+/// A live run at some moment: as the tally keeps it, and what its running
+/// job added by then.
 #[derive(Debug, Clone)]
-struct LiveRun {
-    stage: Stage,
-    tag: StateTag,
-    submitted_at: Timestamp,
-    cpu_only: bool,
-    /// The current attempt's profile, once admitted.
-    profile: Option<ProfileName>,
-    /// What its ended attempts cost.
-    spent_usd: f64,
+struct LiveRun<'t> {
+    live: Cow<'t, Live>,
     /// How long its jobs ran so far, the current one's too.
     spent_secs: f64,
     /// What its running job cost so far.
@@ -140,7 +135,9 @@ struct Live {
     tag: StateTag,
     submitted_at: Timestamp,
     cpu_only: bool,
+    /// The current attempt's profile, once admitted.
     profile: Option<ProfileName>,
+    /// What its ended attempts cost.
     spent_usd: f64,
     /// How long its ended jobs ran.
     ended_secs: f64,
@@ -322,20 +319,15 @@ impl Tally {
     }
 
     /// The live runs as they are at `now`, in id order.
-    fn live_at(&self, now: Timestamp) -> Vec<LiveRun> {
+    fn live_at(&self, now: Timestamp) -> Vec<LiveRun<'_>> {
         self.live
             .values()
             .map(|live| {
                 let running_secs = live.running_since.map_or(0.0, |since| now.since(since).as_secs_f64());
                 LiveRun {
-                    stage: live.stage,
-                    tag: live.tag,
-                    submitted_at: live.submitted_at,
-                    cpu_only: live.cpu_only,
-                    profile: live.profile.clone(),
-                    spent_usd: live.spent_usd,
                     spent_secs: live.ended_secs + running_secs,
                     accrued_usd: live.profile.as_ref().map_or(0.0, |p| self.price_of(p, running_secs)),
+                    live: Cow::Borrowed(live),
                 }
             })
             .collect()
@@ -373,9 +365,9 @@ impl Tally {
 
     /// What one attempt of `run` costs if it runs to the time limit.
     fn worst_usd(&self, run: &LiveRun) -> f64 {
-        let profile = match &run.profile {
+        let profile = match &run.live.profile {
             Some(name) => Some(name.clone()),
-            None => self.policy.first_profile(run.cpu_only).map(|p| p.name.clone()),
+            None => self.policy.first_profile(run.live.cpu_only).map(|p| p.name.clone()),
         };
         profile.map_or(0.0, |p| self.price_of(&p, self.policy.time_limit_secs() as f64))
     }
@@ -383,11 +375,14 @@ impl Tally {
     /// What `run` is expected to cost and take from now on, as the ended
     /// runs of `observed` did; nothing once its job is done.
     fn remaining_in(&self, observed: &HashMap<Key, Sums>, run: &LiveRun) -> Option<Expected> {
-        if matches!(run.tag, StateTag::Predicted | StateTag::Scored) {
+        if matches!(run.live.tag, StateTag::Predicted | StateTag::Scored) {
             return Some(Expected { usd: 0.0, secs: 0.0 }); // scoring and publishing take no slot
         }
-        let expected = Self::expected(observed, run.stage, run.profile.as_ref())?;
-        Some(Expected { usd: (expected.usd - run.spent_usd).max(0.0), secs: (expected.secs - run.spent_secs).max(0.0) })
+        let expected = Self::expected(observed, run.live.stage, run.live.profile.as_ref())?;
+        Some(Expected {
+            usd: (expected.usd - run.live.spent_usd).max(0.0),
+            secs: (expected.secs - run.spent_secs).max(0.0),
+        })
     }
 
     fn remaining(&self, run: &LiveRun) -> Option<Expected> {
@@ -407,7 +402,7 @@ impl Tally {
         if let Some(remaining) = remaining {
             let mut cost: BTreeMap<Stage, f64> = BTreeMap::new();
             for (run, left) in live.iter().zip(&remaining) {
-                *cost.entry(run.stage).or_default() += left.usd;
+                *cost.entry(run.live.stage).or_default() += left.usd;
             }
             whole.remaining_cost_usd = Some(cost.values().fold(0.0, |total, usd| total + usd));
             for (stage, progress) in &mut stages {
@@ -439,13 +434,13 @@ impl Tally {
         let mut free: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
         let mut queued = Vec::new();
         for (i, run) in live.iter().enumerate() {
-            match run.tag {
+            match run.live.tag {
                 StateTag::Queued => queued.push(i),
                 // Its job is done: scoring and publishing take no slot.
-                StateTag::Predicted | StateTag::Scored => end_at(run.stage, 0),
+                StateTag::Predicted | StateTag::Scored => end_at(run.live.stage, 0),
                 _ => {
                     free.push(Reverse(secs(i)));
-                    end_at(run.stage, secs(i));
+                    end_at(run.live.stage, secs(i));
                 }
             }
         }
@@ -454,11 +449,11 @@ impl Tally {
         while free.len() > slots {
             free.pop();
         }
-        queued.sort_by_key(|&i| (live[i].submitted_at, i));
+        queued.sort_by_key(|&i| (live[i].live.submitted_at, i));
         for i in queued {
             let start = if free.len() < slots { 0 } else { free.pop()?.0 };
             free.push(Reverse(start + secs(i)));
-            end_at(live[i].stage, start + secs(i));
+            end_at(live[i].live.stage, start + secs(i));
         }
         Some(ends)
     }
@@ -473,26 +468,30 @@ impl Tally {
         let live = self.live_at(now);
         let expected_usd = |run: &LiveRun| match self.remaining_in(&self.published, run) {
             Some(left) => left.usd,
-            None => (self.worst_usd(run) - run.spent_usd).max(0.0),
+            None => (self.worst_usd(run) - run.live.spent_usd).max(0.0),
         };
-        let holding: Vec<&LiveRun> = live.iter().filter(|r| r.tag != StateTag::Queued).collect();
+        let holding: Vec<&LiveRun> = live.iter().filter(|r| r.live.tag != StateTag::Queued).collect();
         let committed_usd =
             holding.iter().map(|r| expected_usd(r).max(r.accrued_usd)).fold(0.0, |total, usd| total + usd);
         let accrued_usd = holding.iter().map(|r| r.accrued_usd).fold(0.0, |total, usd| total + usd);
         // The runs queued, and any run submitted before the next look.
         let any = Stage::ALL.into_iter().flat_map(|stage| {
             [false, true].map(|cpu_only| LiveRun {
-                stage,
-                tag: StateTag::Queued,
-                submitted_at: now,
-                cpu_only,
-                profile: None,
-                spent_usd: 0.0,
+                live: Cow::Owned(Live {
+                    stage,
+                    tag: StateTag::Queued,
+                    submitted_at: now,
+                    cpu_only,
+                    profile: None,
+                    spent_usd: 0.0,
+                    ended_secs: 0.0,
+                    running_since: None,
+                }),
                 spent_secs: 0.0,
                 accrued_usd: 0.0,
             })
         });
-        let queued: Vec<LiveRun> = live.iter().filter(|r| r.tag == StateTag::Queued).cloned().chain(any).collect();
+        let queued: Vec<LiveRun> = live.iter().filter(|r| r.live.tag == StateTag::Queued).cloned().chain(any).collect();
         let mut per_run_usd = queued.iter().map(expected_usd).fold(0.0, f64::max);
         if per_run_usd <= 0.0 {
             // Published runs that cost nothing: a run still counts at its time limit's price.
