@@ -279,7 +279,7 @@ impl Budget {
 /// Every run of `store`, tallied.
 fn tally(store: &SledStore, policy: &Policy, billing: Billing) -> Result<Tally, StoreError> {
     let mut tally = Tally::new(policy, billing);
-    each_run(store, |run| tally.add(&run))?;
+    store.each_run(|stored| tally.add(&stored.run))?;
     Ok(tally)
 }
 
@@ -290,16 +290,6 @@ type SharedTally = Arc<std::sync::Mutex<Tally>>;
 
 fn lock_tally(tally: &SharedTally) -> std::sync::MutexGuard<'_, Tally> {
     tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Visits every run of `store`, in id order.
-fn each_run(store: &SledStore, mut visit: impl FnMut(Run)) -> Result<(), StoreError> {
-    for id in all_runs(store, RunFilter::All)? {
-        if let Some(stored) = store.load(&id)? {
-            visit(stored.run);
-        }
-    }
-    Ok(())
 }
 
 /// What `budget_usd` allows now, from the runs `tally` counted.
@@ -707,14 +697,13 @@ impl Node {
             let limit = limit.unwrap_or(usize::MAX);
             let (mut views, mut after) = (Vec::new(), after);
             while views.len() < limit {
-                let page = store.runs(filter, after.as_ref(), LIST_LIMIT_MAX)?;
+                let page = store.stored_runs(filter, after.as_ref(), LIST_LIMIT_MAX)?;
                 let last_page = page.len() < LIST_LIMIT_MAX;
-                after = page.last().cloned();
-                for id in page {
+                after = page.last().map(|stored| stored.run.spec.run.clone());
+                for stored in page {
                     if views.len() == limit {
                         break;
                     }
-                    let Some(stored) = store.load(&id)? else { continue };
                     if state.is_some_and(|tag| stored.run.status.state.tag() != tag) {
                         continue;
                     }
@@ -912,11 +901,11 @@ impl Node {
                 None => RunFilter::All,
             };
             let mut runs = Vec::new();
-            for id in all_runs(store, scope)? {
-                if store.load(&id)?.is_some_and(|stored| filter.matches(&stored.run)) {
-                    runs.push(id);
+            store.each_in(scope, |stored| {
+                if filter.matches(&stored.run) {
+                    runs.push(stored.run.spec.run);
                 }
-            }
+            })?;
             Ok(runs)
         })
         .await
@@ -997,15 +986,14 @@ impl Node {
     pub async fn leaderboard(&self, stage: Stage) -> Result<Leaderboard, ControlError> {
         self.read(move |store| {
             let mut results = Vec::new();
-            for id in all_runs(store, RunFilter::Terminal(StateTag::Published))? {
-                let Some(stored) = store.load(&id)? else { continue };
+            store.each_in(RunFilter::Terminal(StateTag::Published), |stored| {
                 let Run { spec, status } = stored.run;
                 // An audit run's score is its audit's, never the leaderboard's.
                 let counts = spec.stage == stage && spec.audit.is_none();
                 if let (RunState::Published { attempt, score }, true) = (status.state, counts) {
                     results.push(PublishedResult::new(&spec, attempt, score, status.version));
                 }
-            }
+            })?;
             Ok(Leaderboard::build(stage, results))
         })
         .await
@@ -1016,7 +1004,7 @@ impl Node {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let mut statuses = Vec::new();
-            each_run(store, |run| statuses.push(run.status))?;
+            store.each_run(|stored| statuses.push(stored.run.status))?;
             let report = cost_report(&statuses, &policy, billing);
             Ok(CostView { billing, report })
         })
@@ -1120,9 +1108,9 @@ impl Node {
         self.read(move |store| {
             let (now, mut snapshot) = (Timestamp::now(), Snapshot::default());
             let mut tally = Tally::new(&policy, billing);
-            each_run(store, |run| {
-                snapshot.add(&run, &policy, billing);
-                tally.add(&run);
+            store.each_run(|stored| {
+                snapshot.add(&stored.run, &policy, billing);
+                tally.add(&stored.run);
             })?;
             let progress = tally.forecast(slots, now).whole;
             snapshot.encode(&progress, queues, &engine).map_err(|e| ControlError::Internal(e.to_string()))
@@ -1143,7 +1131,7 @@ impl Node {
         let (policy, billing) = (self.config.policy.clone(), self.billing);
         self.read(move |store| {
             let mut runs = Vec::new();
-            each_run(store, |run| runs.push(run))?;
+            store.each_run(|stored| runs.push(stored.run))?;
             let reference_secs = observed_secs(&runs, &policy, billing);
             Ok(DurationsView { runs: runs.len(), reference_secs })
         })

@@ -4,7 +4,7 @@
 //! status, so most of them are plausible (the current attempt, its job, the
 //! current version) and the rest are stale, stray or out of place.
 
-use evalflow_workflow::store::{RunFilter, all_runs};
+use evalflow_workflow::store::{LIST_LIMIT_MAX, RunFilter, StoredRun, all_runs};
 use evalflow_workflow::*;
 use proptest::prelude::*;
 
@@ -205,6 +205,7 @@ proptest! {
             let b = in_memory.apply(inputs, now).unwrap();
             prop_assert_eq!(a, b);
             stores_agree(on_sled.store(), in_memory.store())?;
+            sled_reads_runs_whole(on_sled.store(), in_memory.store())?;
         }
         let all = all_runs(in_memory.store(), RunFilter::All).unwrap();
         prop_assert_eq!(all.len(), runs);
@@ -238,6 +239,25 @@ fn stores_agree(a: &impl WorkflowStore, b: &impl WorkflowStore) -> Result<(), Te
         prop_assert_eq!(a.load(&run).unwrap(), b.load(&run).unwrap());
         prop_assert_eq!(a.history(&run).unwrap(), b.history(&run).unwrap());
     }
+    Ok(())
+}
+
+/// The sled store's listings of loaded runs (a terminal state's read from
+/// its index, which holds them) and its visit of every run agree with a
+/// load of each run of the in-memory store.
+fn sled_reads_runs_whole(sled: &SledStore, memory: &MemoryStore) -> Result<(), TestCaseError> {
+    let loaded = |filter| -> Vec<StoredRun> {
+        all_runs(memory, filter).unwrap().iter().map(|run| memory.load(run).unwrap().unwrap()).collect()
+    };
+    let mut filters = vec![RunFilter::All, RunFilter::Live];
+    filters.extend(StateTag::ALL.into_iter().filter(|t| t.is_terminal()).map(RunFilter::Terminal));
+    for filter in filters {
+        prop_assert_eq!(sled.stored_runs(filter, None, LIST_LIMIT_MAX).unwrap(), loaded(filter), "{:?}", filter);
+    }
+    let mut visited = Vec::new();
+    sled.each_run(|stored| visited.push(stored)).unwrap();
+    visited.sort_by(|a, b| a.run.spec.run.cmp(&b.run.spec.run));
+    prop_assert_eq!(visited, loaded(RunFilter::All), "each run visited once, as loaded");
     Ok(())
 }
 

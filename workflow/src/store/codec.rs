@@ -1,11 +1,11 @@
 //! The on-disk record format: one schema-version byte, then the record in
 //! postcard (compact, serde-based, with a stable wire format).
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use crate::machine::{HistoryEntry, RunSpec};
+use crate::machine::{HistoryEntry, RunSpec, RunStatus};
 
 /// The record format this build reads and writes. Bump it, and teach
 /// [`decode`] the old one, whenever a stored type changes shape.
@@ -31,6 +31,25 @@ impl Record for RunSpec {
             Ok(run) if run == self.run => Ok(()),
             _ => Err(format!("run id {} does not match its submission and stage (and audit)", self.run)),
         }
+    }
+}
+
+/// A run as the terminal index holds it: everything [`super::StoredRun`]
+/// has, so that listing a terminal state reads one range and nothing else.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Finished {
+    pub spec: RunSpec,
+    pub last_seq: u32,
+    pub status: RunStatus,
+}
+
+impl Record for Finished {
+    fn validate(&self) -> Result<(), String> {
+        self.spec.validate()?;
+        if self.last_seq == 0 {
+            return Err("seq 0".into());
+        }
+        self.status.validate()
     }
 }
 
