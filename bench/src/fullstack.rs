@@ -263,6 +263,12 @@ impl Api {
         Ok(api)
     }
 
+    /// `GET path`, its answer's bytes.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, Error> {
+        let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(self.token.as_str()).send().await?;
+        Ok(response.error_for_status()?.bytes().await?.to_vec())
+    }
+
     /// `GET path`, its answer parsed.
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(self.token.as_str()).send().await?;

@@ -25,6 +25,8 @@
 
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+
 use evalflow_workflow::sim::InstantWorld;
 use evalflow_workflow::store::SledOptions;
 use evalflow_workflow::{
@@ -51,6 +53,53 @@ const POLICY: &str = r#"
     price_per_hour_usd = 3.06
 "#;
 
+/// evalflow's benchmark, on this machine: raw sled, the engine, a store at
+/// scale, the whole stack, publishing, the sandbox and the peers.
+/// `scripts/bench` starts moto and installs the peers first.
+#[derive(clap::Parser)]
+#[command(name = "evalflow-bench")]
+struct Args {
+    /// Runs in the store measured at scale.
+    #[arg(long, default_value_t = 1_000_000)]
+    stored_runs: usize,
+    /// Non-terminal runs added to it, then recovered.
+    #[arg(long, default_value_t = 100_000)]
+    live_runs: usize,
+    /// Runs through the whole stack (and on each peer).
+    #[arg(long, default_value_t = 10_000)]
+    runs: usize,
+    /// Where the peers are installed (`scripts/bench` installs them); without it they are skipped.
+    #[arg(long, value_name = "DIR")]
+    peers: Option<std::path::PathBuf>,
+    /// Results published locally, the smaller size.
+    #[arg(long, default_value_t = 10_000)]
+    publish: usize,
+    /// Results published locally, the larger size.
+    #[arg(long, default_value_t = 100_000)]
+    publish_large: usize,
+    /// Results stored on moto before publishing, the smaller size.
+    #[arg(long, default_value_t = 10_000)]
+    s3_stored: usize,
+    /// Results stored on moto before publishing, the larger size.
+    #[arg(long, default_value_t = 100_000)]
+    s3_stored_large: usize,
+    /// Publishes timed on moto.
+    #[arg(long, default_value_t = 200)]
+    s3_publishes: usize,
+    /// Trivial sandboxed runs timed for throughput.
+    #[arg(long, default_value_t = 1_000)]
+    sandbox_runs: usize,
+    /// Only the store at scale.
+    #[arg(long, conflicts_with_all = ["full_stack_only", "sandbox_only"])]
+    scale_only: bool,
+    /// Only the whole stack.
+    #[arg(long, conflicts_with = "sandbox_only")]
+    full_stack_only: bool,
+    /// Only the sandbox.
+    #[arg(long)]
+    sandbox_only: bool,
+}
+
 mod fullstack;
 mod peers;
 mod publish;
@@ -76,29 +125,30 @@ fn main() -> Result<(), Error> {
     {
         return Ok(evalflow_activities::local::supervisor::supervise(dir.as_ref())?);
     }
-    let flag = |name: &str, default: usize| -> Result<usize, Error> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(args.get(i + 1).ok_or(format!("{name} needs a number"))?.parse()?),
-            None => Ok(default),
-        }
-    };
-    let stored_runs = flag("--stored-runs", 1_000_000)?;
-    let live_runs = flag("--live-runs", 100_000)?;
-    let full_runs = flag("--runs", 10_000)?;
-    let peers_dir = match args.iter().position(|a| a == "--peers") {
-        Some(i) => Some(std::fs::canonicalize(args.get(i + 1).ok_or("--peers needs a directory")?)?),
-        None => None,
-    };
-    let publish_sizes = [flag("--publish", 10_000)?, flag("--publish-large", 100_000)?];
-    let s3_stored = [flag("--s3-stored", 10_000)?, flag("--s3-stored-large", 100_000)?];
-    let s3_publishes = flag("--s3-publishes", 200)?;
-    let sandbox_runs = flag("--sandbox-runs", 1_000)?;
+    let Args {
+        stored_runs,
+        live_runs,
+        runs: full_runs,
+        peers,
+        publish,
+        publish_large,
+        s3_stored,
+        s3_stored_large,
+        s3_publishes,
+        sandbox_runs,
+        scale_only,
+        full_stack_only,
+        sandbox_only,
+    } = Args::parse();
+    let peers_dir = peers.map(std::fs::canonicalize).transpose()?;
+    let publish_sizes = [publish, publish_large];
+    let s3_stored = [s3_stored, s3_stored_large];
     let policy = Policy::from_toml(POLICY)?;
     println!("evalflow core benchmark ({} CPUs)", std::thread::available_parallelism()?);
-    if args.iter().any(|a| a == "--scale-only") {
+    if scale_only {
         return stored_at_scale(&policy, stored_runs, live_runs);
     }
-    if args.iter().any(|a| a == "--full-stack-only") {
+    if full_stack_only {
         let (measured, _dir) = fullstack::measure(full_runs)?;
         println!(
             "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s (submitted in {:.1} s)",
@@ -106,7 +156,7 @@ fn main() -> Result<(), Error> {
         );
         return Ok(());
     }
-    if args.iter().any(|a| a == "--sandbox-only") {
+    if sandbox_only {
         if let Some(report) = sandbox::measure(&policy, 20, sandbox_runs, SANDBOX_AT_ONCE)? {
             report.print();
         }

@@ -10,16 +10,31 @@ use crate::fullstack::{self, Api};
 
 /// How many times each question is asked.
 const ASKED: usize = 20;
+/// The page a paging client asks for.
+const PAGE: usize = 1_000;
 
 /// What the node answered, and how fast.
 pub struct Answers {
     /// From spawning the node to its first answer.
     start: Duration,
     status: Duration,
-    failed: Duration,
-    /// How many failed runs `runs --state failed` listed.
-    failed_runs: usize,
+    failed: Asked,
+    /// Its first page of [`PAGE`] runs, as a client that pages asks it.
+    first_page: Asked,
     history: Duration,
+}
+
+/// The median of [`ASKED`] asks of one question.
+#[derive(Default)]
+struct Asked {
+    /// To the answer parsed.
+    parsed: Duration,
+    /// To its last byte received.
+    received: Duration,
+    /// Its items (1 for an answer that is not a list).
+    items: usize,
+    /// Its bytes.
+    bytes: usize,
 }
 
 impl Answers {
@@ -28,10 +43,21 @@ impl Answers {
         let ms = crate::ms;
         println!("a serving node on {stored} stored runs: started in {:.1} s", self.start.as_secs_f64());
         println!("  status through the API:                 {:>9.1} ms (target < 100 ms)", ms(self.status));
+        let failed = &self.failed;
         println!(
             "  runs --state failed through the API:    {:>9.1} ms ({} runs; target < 100 ms)",
-            ms(self.failed),
-            self.failed_runs
+            ms(failed.parsed),
+            failed.items
+        );
+        println!(
+            "    of which received (its last byte):   {:>9.1} ms ({:.1} MB of JSON; the rest is parsing it)",
+            ms(failed.received),
+            failed.bytes as f64 / 1e6
+        );
+        println!(
+            "    its first page:                       {:>9.1} ms ({} runs, as a client that pages asks)",
+            ms(self.first_page.parsed),
+            self.first_page.items
         );
         println!("  one run's history through the API:     {:>9.1} ms (target < 100 ms)", ms(self.history));
     }
@@ -42,23 +68,28 @@ pub fn measure(dir: &Path, run: &str) -> Result<Answers, Error> {
     let spawned = Instant::now();
     fullstack::serving(dir, |api| async move {
         let start = spawned.elapsed();
-        let status = median(&api, "/v1/status").await?.0;
-        let (failed, failed_runs) = median(&api, "/v1/runs?state=failed").await?;
-        let history = median(&api, &format!("/v1/runs/{run}/history")).await?.0;
-        Ok(Answers { start, status, failed, failed_runs, history })
+        let status = median(&api, "/v1/status").await?.parsed;
+        let failed = median(&api, "/v1/runs?state=failed").await?;
+        let first_page = median(&api, &format!("/v1/runs?state=failed&limit={PAGE}")).await?;
+        let history = median(&api, &format!("/v1/runs/{run}/history")).await?.parsed;
+        Ok(Answers { start, status, failed, first_page, history })
     })
 }
 
-/// The median time `path` takes to answer, and how many items its answer has.
-async fn median(api: &Api, path: &str) -> Result<(Duration, usize), Error> {
-    let mut times = Vec::with_capacity(ASKED);
-    let mut items = 0;
+/// The median times `path` takes to answer, and its size.
+async fn median(api: &Api, path: &str) -> Result<Asked, Error> {
+    let (mut parsed, mut received) = (Vec::with_capacity(ASKED), Vec::with_capacity(ASKED));
+    let mut asked = Asked::default();
     for _ in 0..ASKED {
         let start = Instant::now();
-        let answer: serde_json::Value = api.get(path).await?;
-        times.push(start.elapsed());
-        items = answer.as_array().map_or(1, Vec::len);
+        let bytes = api.get_bytes(path).await?;
+        received.push(start.elapsed());
+        let answer: serde_json::Value = serde_json::from_slice(&bytes)?;
+        parsed.push(start.elapsed());
+        (asked.items, asked.bytes) = (answer.as_array().map_or(1, Vec::len), bytes.len());
     }
-    times.sort();
-    Ok((times[ASKED / 2], items))
+    parsed.sort();
+    received.sort();
+    (asked.parsed, asked.received) = (parsed[ASKED / 2], received[ASKED / 2]);
+    Ok(asked)
 }
