@@ -8,7 +8,9 @@ use super::StoreError;
 use crate::machine::{HistoryEntry, RunSpec, RunStatus};
 
 /// The record format this build reads and writes. Bump it, and teach
-/// [`decode`] the old one, whenever a stored type changes shape.
+/// [`decode`] the old one, whenever a stored type changes shape; bump the
+/// store's layout version too (`sled_store::LAYOUT_VERSION`), which is what
+/// an older evalflow checks on open.
 pub(crate) const SCHEMA_VERSION: u8 = 2;
 
 /// A record that can check its own invariants.

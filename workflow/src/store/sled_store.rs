@@ -13,9 +13,11 @@
 //! history entry hold the same: at a million stored runs, finding a run's
 //! spec and last entry costs two reads of pages out of cache (~35 µs), so
 //! listing 10,000 failed runs took a third of a second and counting every
-//! run at start 20 s, where one pass over a range costs a few µs a run. A
-//! run enters a terminal state about once, so the copy is written about
-//! once; live runs, which change at every step, are not copied.
+//! run at start 20 s, where one pass over a range costs a few µs a run. The
+//! copy is written when a run enters a terminal state and again with each
+//! event recorded while it is there (a late event, an acknowledged
+//! termination), which are few; live runs, which change at every step, are
+//! not copied.
 //!
 //! Run ids are ASCII letters, digits, `_` and `-`, so `\0` ends a run id in a
 //! history key and one run's entries never interleave with another's. A
@@ -517,28 +519,80 @@ impl SledStore {
         }
     }
 
-    /// Visits every run once, each as it was when read: the terminal ones in
-    /// one pass over each terminal state's index, the others from the live
-    /// index. While commits go on, a run submitted meanwhile may be missed,
-    /// and so may one moved out of a terminal state before its index was read;
-    /// none is visited twice.
+    /// Visits every run once, in id order, each as it was when read: the
+    /// terminal ones from their states' indexes, which hold them, the
+    /// others loaded from the live index. The indexes are read side by side
+    /// in id order, so a run found in two (a terminal run owed a command,
+    /// or one that moved while they were read) is visited once. While
+    /// commits go on, a run submitted meanwhile may be missed, and so may
+    /// one that moved to an index already read past it.
     pub fn each_run(&self, mut visit: impl FnMut(StoredRun)) -> Result<(), StoreError> {
-        let live: Vec<RunId> = super::all_runs(self, RunFilter::Live)?;
-        let mut live: std::collections::HashMap<RunId, bool> = live.into_iter().map(|run| (run, false)).collect();
-        for tag in StateTag::ALL.into_iter().filter(|tag| tag.is_terminal()) {
-            self.each_in(RunFilter::Terminal(tag), |stored| {
-                if let Some(visited) = live.get_mut(&stored.run.spec.run) {
-                    *visited = true;
+        let mut indexes: Vec<Pages<'_>> = StateTag::ALL
+            .into_iter()
+            .filter(|tag| tag.is_terminal())
+            .map(RunFilter::Terminal)
+            .chain([RunFilter::Live])
+            .map(|filter| Pages {
+                store: self,
+                filter,
+                page: Vec::new().into_iter().peekable(),
+                after: None,
+                done: false,
+            })
+            .collect();
+        loop {
+            let mut least: Option<RunId> = None;
+            for index in &mut indexes {
+                if let Some((id, _)) = index.peek()?
+                    && least.as_ref().is_none_or(|least| id < least)
+                {
+                    least = Some(id.clone());
                 }
-                visit(stored);
-            })?;
-        }
-        for (run, visited) in live {
-            if !visited && let Some(stored) = self.load(&run)? {
-                visit(stored);
+            }
+            let Some(least) = least else { return Ok(()) };
+            let mut found = None;
+            for index in &mut indexes {
+                if index.peek()?.is_some_and(|(id, _)| *id == least) {
+                    found = found.or(index.page.next().and_then(|(_, stored)| stored));
+                }
+            }
+            match found {
+                Some(stored) => visit(stored),
+                None => self.load(&least)?.into_iter().for_each(&mut visit),
             }
         }
-        Ok(())
+    }
+}
+
+/// One index read page by page, in id order, for [`SledStore::each_run`]:
+/// each run with its record when the index holds it.
+struct Pages<'s> {
+    store: &'s SledStore,
+    filter: RunFilter,
+    page: std::iter::Peekable<std::vec::IntoIter<(RunId, Option<StoredRun>)>>,
+    /// The last run of the last page read.
+    after: Option<RunId>,
+    done: bool,
+}
+
+impl Pages<'_> {
+    fn peek(&mut self) -> Result<Option<&(RunId, Option<StoredRun>)>, StoreError> {
+        if self.page.peek().is_none() && !self.done {
+            let after = self.after.as_ref();
+            let page: Vec<(RunId, Option<StoredRun>)> = match self.filter {
+                RunFilter::Terminal(_) => self
+                    .store
+                    .stored_runs(self.filter, after, LIST_LIMIT_MAX)?
+                    .into_iter()
+                    .map(|stored| (stored.run.spec.run.clone(), Some(stored)))
+                    .collect(),
+                _ => self.store.runs(self.filter, after, LIST_LIMIT_MAX)?.into_iter().map(|id| (id, None)).collect(),
+            };
+            self.done = page.len() < LIST_LIMIT_MAX;
+            self.after = page.last().map(|(id, _)| id.clone());
+            self.page = page.into_iter().peekable();
+        }
+        Ok(self.page.peek())
     }
 }
 
@@ -751,6 +805,44 @@ mod tests {
         store.each_run(|stored| visited.push(stored.run.spec.run.to_string())).unwrap();
         visited.sort();
         assert_eq!(visited, ["a-public", "b-public", "c-public"]);
+    }
+
+    #[test]
+    fn every_run_is_visited_once_in_id_order_across_pages_of_each_index() {
+        let runs = LIST_LIMIT_MAX + 50;
+        let specs: Vec<Input> = (0..runs)
+            .map(|i| {
+                Input::Submit(RunSpec::new(
+                    SubmissionId::new(format!("s{i:05}")).unwrap(),
+                    TeamId::new("t").unwrap(),
+                    Stage::Public,
+                    false,
+                    SubmissionSource::Image { uri: "img".into() },
+                    Timestamp(0),
+                ))
+            })
+            .collect();
+        let (mut engine, _) =
+            Engine::open(SledStore::temporary().unwrap(), crate::policy::tests::case_policy(), 0).unwrap();
+        engine.apply(specs, Timestamp(1)).unwrap();
+        // Every third cancelled: a terminal index and the live one, both longer than a page.
+        let cancels = (0..runs).step_by(3).map(|i| Input::Event {
+            run: RunId::parse(&format!("s{i:05}-public")).unwrap(),
+            envelope: crate::machine::Envelope::unfenced(crate::machine::Event::CancelRequested),
+        });
+        engine.apply(cancels.collect(), Timestamp(2)).unwrap();
+        let store = engine.into_store();
+        let mut visited = Vec::new();
+        store
+            .each_run(|stored| visited.push((stored.run.spec.run.to_string(), stored.run.status.state.tag())))
+            .unwrap();
+        let expected: Vec<_> = (0..runs)
+            .map(|i| {
+                let state = if i % 3 == 0 { StateTag::Cancelled } else { StateTag::Queued };
+                (format!("s{i:05}-public"), state)
+            })
+            .collect();
+        assert_eq!(visited, expected);
     }
 
     #[test]
