@@ -71,14 +71,97 @@ pub fn list_files(dir: &Path, bytes_max: u64) -> io::Result<Vec<(PathBuf, u64)>>
 pub fn dir_digest(dir: &Path, bytes_max: u64) -> io::Result<String> {
     let mut hasher = Sha256::new();
     for (relative, _) in list_files(dir, bytes_max)? {
-        let name = relative.to_string_lossy();
-        hasher.update((name.len() as u64).to_le_bytes());
-        hasher.update(name.as_bytes());
         let (file, length) = open_listed(dir, &relative)?;
-        hasher.update(length.to_le_bytes());
+        digest_head(&mut hasher, &relative, length);
         io::copy(&mut file.take(length), &mut hasher)?;
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(hasher))
+}
+
+/// Copies the files of `from` into `to` (created) as [`copy_dir`] does, and
+/// returns the [`dir_digest`] of what it wrote: each file is read once, for
+/// its copy and its digest.
+pub fn copy_dir_digest(from: &Path, to: &Path, bytes_max: u64) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    copy_tree(from, to, bytes_max, Some(&mut hasher))?;
+    Ok(hex(hasher))
+}
+
+/// Copies the files of `from` into `to` (created), each into `hasher` too
+/// (after its [`digest_head`]). A file that changes length while it is
+/// copied is refused.
+fn copy_tree(from: &Path, to: &Path, bytes_max: u64, mut hasher: Option<&mut Sha256>) -> io::Result<()> {
+    /// Hashes what it writes.
+    struct Tee<'a>(Option<&'a mut Sha256>, File);
+    impl Write for Tee<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let written = self.1.write(buf)?;
+            if let Some(hasher) = &mut self.0 {
+                hasher.update(&buf[..written]);
+            }
+            Ok(written)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.1.flush()
+        }
+    }
+    let mut parents = Parents::new(to)?;
+    for (relative, _) in list_files(from, bytes_max)? {
+        let target = to.join(&relative);
+        parents.make(&target)?;
+        let (file, length) = open_listed(from, &relative)?;
+        if let Some(hasher) = hasher.as_deref_mut() {
+            digest_head(hasher, &relative, length);
+        }
+        let copy = create_copy(&file, &target)?;
+        let copied = io::copy(&mut (&file).take(length), &mut Tee(hasher.as_deref_mut(), copy))?;
+        if copied != length || file.metadata()?.len() != length {
+            return Err(io::Error::other(format!(
+                "{} changed while it was copied: something writes to it; try again once nothing does",
+                from.join(&relative).display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The directories files are copied into, under a root made first: each
+/// made once, not once per file (a `mkdir` that finds its directory costs
+/// the directory's lock, as much as one that makes it).
+struct Parents<'a> {
+    root: &'a Path,
+    made: std::collections::HashSet<PathBuf>,
+}
+
+impl<'a> Parents<'a> {
+    fn new(root: &'a Path) -> io::Result<Parents<'a>> {
+        fs::create_dir_all(root)?;
+        Ok(Parents { root, made: Default::default() })
+    }
+
+    /// Makes the directory `target` goes in, unless it is made.
+    fn make(&mut self, target: &Path) -> io::Result<()> {
+        match target.parent() {
+            Some(parent) if parent != self.root && !self.made.contains(parent) => {
+                fs::create_dir_all(parent)?;
+                self.made.insert(parent.to_owned());
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a digest hashes of a file before its contents: its relative path and length.
+fn digest_head(hasher: &mut Sha256, relative: &Path, length: u64) {
+    let name = relative.to_string_lossy();
+    hasher.update((name.len() as u64).to_le_bytes());
+    hasher.update(name.as_bytes());
+    hasher.update(length.to_le_bytes());
+}
+
+fn hex(hasher: Sha256) -> String {
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What is left on the filesystem under a directory, for writers that are not root.
@@ -103,16 +186,7 @@ pub fn free_space(dir: &Path) -> io::Result<FreeSpace> {
 /// executable, refusing what [`list_files`] refuses; every file is opened
 /// beneath `from`, through no link.
 pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
-    fs::create_dir_all(to)?;
-    for (relative, _) in list_files(from, bytes_max)? {
-        let target = to.join(&relative);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        let (file, length) = open_listed(from, &relative)?;
-        copy_file(file, length, &target)?;
-    }
-    Ok(())
+    copy_tree(from, to, bytes_max, None)
 }
 
 /// Gives `to` (created) the files of `from` as hard links to them, each
@@ -125,13 +199,11 @@ pub fn copy_dir(from: &Path, to: &Path, bytes_max: u64) -> io::Result<()> {
 /// copied, relative to `to`. Refuses what [`list_files`] refuses; every
 /// file is opened beneath `from`, through no link.
 pub fn link_dir(from: &Path, to: &Path, copied: &[&Path]) -> io::Result<Vec<PathBuf>> {
-    fs::create_dir_all(to)?;
+    let mut parents = Parents::new(to)?;
     let mut copies = Vec::new();
     for (relative, _) in list_files(from, u64::MAX)? {
         let target = to.join(&relative);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        parents.make(&target)?;
         let (file, length) = open_listed(from, &relative)?;
         let link = !copied.contains(&relative.as_path()) && read_only(&file).is_ok();
         if !(link && fs::hard_link(from.join(&relative), &target).is_ok()) {
@@ -155,12 +227,17 @@ fn read_only(file: &File) -> io::Result<()> {
 
 /// Copies `length` bytes of `file` to `target`, executable if `file` is.
 fn copy_file(file: File, length: u64, target: &Path) -> io::Result<()> {
+    let mut copy = create_copy(&file, target)?;
+    io::copy(&mut file.take(length), &mut copy)?;
+    Ok(())
+}
+
+/// Creates (or empties) `target` for a copy of `file`, executable if `file` is.
+fn create_copy(file: &File, target: &Path) -> io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let executable = file.metadata()?.permissions().mode() & 0o111 != 0;
     let mode = if executable { 0o755 } else { 0o644 };
-    let mut copy = File::options().write(true).create(true).truncate(true).mode(mode).open(target)?;
-    io::copy(&mut file.take(length), &mut copy)?;
-    Ok(())
+    File::options().write(true).create(true).truncate(true).mode(mode).open(target)
 }
 
 /// Opens a file [`list_files`] listed; it must still be a regular file.
@@ -218,6 +295,12 @@ mod tests {
         let b = dir.path().join("b");
         copy_dir(&a, &b, MIB).unwrap();
         assert_eq!(dir_digest(&a, MIB).unwrap(), dir_digest(&b, MIB).unwrap());
+        let (c, big) = (dir.path().join("c"), vec![7_u8; 300_000]);
+        fs::write(a.join("sub/big.bin"), &big).unwrap();
+        let digest = copy_dir_digest(&a, &c, MIB).unwrap();
+        assert_eq!((dir_digest(&a, MIB).unwrap(), dir_digest(&c, MIB).unwrap()), (digest.clone(), digest));
+        assert_eq!(fs::read(c.join("sub/big.bin")).unwrap(), big, "copied whole, past one buffer");
+        fs::remove_file(a.join("sub/big.bin")).unwrap();
         fs::write(b.join("x.py"), "print(2)").unwrap();
         assert_ne!(dir_digest(&a, MIB).unwrap(), dir_digest(&b, MIB).unwrap());
         let err = dir_digest(&a, 8).unwrap_err().to_string();

@@ -459,7 +459,7 @@ async fn act(backend: &Backend, dir: &Path, command: Command) -> Result<ExitCode
                 eprintln!("removed {cleared} copies left by a submit that did not finish (none of them had a run)");
             }
             let bar = preparing(requests.len());
-            let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock, || bar.inc(1));
+            let prepared = prepare_all(&config, &requests, Timestamp::now(), &lock, |n| bar.inc(n));
             bar.finish_and_clear();
             let prepared = prepared?;
             // Without an answer the engine may or may not have them: the

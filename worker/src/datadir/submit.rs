@@ -8,9 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use evalflow_activities::artifacts::check_stage_files;
-use evalflow_activities::fsutil::{copy_dir, dir_digest};
+use evalflow_activities::fsutil::{copy_dir_digest, dir_digest};
 use evalflow_activities::submission::Manifest;
 use evalflow_workflow::{
     RunId, RunSpec, Stage, StateTag, SubmissionId, SubmissionSource, TeamId, Timestamp, WorkflowStore, is_audit_name,
@@ -53,6 +54,16 @@ pub enum SubmitError {
     #[error("cannot read manifest {path}: {error}")]
     ManifestUnreadable {
         /// The manifest.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The directory submissions are kept in cannot be made.
+    #[error(
+        "cannot make {path}, where submissions are kept: {error} (check the data directory's permissions and free space)"
+    )]
+    Unkeepable {
+        /// The directory.
         path: String,
         /// Why.
         error: std::io::Error,
@@ -350,15 +361,17 @@ impl Prepared {
 }
 
 /// Prepares every request ([`prepare`]), its new copies written in `lock`'s
-/// journal first, calling `done` after each; if one fails, removes the
-/// copies the others made, so that a corrected manifest can be submitted
-/// again. The submissions' directory is looked through once, not per request.
+/// journal first, calling `done` with the number of requests each step
+/// prepared; if one fails, removes the copies the others made, so that a
+/// corrected manifest can be submitted again. The submissions' directory is
+/// looked through once, not per request; each directory is kept once, however
+/// many stages its id is submitted to, on as many threads as there are cores.
 pub fn prepare_all(
     config: &Config,
     requests: &[SubmissionRequest],
     now: Timestamp,
     lock: &SubmitLock,
-    mut done: impl FnMut(),
+    done: impl Fn(u64) + Sync,
 ) -> Result<Prepared, SubmitError> {
     let submissions = config.submissions_dir();
     let mut new_ids: Vec<&SubmissionId> = requests
@@ -372,21 +385,106 @@ pub fn prepare_all(
         .map_err(|error| SubmitError::Journal { path: config.submit_lock().display().to_string(), error })?;
     let fresh: Vec<PathBuf> = new_ids.iter().map(|id| submissions.join(id.as_str())).collect();
     clear_staging(&submissions, &new_ids.iter().copied().collect());
-    let prepared = requests
-        .iter()
-        .map(|r| {
-            let spec = prepare(config, r, now);
-            done();
-            spec
-        })
-        .collect::<Result<Vec<_>, _>>();
-    match prepared {
+    match prepare_specs(config, requests, now, &done) {
         Ok(specs) => Ok(Prepared { specs, fresh }),
         Err(e) => {
             Prepared { specs: Vec::new(), fresh: fresh.into_iter().filter(|d| d.exists()).collect() }.discard();
             Err(e)
         }
     }
+}
+
+/// The specs of `requests`, in their order: every request checked before
+/// anything is copied, then each submission's directory kept once. Stops
+/// keeping directories at the first that fails, and returns that failure
+/// (the first in the requests' order if several failed at once).
+fn prepare_specs(
+    config: &Config,
+    requests: &[SubmissionRequest],
+    now: Timestamp,
+    done: &(impl Fn(u64) + Sync),
+) -> Result<Vec<RunSpec>, SubmitError> {
+    // Each id's directory, with how many requests submit it.
+    let mut dirs: Vec<(&SubmissionId, &Path, u64)> = Vec::new();
+    let mut dir_of: HashMap<&SubmissionId, usize> = HashMap::new();
+    for request in requests {
+        match check_request(config, request)? {
+            Some(path) => match dir_of.get(&request.id) {
+                Some(&index) => dirs[index].2 += 1,
+                None => {
+                    dir_of.insert(&request.id, dirs.len());
+                    dirs.push((&request.id, path, 1));
+                }
+            },
+            None => done(1),
+        }
+    }
+    let kept = match dirs.is_empty() {
+        true => Vec::new(),
+        false => {
+            let submissions = submissions_dir(config)?;
+            let failed = AtomicBool::new(false);
+            let kept = in_parallel(&dirs, |&(id, path, requests)| {
+                if failed.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let kept = keep_directory(config, &submissions, id, path);
+                failed.fetch_or(kept.is_err(), Ordering::Relaxed);
+                done(requests);
+                Some(kept)
+            });
+            kept.into_iter().flatten().collect::<Result<Vec<Kept>, _>>()?
+        }
+    };
+    let specs = requests.iter().map(|request| {
+        let source = match (dir_of.get(&request.id), &request.image) {
+            (Some(&index), _) => {
+                let Kept { path, digest, cpu_only } = &kept[index];
+                let source = SubmissionSource::Directory { path: path.display().to_string(), digest: digest.clone() };
+                (source, *cpu_only)
+            }
+            (None, image) => {
+                let uri = image.clone().unwrap_or_else(|| unreachable!("a request without a directory gives an image"));
+                (SubmissionSource::Image { uri }, request.cpu_only)
+            }
+        };
+        let (source, cpu_only) = source;
+        RunSpec::new(request.id.clone(), request.team.clone(), request.stage, cpu_only, source, now)
+    });
+    Ok(specs.collect())
+}
+
+/// `f` of each item, in their order, computed on as many threads as the
+/// machine has cores (the work it is for, copying and hashing small files,
+/// is the kernel's and the CPU's).
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    std::thread::scope(|scope| {
+        let take = || {
+            let mut out = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(index) else { return out };
+                out.push((index, f(item)));
+            }
+        };
+        let workers: Vec<_> = (0..threads).map(|_| scope.spawn(take)).collect();
+        for worker in workers {
+            let out = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (index, result) in out {
+                results[index] = Some(result);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| unreachable!("every item was taken by a thread")))
+        .collect()
 }
 
 /// Why a team's id may not end in `-audit<N>`.
@@ -397,6 +495,14 @@ const AUDIT_NAME_RESERVED: &str =
 /// returns its run spec. The same id with the same contents is accepted
 /// again; with other contents it is a conflict.
 pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> Result<RunSpec, SubmitError> {
+    let mut specs = prepare_specs(config, std::slice::from_ref(request), now, &|_| {})?;
+    Ok(specs.pop().unwrap_or_else(|| unreachable!("one spec a request")))
+}
+
+/// Checks what a request names, before anything is copied: an id that is
+/// not an audit's, a stage the competition has, and the kind of source it
+/// takes. Returns the request's directory, if it gives one.
+fn check_request<'a>(config: &Config, request: &'a SubmissionRequest) -> Result<Option<&'a Path>, SubmitError> {
     let id = &request.id;
     if is_audit_name(id.as_str()) {
         return Err(SubmitError::Invalid { id: id.clone(), problem: AUDIT_NAME_RESERVED.into() });
@@ -411,8 +517,8 @@ pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> 
         return Err(SubmitError::NoStage { id: id.clone(), stage: request.stage });
     }
     match (&request.path, &request.image, on_aws) {
-        (Some(path), None, false) => prepare_directory(config, request, path, now),
-        (None, Some(image), true) => prepare_image(request, image, now),
+        (Some(path), None, false) => Ok(Some(path)),
+        (None, Some(image), true) => check_image(request, image).map(|()| None),
         (Some(_), None, true) => {
             Err(wrong("this competition runs on AWS Batch: submit a container image (--image URI)"))
         }
@@ -423,7 +529,7 @@ pub fn prepare(config: &Config, request: &SubmissionRequest, now: Timestamp) -> 
     }
 }
 
-fn prepare_image(request: &SubmissionRequest, image: &str, now: Timestamp) -> Result<RunSpec, SubmitError> {
+fn check_image(request: &SubmissionRequest, image: &str) -> Result<(), SubmitError> {
     let clean = !image.is_empty()
         && image.len() <= IMAGE_MAX_LEN
         && !image.chars().any(|c| c.is_whitespace() || c.is_control());
@@ -433,17 +539,32 @@ fn prepare_image(request: &SubmissionRequest, image: &str, now: Timestamp) -> Re
             problem: format!("image {image:?} is not an image reference (1 to {IMAGE_MAX_LEN} characters, no spaces)"),
         });
     }
-    let source = SubmissionSource::Image { uri: image.to_owned() };
-    Ok(RunSpec::new(request.id.clone(), request.team.clone(), request.stage, request.cpu_only, source, now))
+    Ok(())
 }
 
-fn prepare_directory(
-    config: &Config,
-    request: &SubmissionRequest,
-    path: &Path,
-    now: Timestamp,
-) -> Result<RunSpec, SubmitError> {
-    let id = &request.id;
+/// The submissions' directory, made if need be and resolved as the engine
+/// resolves it (see [`check_specs`]).
+fn submissions_dir(config: &Config) -> Result<PathBuf, SubmitError> {
+    let submissions = config.submissions_dir();
+    let unusable = |error| SubmitError::Unkeepable { path: submissions.display().to_string(), error };
+    std::fs::create_dir_all(&submissions).map_err(unusable)?;
+    submissions.canonicalize().map_err(unusable)
+}
+
+/// A submission's directory as kept in the data directory.
+#[derive(Debug)]
+struct Kept {
+    /// Where it is kept.
+    path: PathBuf,
+    /// The digest of what is kept there.
+    digest: String,
+    /// Whether its submission.toml puts it on the CPU ladder.
+    cpu_only: bool,
+}
+
+/// Checks the directory `path` of submission `id` and keeps a copy of it in
+/// `submissions` (canonical), unless the same contents are kept there already.
+fn keep_directory(config: &Config, submissions: &Path, id: &SubmissionId, path: &Path) -> Result<Kept, SubmitError> {
     let invalid = |problem: String| SubmitError::Invalid { id: id.clone(), problem };
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
@@ -457,10 +578,6 @@ fn prepare_directory(
     }
     let manifest = Manifest::read(path).map_err(|e| invalid(e.to_string()))?;
     let bytes_max = config.local.submission_max_bytes();
-    let submissions = config.submissions_dir();
-    std::fs::create_dir_all(&submissions).map_err(|e| invalid(format!("{}: {e}", submissions.display())))?;
-    // As the engine checks it: see `check_specs`.
-    let submissions = submissions.canonicalize().map_err(|e| invalid(format!("{}: {e}", submissions.display())))?;
     let kept = submissions.join(id.as_str());
     let digest_of =
         |dir: &Path, bytes_max| dir_digest(dir, bytes_max).map_err(|e| invalid(format!("{}: {e}", dir.display())));
@@ -471,14 +588,13 @@ fn prepare_directory(
         }
         digest
     } else {
-        // Copied first, then digested: the digest is of what is kept, even
-        // if the source changes meanwhile. A dead process's copy under this
-        // very name (its pid reused) goes first; `prepare_all` clears the others.
+        // The digest is of what is written to the copy, even if the source
+        // changes meanwhile. A dead process's copy under this very name (its
+        // pid reused) goes first; `prepare_all` clears the others.
         let staging = submissions.join(format!(".new-{id}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
-        let kept_copy = copy_dir(path, &staging, bytes_max)
+        let kept_copy = copy_dir_digest(path, &staging, bytes_max)
             .map_err(|e| invalid(format!("cannot copy it: {e}")))
-            .and_then(|()| digest_of(&staging, u64::MAX))
             .and_then(|digest| {
                 std::fs::rename(&staging, &kept).map_err(|e| invalid(format!("cannot keep it: {e}")))?;
                 Ok(digest)
@@ -488,8 +604,7 @@ fn prepare_directory(
         }
         kept_copy?
     };
-    let source = SubmissionSource::Directory { path: kept.display().to_string(), digest };
-    Ok(RunSpec::new(id.clone(), request.team.clone(), request.stage, manifest.cpu_only, source, now))
+    Ok(Kept { path: kept, digest, cpu_only: manifest.cpu_only })
 }
 
 /// Checks run specs before the engine takes them, whoever sent them: each
@@ -497,11 +612,10 @@ fn prepare_directory(
 /// [`SUBMITTED_AHEAD_MAX_SECS`] after `now`, and a directory source is the
 /// submission's directory in this data directory (the canonical
 /// `DIR/submissions/<id>`, itself no link) holding the contents its digest
-/// names. Images are taken as they are. Reads each directory once.
+/// names. Images are taken as they are. Reads each directory once, the
+/// directories on as many threads as there are cores.
 pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result<(), SubmitError> {
-    // Resolved once, and only needed for directories (an AWS competition has none).
-    let submissions = config.submissions_dir().canonicalize();
-    let mut digests: HashMap<&str, String> = HashMap::new();
+    let mut dirs: Vec<(&SubmissionId, &str)> = Vec::new();
     for spec in specs {
         let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
         if spec.audit.is_none() && is_audit_name(spec.submission.as_str()) {
@@ -521,18 +635,27 @@ pub fn check_specs(config: &Config, specs: &[RunSpec], now: Timestamp) -> Result
                  check the submitting machine's clock"
             )));
         }
+        if let SubmissionSource::Directory { path, .. } = &spec.source {
+            dirs.push((&spec.submission, path));
+        }
+    }
+    // Once per submission and path: a path is checked against the submission that names it.
+    dirs.sort_unstable();
+    dirs.dedup();
+    // Resolved once, and only needed for directories (an AWS competition has none).
+    let submissions = config.submissions_dir().canonicalize();
+    let found = in_parallel(&dirs, |&(submission, path)| kept_digest(&submissions, submission, path));
+    let digests: HashMap<(&SubmissionId, &str), &Result<String, String>> = dirs.into_iter().zip(&found).collect();
+    for spec in specs {
         let SubmissionSource::Directory { path, digest } = &spec.source else { continue };
-        let found = match digests.get(path.as_str()) {
-            Some(found) => found.clone(),
-            None => kept_digest(&submissions, &spec.submission, path).map_err(refused)?,
-        };
-        if found != *digest {
+        let refused = |problem: String| SubmitError::Refused { run: spec.run.clone(), problem };
+        let found = digests[&(&spec.submission, path.as_str())].as_ref().map_err(|e| refused(e.clone()))?;
+        if found != digest {
             return Err(refused(format!(
                 "its digest {digest} is not that of the contents of {path} ({found}): \
                  submit the directory with `evalflow submit`, which computes it"
             )));
         }
-        digests.insert(path, found);
     }
     Ok(())
 }
