@@ -92,7 +92,7 @@ struct Args {
     /// Only the store at scale.
     #[arg(long, conflicts_with_all = ["full_stack_only", "sandbox_only"])]
     scale_only: bool,
-    /// Only the whole stack.
+    /// Only the whole stack, next to the engine alone.
     #[arg(long, conflicts_with = "sandbox_only")]
     full_stack_only: bool,
     /// Only the sandbox.
@@ -149,11 +149,7 @@ fn main() -> Result<(), Error> {
         return stored_at_scale(&policy, stored_runs, live_runs);
     }
     if full_stack_only {
-        let (measured, _dir) = fullstack::measure(full_runs)?;
-        println!(
-            "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s (submitted in {:.1} s)",
-            measured.runs_per_sec, measured.transitions_per_sec, measured.submit_secs
-        );
+        engine_and_full_stack(&policy, full_runs)?;
         return Ok(());
     }
     if sandbox_only {
@@ -167,33 +163,8 @@ fn main() -> Result<(), Error> {
     println!("raw sled, batches of {GROUP}, one flush each: {:>9.0} writes/s (best of 3)", raw_writes);
     println!("raw sled, one write per flush:             {:>9.0} flushes/s (best of 3)", raw_flushes);
 
-    // The machine's speed wanders: best of 3, the engine's and the full
-    // stack's runs taken in turn.
-    let (mut transitions, mut runs) = (0.0_f64, 0.0_f64);
-    let mut full: Option<fullstack::FullStack> = None;
-    let mut kept = Vec::new();
-    for _ in 0..3 {
-        let (t, r) = engine_throughput(&policy, 50_000)?;
-        (transitions, runs) = (transitions.max(t), runs.max(r));
-        let (measured, dir) = fullstack::measure(full_runs)?;
-        kept.push(dir);
-        if full.as_ref().is_none_or(|f| f.runs_per_sec < measured.runs_per_sec) {
-            full = Some(measured);
-        }
-    }
-    let full = full.ok_or("no full-stack run")?;
-    println!(
-        "engine, groups of {GROUP} events:            {:>9.0} durable transitions/s (target >= 50000)",
-        transitions
-    );
-    println!("engine, queued -> published:               {:>9.0} complete runs/s", runs);
+    let (transitions, runs, full, kept) = engine_and_full_stack(&policy, full_runs)?;
     println!("engine / raw sled:                         {:>9.1} % (target >= 40 %)", 100.0 * transitions / raw_writes);
-
-    println!(
-        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; best of 3)",
-        full.runs_per_sec, full.transitions_per_sec, full.transitions_per_run, full.submit_secs
-    );
-    println!("full stack / engine:                       {:>9.1} % (target >= 50 %)", 100.0 * full.runs_per_sec / runs);
 
     println!(
         "a directory made here:                     {:>9.0} us (the full stack's jobs make two each)",
@@ -257,6 +228,40 @@ fn main() -> Result<(), Error> {
     stored_at_scale(&policy, stored_runs, live_runs)?;
     drop(kept);
     Ok(())
+}
+
+/// The engine alone and the whole stack, best of 3 each, taken in turn (the
+/// machine's speed wanders), printed with their ratio. Returns the engine's
+/// transitions/s and runs/s, the full stack's figures, and its data
+/// directories, to be removed at the end ([`fullstack::measure`]).
+fn engine_and_full_stack(
+    policy: &Policy,
+    full_runs: usize,
+) -> Result<(f64, f64, fullstack::FullStack, Vec<tempfile::TempDir>), Error> {
+    let (mut transitions, mut runs) = (0.0_f64, 0.0_f64);
+    let mut full: Option<fullstack::FullStack> = None;
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        let (t, r) = engine_throughput(policy, 50_000)?;
+        (transitions, runs) = (transitions.max(t), runs.max(r));
+        let (measured, dir) = fullstack::measure(full_runs)?;
+        kept.push(dir);
+        if full.as_ref().is_none_or(|f| f.runs_per_sec < measured.runs_per_sec) {
+            full = Some(measured);
+        }
+    }
+    let full = full.ok_or("no full-stack run")?;
+    println!(
+        "engine, groups of {GROUP} events:            {:>9.0} durable transitions/s (target >= 50000)",
+        transitions
+    );
+    println!("engine, queued -> published:               {:>9.0} complete runs/s", runs);
+    println!(
+        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; best of 3)",
+        full.runs_per_sec, full.transitions_per_sec, full.transitions_per_run, full.submit_secs
+    );
+    println!("full stack / engine:                       {:>9.1} % (target >= 50 %)", 100.0 * full.runs_per_sec / runs);
+    Ok((transitions, runs, full, kept))
 }
 
 /// The stored runs at scale: a store filled with `stored_runs`, counted,
