@@ -11,8 +11,9 @@
 //!
 //! It is not the run's outbox (what its status owes): it remembers when it
 //! sent what, and every map it keeps is bounded by the live runs' owed
-//! commands: `sent` by [`Dispatcher::forget_unowed`], `held` by one launch
-//! per owed attempt until its time, `paused` until resuming.
+//! commands: `sent` and `paused` because each group commit tells it what
+//! the runs it changed still owe ([`Dispatcher::settle`]), `held` by one
+//! launch per owed attempt until its time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -25,34 +26,29 @@ use crate::time::Timestamp;
 
 /// The longest time between two looks for commands owed too long.
 const RESEND_CHECK_MAX: Duration = Duration::from_secs(60);
-/// The dispatcher forgets the commands no longer owed once it remembers
-/// twice as many as after it last did, and at least this many.
-pub const SENT_FORGET_MIN: usize = 4096;
 
-/// A command owed, as the dispatcher tells them apart: by run, kind and
+/// A command as the dispatcher tells a run's commands apart: by kind and
 /// attempt, and, for a termination, by job (an attempt can owe two: its
 /// job's, and that of a second job a raced launch made).
-type CommandKey = (RunId, &'static str, Attempt, Option<JobId>);
+type CommandKey = (&'static str, Attempt, Option<JobId>);
 
-fn key(dispatch: &Dispatch) -> CommandKey {
-    let job = match &dispatch.command {
+fn key(command: &Command) -> CommandKey {
+    let job = match command {
         Command::TerminateJob { job, .. } => job.clone(),
         _ => None,
     };
-    (dispatch.spec.run.clone(), dispatch.command.kind(), dispatch.command.attempt(), job)
+    (command.kind(), command.attempt(), job)
 }
 
 /// The commands' timing; see the module's doc.
 pub struct Dispatcher {
-    /// When each command was last sent.
-    sent: HashMap<CommandKey, Timestamp>,
-    /// `sent`'s size at which [`Dispatcher::forget_unowed`] next prunes it.
-    forget_at: usize,
+    /// When each run's commands were last sent.
+    sent: HashMap<RunId, Vec<(CommandKey, Timestamp)>>,
     /// Launches waiting for the end of their backoff, by when it ends.
-    held: BTreeMap<(Timestamp, CommandKey), Dispatch>,
-    /// While launching is paused, the launches owed meanwhile (one per run
-    /// and attempt: bounded by the live runs).
-    paused: Option<BTreeMap<CommandKey, Dispatch>>,
+    held: BTreeMap<(Timestamp, RunId, CommandKey), Dispatch>,
+    /// While launching is paused, each run's launches owed meanwhile (one
+    /// per attempt: bounded by the live runs).
+    paused: Option<BTreeMap<RunId, Vec<Dispatch>>>,
     resend_after: Duration,
     /// When stale commands were last looked for.
     checked: Timestamp,
@@ -66,7 +62,6 @@ impl Dispatcher {
     pub fn new(resend_after: Duration, paused: bool, now: Timestamp) -> Dispatcher {
         Dispatcher {
             sent: HashMap::new(),
-            forget_at: SENT_FORGET_MIN,
             held: BTreeMap::new(),
             paused: paused.then(BTreeMap::new),
             resend_after,
@@ -83,17 +78,44 @@ impl Dispatcher {
     /// Sends `dispatch` now, or holds it: a launch whose backoff is not
     /// over, or any launch while launching is paused.
     pub fn send(&mut self, dispatch: Dispatch, now: Timestamp) {
-        let key = key(&dispatch);
-        self.sent.insert(key.clone(), now);
+        let (run, key) = (&dispatch.spec.run, key(&dispatch.command));
+        let sent = self.sent.entry(run.clone()).or_default();
+        match sent.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, at)) => *at = now,
+            None => sent.push((key.clone(), now)),
+        }
         if let (Some(paused), Command::LaunchJob { .. }) = (&mut self.paused, &dispatch.command) {
-            paused.insert(key, dispatch);
+            let launches = paused.entry(run.clone()).or_default();
+            launches.retain(|d| d.command.attempt() != dispatch.command.attempt());
+            launches.push(dispatch);
             return;
         }
         match dispatch.command {
             Command::LaunchJob { not_before: Some(at), .. } if at > now => {
-                self.held.insert((at, key), dispatch);
+                self.held.insert((at, run.clone(), key), dispatch);
             }
             _ => self.outgoing.push(dispatch),
+        }
+    }
+
+    /// Forgets, for each run a group commit changed, what it no longer owes
+    /// (`changed`: each run with every command it owes now, as
+    /// [`Applied::changed`](crate::engine::Applied::changed) has them).
+    pub fn settle(&mut self, changed: &[(RunId, Vec<Command>)]) {
+        for (run, owed) in changed {
+            let owes = |k: &CommandKey| owed.iter().any(|c| key(c) == *k);
+            if let Some(sent) = self.sent.get_mut(run) {
+                sent.retain(|(k, _)| owes(k));
+                if sent.is_empty() {
+                    self.sent.remove(run);
+                }
+            }
+            if let Some(launches) = self.paused.as_mut().and_then(|paused| paused.get_mut(run)) {
+                launches.retain(|d| owes(&key(&d.command)));
+                if launches.is_empty() {
+                    self.paused.as_mut().map(|paused| paused.remove(run));
+                }
+            }
         }
     }
 
@@ -108,7 +130,7 @@ impl Dispatcher {
         match (paused, self.paused.take()) {
             (true, waiting) => self.paused = Some(waiting.unwrap_or_default()),
             (false, Some(waiting)) => {
-                for dispatch in waiting.into_values() {
+                for dispatch in waiting.into_values().flatten() {
                     if still_owed(engine, &dispatch)? {
                         self.send(dispatch, now);
                     }
@@ -123,7 +145,7 @@ impl Dispatcher {
     /// launch's time, or the next look for commands owed too long.
     pub fn next_deadline(&self) -> Timestamp {
         let look = Timestamp(self.checked.0.saturating_add(millis(self.resend_interval())));
-        self.held.first_key_value().map_or(look, |((at, _), _)| (*at).min(look))
+        self.held.first_key_value().map_or(look, |((at, ..), _)| (*at).min(look))
     }
 
     /// Releases the held launches that are due, and, when it is time,
@@ -159,12 +181,11 @@ impl Dispatcher {
     /// Sends again what live runs have owed for longer than `resend_after`,
     /// and forgets what is no longer owed.
     fn resend<S: WorkflowStore>(&mut self, engine: &Engine<S>, now: Timestamp) -> Result<(), EngineError> {
-        let owed = owed(engine)?;
-        self.forget(&owed);
-        for (key, dispatch) in owed {
+        for (key, dispatch) in owed(engine)? {
             // A launch whose backoff is not over is waiting, not late: it is held already.
             let waiting = matches!(dispatch.command, Command::LaunchJob { not_before: Some(at), .. } if at > now);
-            if !waiting && self.sent.get(&key).is_none_or(|at| now.since(*at) >= self.resend_after) {
+            let sent = self.sent.get(&key.0).and_then(|sent| sent.iter().find(|(k, _)| *k == key.1));
+            if !waiting && sent.is_none_or(|(_, at)| now.since(*at) >= self.resend_after) {
                 tracing::info!(run = %dispatch.spec.run, command = dispatch.command.kind(), "owed for long: sending it again");
                 self.send(dispatch, now);
             }
@@ -172,29 +193,9 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Forgets the commands no live run owes any more, once `sent` has
-    /// doubled since it last did: amortized, one look at the live runs per
-    /// as many sends as it remembers.
-    pub fn forget_unowed<S: WorkflowStore>(&mut self, engine: &Engine<S>) -> Result<(), EngineError> {
-        if self.sent.len() >= self.forget_at {
-            let owed = owed(engine)?;
-            self.forget(&owed);
-        }
-        Ok(())
-    }
-
-    /// Keeps only what `owed` holds, in `sent` and in the paused launches.
-    fn forget(&mut self, owed: &BTreeMap<CommandKey, Dispatch>) {
-        self.sent.retain(|k, _| owed.contains_key(k));
-        if let Some(paused) = &mut self.paused {
-            paused.retain(|k, _| owed.contains_key(k));
-        }
-        self.forget_at = (self.sent.len() * 2).max(SENT_FORGET_MIN);
-    }
-
     /// How many commands it remembers having sent.
     pub fn remembered(&self) -> usize {
-        self.sent.len()
+        self.sent.values().map(Vec::len).sum()
     }
 }
 
@@ -205,20 +206,22 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 
 /// Whether the run still is at the version `dispatch` was issued at.
 fn still_owed<S: WorkflowStore>(engine: &Engine<S>, dispatch: &Dispatch) -> Result<bool, EngineError> {
-    let stored = engine.store().load(&dispatch.spec.run)?;
+    let stored = engine.load(&dispatch.spec.run)?;
     Ok(stored.is_some_and(|s| s.run.status.version == dispatch.version))
 }
 
-/// Every command the live runs owe, as it would be sent, in key order.
-fn owed<S: WorkflowStore>(engine: &Engine<S>) -> Result<BTreeMap<CommandKey, Dispatch>, EngineError> {
+/// Every command the live runs owe, as it would be sent, by run and key.
+fn owed<S: WorkflowStore>(engine: &Engine<S>) -> Result<BTreeMap<(RunId, CommandKey), Dispatch>, EngineError> {
     let mut owed = BTreeMap::new();
     let runs: Vec<RunId> = engine.owing_run_ids().cloned().collect();
     for run in runs {
-        let Some(stored) = engine.store().load(&run)? else { continue };
+        let Some(stored) = engine.load(&run)? else { continue };
         let Run { spec, status } = stored.run;
         for command in status.outbox() {
-            let dispatch = Dispatch { spec: spec.clone(), version: status.version, command };
-            owed.insert(key(&dispatch), dispatch);
+            owed.insert(
+                (run.clone(), key(&command)),
+                Dispatch { spec: spec.clone(), version: status.version, command },
+            );
         }
     }
     Ok(owed)
@@ -258,22 +261,42 @@ mod tests {
         let (mut engine, _) = Engine::open(MemoryStore::new(), policy(), 8).unwrap();
         let now = Timestamp(1_000);
         let mut dispatcher = Dispatcher::new(Duration::from_secs(3600), false, now);
-        dispatcher.forget_at = 0;
         let spec = spec("gone");
         let run = spec.run.clone();
         let applied = engine.apply(vec![Input::Submit(spec)], now).unwrap();
+        dispatcher.settle(&applied.changed);
         applied.dispatches.into_iter().for_each(|d| dispatcher.send(d, now));
         assert_eq!(dispatcher.take_outgoing().len(), 1, "the launch goes out");
-        dispatcher.forget_unowed(&engine).unwrap();
         assert_eq!(dispatcher.remembered(), 1, "the launch is owed: remembered");
         let cancel = Input::Event { run: run.clone(), envelope: Envelope::unfenced(Event::CancelRequested) };
+        let applied = engine.apply(vec![cancel], now).unwrap();
+        dispatcher.settle(&applied.changed);
+        applied.dispatches.into_iter().for_each(|d| dispatcher.send(d, now));
+        assert_eq!(dispatcher.remembered(), 1, "the launch is forgotten, the termination remembered");
         let terminated = Event::JobTerminated { attempt: Attempt(1), job: None };
-        let acknowledged = Input::Event { run, envelope: Envelope::unfenced(terminated) };
-        engine.apply(vec![cancel, acknowledged], now).unwrap();
-        dispatcher.forget_at = 0;
-        dispatcher.forget_unowed(&engine).unwrap();
+        let applied = engine.apply(vec![Input::Event { run, envelope: Envelope::unfenced(terminated) }], now).unwrap();
+        dispatcher.settle(&applied.changed);
         assert_eq!(dispatcher.remembered(), 0);
-        assert_eq!(dispatcher.forget_at, SENT_FORGET_MIN);
+        assert!(dispatcher.sent.is_empty(), "no run is kept without a command");
+    }
+
+    #[test]
+    fn launches_paused_are_forgotten_once_not_owed() {
+        let (mut engine, _) = Engine::open(MemoryStore::new(), policy(), 8).unwrap();
+        let now = Timestamp(1_000);
+        let mut dispatcher = Dispatcher::new(Duration::from_secs(3600), true, now);
+        let (first, second) = (spec("first"), spec("second"));
+        let applied = engine.apply(vec![Input::Submit(first), Input::Submit(second.clone())], now).unwrap();
+        dispatcher.settle(&applied.changed);
+        applied.dispatches.into_iter().for_each(|d| dispatcher.send(d, now));
+        assert_eq!(dispatcher.take_outgoing(), [], "launching is paused");
+        let cancel = Input::Event { run: second.run, envelope: Envelope::unfenced(Event::CancelRequested) };
+        let applied = engine.apply(vec![cancel], now).unwrap();
+        dispatcher.settle(&applied.changed);
+        assert_eq!(dispatcher.paused.as_ref().map(BTreeMap::len), Some(1), "the cancelled run's launch is forgotten");
+        dispatcher.pause(&engine, false, now).unwrap();
+        let sent: Vec<_> = dispatcher.take_outgoing().into_iter().map(|d| d.spec.run.to_string()).collect();
+        assert_eq!(sent, ["first-public"]);
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub struct Applied {
     pub dispatches: Vec<Dispatch>,
     /// Runs admitted by the scheduler in this group.
     pub admitted: usize,
+    /// Every run the group changed, with every command it owes now (its
+    /// outbox): what was sent for it and is not among them need not be
+    /// sent again ([`Dispatcher::settle`](crate::dispatcher::Dispatcher::settle)).
+    pub changed: Vec<(RunId, Vec<Command>)>,
 }
 
 /// A failure of the engine itself. Fatal: stop, and reopen to recover.
@@ -141,6 +145,12 @@ pub enum EngineError {
 }
 
 /// The in-memory view of the live runs, rebuilt on open.
+///
+/// It holds every live run past its queue whole, as the engine last wrote
+/// it: a group starts from it instead of reading the run back from the
+/// store, and so do the dispatcher and the job watcher. Queued runs, which
+/// a bulk submission can make numerous, are read from the store once, when
+/// they are admitted.
 #[derive(Debug, Default)]
 struct LiveSet {
     runs: HashMap<RunId, LiveRun>,
@@ -152,10 +162,12 @@ struct LiveSet {
     owing: BTreeSet<RunId>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct LiveRun {
     tag: StateTag,
     submitted_at: Timestamp,
+    /// The run as last written, unless it is queued.
+    stored: Option<StoredRun>,
 }
 
 fn holds_slot(tag: StateTag) -> bool {
@@ -163,26 +175,29 @@ fn holds_slot(tag: StateTag) -> bool {
 }
 
 impl LiveSet {
-    fn update(&mut self, spec: &RunSpec, status: &RunStatus) {
-        let run = &spec.run;
-        if let Some(old) = self.runs.remove(run) {
+    /// Takes the run as it was just written (or read on open).
+    fn update(&mut self, stored: StoredRun) {
+        let Run { spec, status } = &stored.run;
+        let run = spec.run.clone();
+        if let Some(old) = self.runs.remove(&run) {
             if old.tag == StateTag::Queued {
                 self.queue.remove(&(old.submitted_at, run.clone()));
             }
             self.active -= usize::from(holds_slot(old.tag));
         }
-        if status.is_live() {
-            let tag = status.state.tag();
-            if tag == StateTag::Queued {
-                self.queue.insert((spec.submitted_at, run.clone()));
-            }
-            self.active += usize::from(holds_slot(tag));
-            self.runs.insert(run.clone(), LiveRun { tag, submitted_at: spec.submitted_at });
-        }
         if status.owes() {
             self.owing.insert(run.clone());
         } else {
-            self.owing.remove(run);
+            self.owing.remove(&run);
+        }
+        if status.is_live() {
+            let (tag, submitted_at) = (status.state.tag(), spec.submitted_at);
+            if tag == StateTag::Queued {
+                self.queue.insert((submitted_at, run.clone()));
+            }
+            self.active += usize::from(holds_slot(tag));
+            let stored = (tag != StateTag::Queued).then_some(stored);
+            self.runs.insert(run, LiveRun { tag, submitted_at, stored });
         }
     }
 }
@@ -232,16 +247,16 @@ impl<S: WorkflowStore> Engine<S> {
         for run in store::all_runs(&store, RunFilter::Live)? {
             let stored =
                 store.load(&run)?.ok_or(EngineError::Inconsistent { run: run.clone(), problem: "does not exist" })?;
-            let Run { spec, status } = stored.run;
+            let Run { spec, status } = &stored.run;
             if !status.is_live() {
                 return Err(EngineError::Inconsistent { run, problem: "is not live" });
             }
-            live.update(&spec, &status);
             dispatches.extend(status.outbox().into_iter().map(|command| Dispatch {
                 spec: spec.clone(),
                 version: status.version,
                 command,
             }));
+            live.update(stored);
         }
         let engine = Engine {
             store,
@@ -289,6 +304,18 @@ impl<S: WorkflowStore> Engine<S> {
         &self.store
     }
 
+    /// A run as the engine last wrote it: from memory if it is live and
+    /// past its queue, else from the store.
+    pub fn load(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
+        match self.live.runs.get(run).and_then(|live| live.stored.as_ref()) {
+            Some(stored) => {
+                debug_assert_eq!(self.store.load(run).ok().flatten().as_ref(), Some(stored), "the store's {run}");
+                Ok(Some(stored.clone()))
+            }
+            None => self.store.load(run),
+        }
+    }
+
     /// Closes the engine, keeping its store.
     pub fn into_store(self) -> S {
         self.store
@@ -328,38 +355,43 @@ impl<S: WorkflowStore> Engine<S> {
             outcomes.push(self.apply_one(&mut group, input, now)?);
         }
         let admitted = self.admit(&mut group, now)?;
-        let commit = Commit {
-            changes: group
-                .order
-                .iter()
-                .filter_map(|run| group.runs.get(run))
-                .filter(|w| !w.entries.is_empty())
-                .map(|w| RunChange {
-                    run: w.stored.run.spec.run.clone(),
-                    spec: w.before.is_none().then(|| w.stored.run.spec.clone()),
-                    before: w.before.clone(),
-                    entries: w.entries.clone(),
-                })
-                .collect(),
-        };
+        // The entries and the status before move into the commit, and are
+        // read back from it once it is durable.
+        let mut changes = Vec::with_capacity(group.order.len());
+        for run in &group.order {
+            let Some(working) = group.runs.get_mut(run) else { continue };
+            if working.entries.is_empty() {
+                continue; // every input for it was refused: nothing changed
+            }
+            changes.push(RunChange {
+                run: run.clone(),
+                spec: working.before.is_none().then(|| working.stored.run.spec.clone()),
+                before: working.before.take(),
+                entries: std::mem::take(&mut working.entries),
+            });
+        }
+        let commit = Commit { changes };
         if !commit.changes.is_empty() {
             self.store.commit(&commit)?;
         }
         // Durable from here on: publish the effects.
-        let mut dispatches = Vec::new();
-        for run in &group.order {
-            let Some(working) = group.runs.remove(run) else { continue };
-            let Run { spec, status } = working.stored.run;
-            if let Some(observe) = self.observer.as_mut().filter(|_| !working.entries.is_empty()) {
-                observe(&spec, working.before.as_ref(), &status);
+        let (mut dispatches, mut changed) = (Vec::with_capacity(commit.changes.len()), Vec::new());
+        for change in commit.changes {
+            let Some(working) = group.runs.remove(&change.run) else {
+                unreachable!("a change is of a run of the group")
+            };
+            let Run { spec, status } = &working.stored.run;
+            if let Some(observe) = self.observer.as_mut() {
+                observe(spec, change.before.as_ref(), status);
             }
-            self.live.update(&spec, &status);
             let owed = status.outbox();
             for command in working.issued.into_iter().filter(|c| owed.contains(c)) {
                 dispatches.push(Dispatch { spec: spec.clone(), version: status.version, command });
             }
+            changed.push((change.run, owed));
+            self.live.update(working.stored);
         }
-        Ok(Applied { outcomes, dispatches, admitted })
+        Ok(Applied { outcomes, dispatches, admitted, changed })
     }
 
     fn apply_one(&mut self, group: &mut Group, input: Input, now: Timestamp) -> Result<Outcome, EngineError> {
@@ -369,7 +401,7 @@ impl<S: WorkflowStore> Engine<S> {
             Input::Event { envelope, .. } => (envelope, None),
         };
         if !group.runs.contains_key(&run) {
-            let stored = self.store.load(&run)?;
+            let stored = self.load(&run)?;
             let working = match (stored, new_spec) {
                 (Some(stored), _) => {
                     Working { before: Some(stored.run.status.clone()), stored, entries: Vec::new(), issued: Vec::new() }
@@ -463,7 +495,7 @@ impl<S: WorkflowStore> Engine<S> {
             let sibling = RunId::new(&submission, other);
             let learned = match group.runs.get(&sibling) {
                 Some(working) => learned_start(&working.stored.run),
-                None => self.store.load(&sibling)?.and_then(|stored| learned_start(&stored.run)),
+                None => self.load(&sibling)?.and_then(|stored| learned_start(&stored.run)),
             };
             if learned.is_some() {
                 return Ok(learned);

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use evalflow_activities::RunningJob;
 use evalflow_workflow::{
     Dispatch, Engine, EngineError, Input, Outcome, RunId, RunState, SledStore, Stage, StateTag, Timestamp,
-    WorkflowStore,
 };
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{mpsc, oneshot};
@@ -219,6 +218,7 @@ fn run(
     out.send(recovered);
     // Admit what waited while no engine ran.
     let admitted = engine.apply(Vec::new(), Timestamp::now())?;
+    out.dispatcher.settle(&admitted.changed);
     out.send(admitted.dispatches);
     while let Some(first) = rx.blocking_recv() {
         let mut requests = vec![first];
@@ -253,8 +253,8 @@ fn run(
             metrics.group_seconds.observe(started.elapsed().as_secs_f64());
         }
         // Commands first: when a requester hears back, what its inputs caused is already queued.
+        out.dispatcher.settle(&applied.changed);
         out.send(applied.dispatches);
-        out.dispatcher.forget_unowed(&engine)?;
         let outcomes = applied.outcomes;
         for (reply, range) in replies {
             if let Some(reply) = reply {
@@ -280,7 +280,7 @@ fn answer(engine: &Engine<SledStore>, question: Request) -> Result<(), EngineErr
             let runs: Vec<RunId> = engine.live_runs(StateTag::Running).cloned().collect();
             let mut jobs = Vec::with_capacity(runs.len());
             for run in runs {
-                let Some(stored) = engine.store().load(&run)? else { continue };
+                let Some(stored) = engine.load(&run)? else { continue };
                 let since = stored.run.status.updated_at;
                 if let RunState::Running { attempt, job, .. } = stored.run.status.state {
                     jobs.push(RunningJob { run, stage: stored.run.spec.stage, attempt, job, since });

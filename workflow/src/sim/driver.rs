@@ -303,6 +303,7 @@ impl Driver<'_> {
             self.faults.engine_crashes += 1;
             return self.restart();
         }
+        self.dispatcher.settle(&applied.changed);
         self.dispatch(applied.dispatches)
     }
 
@@ -320,6 +321,7 @@ impl Driver<'_> {
         self.dispatch(recovered)?;
         let live_before = self.live();
         let admitted = self.engine().apply(Vec::new(), clock)?;
+        self.dispatcher.settle(&admitted.changed);
         self.dispatch(admitted.dispatches)?;
         self.note_ends(live_before);
         Ok(())
@@ -347,9 +349,6 @@ impl Driver<'_> {
         let clock = self.clock();
         for dispatch in dispatches {
             self.dispatcher.send(dispatch, clock);
-        }
-        if let Some(engine) = self.engine.as_ref() {
-            self.dispatcher.forget_unowed(engine)?;
         }
         self.flush();
         Ok(())

@@ -366,7 +366,20 @@ impl SledStore {
     }
 
     fn stage(&self, change: &RunChange, batch: &mut sled::Batch, counts: &mut StateCounts) -> Result<(), StoreError> {
-        let last_seq_before = self.last_entry(&change.run)?.map_or(0, |e| e.seq);
+        // The entries go on from the stored history: the entry before the
+        // first is stored (unless it is the first), the first is not. Two
+        // point reads, where finding the last entry is a backward seek.
+        let first = change.entries.first().map_or(0, |e| e.seq);
+        let last_seq_before = first.saturating_sub(1);
+        let follows = (last_seq_before == 0 || self.tree.contains_key(entry_key(&change.run, last_seq_before))?)
+            && !self.tree.contains_key(entry_key(&change.run, first))?;
+        if !follows {
+            let stored = self.last_entry(&change.run)?.map_or(0, |e| e.seq);
+            return Err(StoreError::InvalidWrite {
+                run: change.run.clone(),
+                problem: format!("entry seq {first} after seq {stored}"),
+            });
+        }
         change.validate(last_seq_before)?;
         if let Some(spec) = &change.spec {
             let key = key(SPEC, &change.run);
