@@ -18,15 +18,17 @@
 //! journal is synced, which is done before the board's files are written.
 //!
 //! Within a process, changes are group-committed: each waits in a queue,
-//! and one writer at a time takes all that wait, appends them, syncs the
-//! journal once and writes the board once, and hands each its outcome. So
-//! publishes arriving together share one lock, one sync and one board.
+//! and one writer (on a thread of its own, started by the change that found
+//! none) takes all that wait, appends them, syncs the journal once, writes
+//! the board once, hands each its outcome and goes on while changes wait. So
+//! publishes arriving together share one lock, one sync and one board, and
+//! the others wait without holding a thread.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use evalflow_workflow::{Attempt, RunId, Stage, TeamId, job_name};
@@ -204,19 +206,26 @@ struct FsLayout {
     known: Mutex<HashMap<Stage, Known>>,
     /// Each stage's labels as last parsed, and their file's stamp then.
     parsed_labels: Mutex<HashMap<Stage, (Stamp, Arc<Labels>)>>,
-    /// The changes waiting for a writer.
-    waiting: Mutex<Vec<Pending>>,
-    /// Held by the one writer; `leaderboard/.lock`, once opened.
+    /// The changes waiting for the writer.
+    waiting: Mutex<Waiting>,
+    /// Held by the writer; `leaderboard/.lock`, once opened.
     writing: Mutex<Option<fs::File>>,
 }
 
-/// A change waiting for a writer, and where the writer leaves its outcome:
+/// The changes waiting for the writer, and whether one is at work.
+#[derive(Debug, Default)]
+struct Waiting {
+    changes: Vec<Pending>,
+    writer: bool,
+}
+
+/// A change waiting for the writer, and where the writer sends its outcome:
 /// the stage's board that holds it, or why it could not be made.
 #[derive(Debug)]
 struct Pending {
     stage: Stage,
     record: Record,
-    outcome: Arc<OnceLock<Result<Arc<Leaderboard>, ActivityError>>>,
+    outcome: tokio::sync::oneshot::Sender<Result<Arc<Leaderboard>, ActivityError>>,
 }
 
 /// A stage's standings as of a length of its journal, and the board
@@ -302,13 +311,80 @@ impl ArtifactStore for FsArtifacts {
     }
 
     async fn publish(&self, result: &PublishedResult) -> Result<Arc<Leaderboard>, ActivityError> {
-        let (layout, result) = (self.inner.clone(), result.clone());
-        blocking(move || layout.change(result.stage, Record::Publish(result))).await
+        self.change(result.stage, Record::Publish(result.clone())).await
     }
 
     async fn withdraw(&self, team: &TeamId, run: &RunId, attempt: Attempt) -> Result<Arc<Leaderboard>, ActivityError> {
-        let (layout, team, run) = (self.inner.clone(), team.clone(), run.clone());
-        blocking(move || layout.change(run.parts().1, Record::Withdraw { team, run, attempt })).await
+        let record = Record::Withdraw { team: team.clone(), run: run.clone(), attempt };
+        self.change(run.parts().1, record).await
+    }
+}
+
+impl FsArtifacts {
+    /// Makes the change durable and its board written, with every change
+    /// waiting at the same time: queues it, starts the writer unless one is
+    /// at work, and waits for its outcome.
+    async fn change(&self, stage: Stage, record: Record) -> Result<Arc<Leaderboard>, ActivityError> {
+        let (outcome, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut waiting = locked(&self.inner.waiting);
+            waiting.changes.push(Pending { stage, record, outcome });
+            !std::mem::replace(&mut waiting.writer, true)
+        };
+        if start {
+            let writer = Writer { layout: self.inner.clone(), done: false };
+            tokio::task::spawn_blocking(move || writer.run());
+        }
+        // No answer: the writer stopped half-way (a panic), and dropped it.
+        answer.await.unwrap_or_else(|_| Err(ActivityError::Transient("a leaderboard writer stopped".into())))
+    }
+}
+
+/// The one writer at work: takes the waiting changes and writes them, until
+/// none waits. Dropped before it is done (its thread never started, or it
+/// panicked), it lets the next change start another, and drops the changes
+/// still waiting, whose requesters then hear that it stopped.
+struct Writer {
+    layout: Arc<FsLayout>,
+    /// Whether it found no change waiting, and said so.
+    done: bool,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let layout = self.layout.clone();
+        let mut writing = locked(&layout.writing);
+        loop {
+            let changes = {
+                let mut waiting = locked(&layout.waiting);
+                if waiting.changes.is_empty() {
+                    // Under the same lock as a change that would find it at work.
+                    (waiting.writer, self.done) = (false, true);
+                    return;
+                }
+                std::mem::take(&mut waiting.changes)
+            };
+            let mut stages = BTreeMap::<Stage, Vec<Pending>>::new();
+            for pending in changes {
+                stages.entry(pending.stage).or_default().push(pending);
+            }
+            for (stage, changes) in stages {
+                let (records, outcomes): (Vec<Record>, Vec<_>) =
+                    changes.into_iter().map(|p| (p.record, p.outcome)).unzip();
+                let written = layout.write(&mut writing, stage, records);
+                outcomes.into_iter().for_each(|outcome| _ = outcome.send(written.clone()));
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut waiting = locked(&self.layout.waiting);
+            waiting.writer = false;
+            waiting.changes.clear();
+        }
     }
 }
 
@@ -332,29 +408,6 @@ impl FsLayout {
         };
         lock.lock()?;
         Ok(Flock(lock))
-    }
-
-    /// Makes the change durable and its board written, with every change
-    /// waiting at the same time: the first to take the writer's turn writes
-    /// them all; each of the others finds its outcome when its turn comes.
-    fn change(&self, stage: Stage, record: Record) -> Result<Arc<Leaderboard>, ActivityError> {
-        let outcome = Arc::new(OnceLock::new());
-        locked(&self.waiting).push(Pending { stage, record, outcome: outcome.clone() });
-        let mut writing = locked(&self.writing);
-        if let Some(done) = outcome.get() {
-            return done.clone();
-        }
-        let mut stages = BTreeMap::<Stage, Vec<Pending>>::new();
-        for pending in std::mem::take(&mut *locked(&self.waiting)) {
-            stages.entry(pending.stage).or_default().push(pending);
-        }
-        for (stage, changes) in stages {
-            let (records, outcomes): (Vec<Record>, Vec<_>) = changes.into_iter().map(|p| (p.record, p.outcome)).unzip();
-            let written = self.write(&mut writing, stage, records);
-            outcomes.iter().for_each(|outcome| _ = outcome.set(written.clone()));
-        }
-        // Set above, unless a writer stopped half-way (a panic) after taking it.
-        outcome.get().cloned().unwrap_or_else(|| Err(ActivityError::Transient("a leaderboard writer stopped".into())))
     }
 
     /// Appends the records the standings do not hold yet to the stage's
@@ -621,7 +674,22 @@ mod tests {
             let error = task.await.unwrap().unwrap_err().to_string();
             assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
         }
-        assert!(locked(&store.inner.waiting).is_empty(), "no change is left waiting");
+        let waiting = locked(&store.inner.waiting);
+        assert!(waiting.changes.is_empty() && !waiting.writer, "no change is left waiting, no writer at work");
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_stops_half_way_lets_the_next_change_start_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsArtifacts::new(dir.path(), BTreeMap::new());
+        let (outcome, answer) = tokio::sync::oneshot::channel();
+        let record = Record::Publish(result("a", 0.2));
+        *locked(&store.inner.waiting) =
+            Waiting { changes: vec![Pending { stage: Stage::Public, record, outcome }], writer: true };
+        drop(Writer { layout: store.inner.clone(), done: false }); // as a panic would
+        assert!(answer.await.is_err(), "the change waiting hears the writer stopped");
+        let board = store.publish(&result("b", 0.3)).await.unwrap();
+        assert_eq!(teams(&board), ["b"], "the next change starts a writer");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
