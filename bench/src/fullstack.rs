@@ -187,6 +187,8 @@ pub struct FullStack {
     pub transitions_per_run: u64,
     /// Seconds submitting took (the runs started on their way meanwhile).
     pub submit_secs: f64,
+    /// Inputs per group commit of the engine, on average.
+    pub group_inputs: f64,
 }
 
 fn spec(index: usize) -> RunSpec {
@@ -317,7 +319,14 @@ async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
     if board.entries.len() != TEAMS.min(runs) {
         return Err(format!("the leaderboard has {} teams, not {}", board.entries.len(), TEAMS.min(runs)).into());
     }
+    let metrics = String::from_utf8(api.get_bytes("/metrics").await?)?;
+    let metric = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(f64::NAN)
+    };
+    let group_inputs = metric("evalflow_engine_group_inputs_sum") / metric("evalflow_engine_group_inputs_count");
     Ok(FullStack {
+        group_inputs,
         runs_per_sec: runs as f64 / secs,
         transitions_per_sec: (runs as u64 * transitions_per_run) as f64 / secs,
         transitions_per_run,

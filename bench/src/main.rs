@@ -257,8 +257,8 @@ fn engine_and_full_stack(
     );
     println!("engine, queued -> published:               {:>9.0} complete runs/s", runs);
     println!(
-        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; best of 3)",
-        full.runs_per_sec, full.transitions_per_sec, full.transitions_per_run, full.submit_secs
+        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; {:.0} inputs a group commit; best of 3)",
+        full.runs_per_sec, full.transitions_per_sec, full.transitions_per_run, full.submit_secs, full.group_inputs
     );
     println!("full stack / engine:                       {:>9.1} % (target >= 50 %)", 100.0 * full.runs_per_sec / runs);
     Ok((transitions, runs, full, kept))
