@@ -168,6 +168,18 @@ pub trait ArtifactStore: Send + Sync {
     /// A stage's private labels.
     async fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError>;
 
+    /// What scoring the attempt reads: its job's predictions (if at most
+    /// `max_bytes`) and its stage's labels.
+    async fn scoring_inputs(
+        &self,
+        run: &RunId,
+        attempt: Attempt,
+        max_bytes: u64,
+    ) -> Result<(Predictions, Arc<Labels>), ActivityError> {
+        let labels = self.labels(run.parts().1).await?;
+        Ok((self.predictions(run, attempt, max_bytes).await?, labels))
+    }
+
     /// Records a published result, once, and brings its team's row of the
     /// stage's leaderboard up to date. Publishing the same result again
     /// changes nothing.
@@ -270,42 +282,26 @@ impl FsArtifacts {
 #[async_trait]
 impl ArtifactStore for FsArtifacts {
     async fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
-        // Beneath the jobs directory, through no link: a link in the job's
-        // output could name the labels or another team's predictions.
-        let jobs_dir = self.inner.jobs_dir.clone();
-        let relative = Path::new(&job_name(run, attempt)).join("output").join("submission.csv");
-        blocking(move || {
-            Ok(match untrusted::read_capped(&jobs_dir, &relative, max_bytes)? {
-                Contents::Missing => Predictions::Missing,
-                Contents::Refused(refusal) => Predictions::Refused(refusal),
-                Contents::TooLarge { bytes } => Predictions::TooLarge { bytes },
-                Contents::Found(bytes) => Predictions::Found(bytes),
-            })
-        })
-        .await
+        let (layout, run) = (self.inner.clone(), run.clone());
+        blocking(move || layout.predictions(&run, attempt, max_bytes)).await
     }
 
     async fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError> {
-        let path = self.inner.labels.get(&stage).cloned().ok_or_else(|| {
-            ActivityError::Permanent(format!("no labels file is configured for stage {stage} in evalflow.toml"))
-        })?;
         let layout = self.inner.clone();
+        blocking(move || layout.labels(stage)).await
+    }
+
+    /// Both read on one blocking thread: one hop, not two.
+    async fn scoring_inputs(
+        &self,
+        run: &RunId,
+        attempt: Attempt,
+        max_bytes: u64,
+    ) -> Result<(Predictions, Arc<Labels>), ActivityError> {
+        let (layout, run) = (self.inner.clone(), run.clone());
         blocking(move || {
-            let unreadable = |e: std::io::Error| {
-                ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display()))
-            };
-            let mut file = fs::File::open(&path).map_err(unreadable)?;
-            let stamp = Stamp::of(&file.metadata().map_err(unreadable)?);
-            if let Some((parsed_at, labels)) = locked(&layout.parsed_labels).get(&stage)
-                && *parsed_at == stamp
-            {
-                return Ok(labels.clone());
-            }
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes).map_err(unreadable)?;
-            let labels = Arc::new(Labels::parse(&bytes, &path.display().to_string())?);
-            locked(&layout.parsed_labels).insert(stage, (stamp, labels.clone()));
-            Ok(labels)
+            let labels = layout.labels(run.parts().1)?;
+            Ok((layout.predictions(&run, attempt, max_bytes)?, labels))
         })
         .await
     }
@@ -389,6 +385,39 @@ impl Drop for Writer {
 }
 
 impl FsLayout {
+    fn predictions(&self, run: &RunId, attempt: Attempt, max_bytes: u64) -> Result<Predictions, ActivityError> {
+        // Beneath the jobs directory, through no link: a link in the job's
+        // output could name the labels or another team's predictions.
+        let relative = Path::new(&job_name(run, attempt)).join("output").join("submission.csv");
+        Ok(match untrusted::read_capped(&self.jobs_dir, &relative, max_bytes)? {
+            Contents::Missing => Predictions::Missing,
+            Contents::Refused(refusal) => Predictions::Refused(refusal),
+            Contents::TooLarge { bytes } => Predictions::TooLarge { bytes },
+            Contents::Found(bytes) => Predictions::Found(bytes),
+        })
+    }
+
+    /// A stage's labels, parsed again only if their file changed since.
+    fn labels(&self, stage: Stage) -> Result<Arc<Labels>, ActivityError> {
+        let path = self.labels.get(&stage).ok_or_else(|| {
+            ActivityError::Permanent(format!("no labels file is configured for stage {stage} in evalflow.toml"))
+        })?;
+        let unreadable =
+            |e: std::io::Error| ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display()));
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let stamp = Stamp::of(&file.metadata().map_err(unreadable)?);
+        if let Some((parsed_at, labels)) = locked(&self.parsed_labels).get(&stage)
+            && *parsed_at == stamp
+        {
+            return Ok(labels.clone());
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(unreadable)?;
+        let labels = Arc::new(Labels::parse(&bytes, &path.display().to_string())?);
+        locked(&self.parsed_labels).insert(stage, (stamp, labels.clone()));
+        Ok(labels)
+    }
+
     /// Takes the leaderboard lock (across processes) on `file`, opened the
     /// first time; it is released when the returned guard drops.
     fn lock<'f>(&self, file: &'f mut Option<fs::File>) -> Result<Flock<'f>, ActivityError> {

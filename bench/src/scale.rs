@@ -1,9 +1,13 @@
 //! The stored runs at scale, through a serving node's API: how long the node
 //! takes to start on them, and how long `status`, `runs --state failed` and
-//! one run's `history` take to answer (the median of [`ASKED`] asks each).
+//! one run's `history` take to answer (the median of [`ASKED`] asks each),
+//! each answer parsed into the types the CLI parses it into.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use evalflow_worker::views::{EventView, RunView, StatusView};
+use serde::de::DeserializeOwned;
 
 use crate::Error;
 use crate::fullstack::{self, Api};
@@ -68,25 +72,26 @@ pub fn measure(dir: &Path, run: &str) -> Result<Answers, Error> {
     let spawned = Instant::now();
     fullstack::serving(dir, |api| async move {
         let start = spawned.elapsed();
-        let status = median(&api, "/v1/status").await?.parsed;
-        let failed = median(&api, "/v1/runs?state=failed").await?;
-        let first_page = median(&api, &format!("/v1/runs?state=failed&limit={PAGE}")).await?;
-        let history = median(&api, &format!("/v1/runs/{run}/history")).await?.parsed;
+        let status = median::<StatusView>(&api, "/v1/status", |_| 1).await?.parsed;
+        let failed = median::<Vec<RunView>>(&api, "/v1/runs?state=failed", Vec::len).await?;
+        let page = format!("/v1/runs?state=failed&limit={PAGE}");
+        let first_page = median::<Vec<RunView>>(&api, &page, Vec::len).await?;
+        let history = median::<Vec<EventView>>(&api, &format!("/v1/runs/{run}/history"), Vec::len).await?.parsed;
         Ok(Answers { start, status, failed, first_page, history })
     })
 }
 
-/// The median times `path` takes to answer, and its size.
-async fn median(api: &Api, path: &str) -> Result<Asked, Error> {
+/// The median times `path` takes to answer, parsed as a `T` of `items`, and its size.
+async fn median<T: DeserializeOwned>(api: &Api, path: &str, items: impl Fn(&T) -> usize) -> Result<Asked, Error> {
     let (mut parsed, mut received) = (Vec::with_capacity(ASKED), Vec::with_capacity(ASKED));
     let mut asked = Asked::default();
     for _ in 0..ASKED {
         let start = Instant::now();
         let bytes = api.get_bytes(path).await?;
         received.push(start.elapsed());
-        let answer: serde_json::Value = serde_json::from_slice(&bytes)?;
+        let answer: T = serde_json::from_slice(&bytes)?;
         parsed.push(start.elapsed());
-        (asked.items, asked.bytes) = (answer.as_array().map_or(1, Vec::len), bytes.len());
+        (asked.items, asked.bytes) = (items(&answer), bytes.len());
     }
     parsed.sort();
     received.sort();

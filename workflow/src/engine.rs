@@ -165,7 +165,6 @@ struct LiveSet {
 #[derive(Debug)]
 struct LiveRun {
     tag: StateTag,
-    submitted_at: Timestamp,
     /// The run as last written, unless it is queued.
     stored: Option<StoredRun>,
 }
@@ -178,27 +177,41 @@ impl LiveSet {
     /// Takes the run as it was just written (or read on open).
     fn update(&mut self, stored: StoredRun) {
         let Run { spec, status } = &stored.run;
-        let run = spec.run.clone();
-        if let Some(old) = self.runs.remove(&run) {
-            if old.tag == StateTag::Queued {
-                self.queue.remove(&(old.submitted_at, run.clone()));
+        let run = &spec.run.clone(); // `stored` moves into the set below
+        match (status.owes(), self.owing.contains(run)) {
+            (true, false) => _ = self.owing.insert(run.clone()),
+            (false, true) => _ = self.owing.remove(run),
+            _ => {}
+        }
+        let (tag, submitted_at) = (status.state.tag(), spec.submitted_at);
+        let old = self.runs.get(run).map(|old| old.tag);
+        if let Some(old) = old {
+            self.active -= usize::from(holds_slot(old));
+            if old == StateTag::Queued {
+                self.queue.remove(&(submitted_at, run.clone()));
             }
-            self.active -= usize::from(holds_slot(old.tag));
         }
-        if status.owes() {
-            self.owing.insert(run.clone());
-        } else {
-            self.owing.remove(&run);
-        }
-        if status.is_live() {
-            let (tag, submitted_at) = (status.state.tag(), spec.submitted_at);
-            if tag == StateTag::Queued {
-                self.queue.insert((submitted_at, run.clone()));
+        if !status.is_live() {
+            if old.is_some() {
+                self.runs.remove(run);
             }
-            self.active += usize::from(holds_slot(tag));
-            let stored = (tag != StateTag::Queued).then_some(stored);
-            self.runs.insert(run, LiveRun { tag, submitted_at, stored });
+            return;
         }
+        self.active += usize::from(holds_slot(tag));
+        if tag == StateTag::Queued {
+            self.queue.insert((submitted_at, run.clone()));
+        }
+        let stored = (tag != StateTag::Queued).then_some(stored);
+        match self.runs.get_mut(run) {
+            Some(live) => (live.tag, live.stored) = (tag, stored),
+            None => _ = self.runs.insert(run.clone(), LiveRun { tag, stored }),
+        }
+    }
+
+    /// Takes a live run's copy out, for a group to change: until the group
+    /// puts it back ([`LiveSet::update`]), the run is read from the store.
+    fn take(&mut self, run: &RunId) -> Option<StoredRun> {
+        self.runs.get_mut(run)?.stored.take()
     }
 }
 
@@ -401,7 +414,10 @@ impl<S: WorkflowStore> Engine<S> {
             Input::Event { envelope, .. } => (envelope, None),
         };
         if !group.runs.contains_key(&run) {
-            let stored = self.load(&run)?;
+            let stored = match self.live.take(&run) {
+                Some(stored) => Some(stored),
+                None => self.store.load(&run)?,
+            };
             let working = match (stored, new_spec) {
                 (Some(stored), _) => {
                     Working { before: Some(stored.run.status.clone()), stored, entries: Vec::new(), issued: Vec::new() }

@@ -60,8 +60,8 @@ impl Activities {
                 return Ok(vec![Input::Event { run: spec.run.clone(), envelope: Envelope::unfenced(event) }]);
             }
             Command::ScorePredictions { attempt, .. } => {
-                let labels = self.artifacts.labels(spec.stage).await?;
-                let predictions = self.artifacts.predictions(&spec.run, *attempt, PREDICTIONS_MAX_BYTES).await?;
+                let (predictions, labels) =
+                    self.artifacts.scoring_inputs(&spec.run, *attempt, PREDICTIONS_MAX_BYTES).await?;
                 match scoring::score(&predictions, &labels) {
                     Ok(score) => Event::PredictionsScored { attempt: *attempt, score },
                     Err(rejection) => {

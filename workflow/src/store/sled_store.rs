@@ -368,7 +368,8 @@ impl SledStore {
     fn stage(&self, change: &RunChange, batch: &mut sled::Batch, counts: &mut StateCounts) -> Result<(), StoreError> {
         // The entries go on from the stored history: the entry before the
         // first is stored (unless it is the first), the first is not. Two
-        // point reads, where finding the last entry is a backward seek.
+        // point reads (measured a little cheaper than one forward seek over
+        // both), where finding the last entry is a backward seek.
         let first = change.entries.first().map_or(0, |e| e.seq);
         let last_seq_before = first.saturating_sub(1);
         let follows = (last_seq_before == 0 || self.tree.contains_key(entry_key(&change.run, last_seq_before))?)
