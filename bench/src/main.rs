@@ -34,6 +34,11 @@ use evalflow_workflow::{
     SubmissionId, SubmissionSource, TeamId, Timestamp, WorkflowStore,
 };
 
+/// The product's allocator (`evalflow`'s), so the serving child measured
+/// in the full-stack phase allocates as `evalflow serve` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const GROUP: usize = 100;
 /// Trivial sandboxed jobs at once in the sandbox's throughput phase.
 const SANDBOX_AT_ONCE: usize = 4;

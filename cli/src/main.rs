@@ -37,6 +37,12 @@ use evalflow_workflow::{FailureReason, ProfileName, RunId, Stage, StateTag, Subm
 
 use crate::backend::{Backend, connect};
 
+/// The engine's groups, the API's answers and the workers' activities
+/// allocate and free many small buffers across threads; mimalloc serves
+/// them faster than the system allocator (the benchmark's figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "evalflow", version, about = "Re-run and score competition submissions as durable state machines")]
 struct Cli {
