@@ -404,6 +404,10 @@ impl<S: WorkflowStore> Engine<S> {
             changed.push((change.run, owed));
             self.live.update(working.stored);
         }
+        // The runs it read but did not change go back as they were.
+        for (_, working) in group.runs.drain() {
+            self.live.update(working.stored);
+        }
         Ok(Applied { outcomes, dispatches, admitted, changed })
     }
 
@@ -674,6 +678,18 @@ mod tests {
         engine.limit_admissions(None);
         assert_eq!(launched(&engine.apply(Vec::new(), Timestamp(13)).unwrap()), ["c-public"]);
         assert_eq!(engine.admitted(), 3);
+    }
+
+    #[test]
+    fn a_run_whose_every_input_is_refused_keeps_its_copy() {
+        let mut engine = engine(1);
+        engine.apply(vec![Input::Submit(spec("a", 1))], Timestamp(1)).unwrap();
+        let run = RunId::parse("a-public").unwrap();
+        assert!(engine.live.runs[&run].stored.is_some(), "launching, it is kept");
+        // A retry of a run that has not failed is refused: nothing changes.
+        let applied = engine.apply(vec![event("a-public", Event::RetryRequested)], Timestamp(2)).unwrap();
+        assert!(matches!(&applied.outcomes[..], [Outcome::Rejected { .. }]), "{:?}", applied.outcomes);
+        assert!(engine.live.runs[&run].stored.is_some(), "its copy went back, not read from the store from now on");
     }
 
     #[test]
