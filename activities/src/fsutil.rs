@@ -92,13 +92,11 @@ pub fn copy_dir_digest(from: &Path, to: &Path, bytes_max: u64) -> io::Result<Str
 /// copied is refused.
 fn copy_tree(from: &Path, to: &Path, bytes_max: u64, mut hasher: Option<&mut Sha256>) -> io::Result<()> {
     /// Hashes what it writes.
-    struct Tee<'a>(Option<&'a mut Sha256>, File);
+    struct Tee<'a>(&'a mut Sha256, File);
     impl Write for Tee<'_> {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let written = self.1.write(buf)?;
-            if let Some(hasher) = &mut self.0 {
-                hasher.update(&buf[..written]);
-            }
+            self.0.update(&buf[..written]);
             Ok(written)
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -110,11 +108,15 @@ fn copy_tree(from: &Path, to: &Path, bytes_max: u64, mut hasher: Option<&mut Sha
         let target = to.join(&relative);
         parents.make(&target)?;
         let (file, length) = open_listed(from, &relative)?;
-        if let Some(hasher) = hasher.as_deref_mut() {
-            digest_head(hasher, &relative, length);
-        }
-        let copy = create_copy(&file, &target)?;
-        let copied = io::copy(&mut (&file).take(length), &mut Tee(hasher.as_deref_mut(), copy))?;
+        let (mut source, mut copy) = ((&file).take(length), create_copy(&file, &target)?);
+        let copied = match hasher.as_deref_mut() {
+            Some(hasher) => {
+                digest_head(hasher, &relative, length);
+                io::copy(&mut source, &mut Tee(hasher, copy))?
+            }
+            // File to file: the kernel copies (copy_file_range), in no buffer of ours.
+            None => io::copy(&mut source, &mut copy)?,
+        };
         if copied != length || file.metadata()?.len() != length {
             return Err(io::Error::other(format!(
                 "{} changed while it was copied: something writes to it; try again once nothing does",
