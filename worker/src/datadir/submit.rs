@@ -406,13 +406,18 @@ fn prepare_specs(
 ) -> Result<Vec<RunSpec>, SubmitError> {
     // Each id's directory, with how many requests submit it.
     let mut dirs: Vec<(&SubmissionId, &Path, u64)> = Vec::new();
-    let mut dir_of: HashMap<&SubmissionId, usize> = HashMap::new();
-    for request in requests {
+    // Each id's place in `dirs`, and the entry that first gave it.
+    let mut dir_of: HashMap<&SubmissionId, (usize, usize)> = HashMap::new();
+    for (index, request) in requests.iter().enumerate() {
         match check_request(config, request)? {
             Some(path) => match dir_of.get(&request.id) {
-                Some(&index) => dirs[index].2 += 1,
+                Some(&(at, first)) if dirs[at].1 != path => {
+                    let problem = format!("{} is given two directories: one id is one submission", request.id);
+                    return Err(SubmitError::Inconsistent { first, again: index + 1, problem });
+                }
+                Some(&(at, _)) => dirs[at].2 += 1,
                 None => {
-                    dir_of.insert(&request.id, dirs.len());
+                    dir_of.insert(&request.id, (dirs.len(), index + 1));
                     dirs.push((&request.id, path, 1));
                 }
             },
@@ -438,7 +443,7 @@ fn prepare_specs(
     };
     let specs = requests.iter().map(|request| {
         let source = match (dir_of.get(&request.id), &request.image) {
-            (Some(&index), _) => {
+            (Some(&(index, _)), _) => {
                 let Kept { path, digest, cpu_only } = &kept[index];
                 let source = SubmissionSource::Directory { path: path.display().to_string(), digest: digest.clone() };
                 (source, *cpu_only)
@@ -778,6 +783,28 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, &kept).unwrap();
         let err = check_specs(&config, &[spec], Timestamp(1000)).unwrap_err().to_string();
         assert!(err.starts_with("run a-public: ") && err.contains("is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn one_id_given_two_directories_is_refused_before_anything_is_copied() {
+        let (_dir, config) = competition();
+        let request = |dir: &str| {
+            let source = config.data_dir.join(dir);
+            std::fs::create_dir_all(&source).unwrap();
+            std::fs::write(source.join("submission.toml"), "command = [\"true\"]\n").unwrap();
+            SubmissionRequest {
+                id: SubmissionId::new("a").unwrap(),
+                team: TeamId::new("team").unwrap(),
+                stage: Stage::Public,
+                path: Some(source),
+                image: None,
+                cpu_only: false,
+            }
+        };
+        let requests = [request("one"), request("two")];
+        let err = prepare_specs(&config, &requests, Timestamp(1000), &|_| {}).unwrap_err().to_string();
+        assert!(err.starts_with("manifest entries 1 and 2") && err.contains("two directories"), "{err}");
+        assert!(!config.submissions_dir().join("a").exists(), "nothing kept");
     }
 
     #[test]
