@@ -703,6 +703,13 @@ mod tests {
             let error = task.await.unwrap().unwrap_err().to_string();
             assert!(error.contains("journal.jsonl is damaged at byte 0"), "{error}");
         }
+        // The writer answers, then looks once more for changes before it stops.
+        for _ in 0..5_000 {
+            if !locked(&store.inner.waiting).writer {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let waiting = locked(&store.inner.waiting);
         assert!(waiting.changes.is_empty() && !waiting.writer, "no change is left waiting, no writer at work");
     }
