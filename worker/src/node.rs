@@ -49,8 +49,8 @@ use crate::views::{
     LogView, ReloadView, ReplayView, RunView, Selection, StageProblem, StatusView, Wait, WaitingView, waiting,
 };
 
-/// Activities carried out at once by an engine node (of them, at most
-/// [`worker::HEAVY_MAX`] scorings or launches).
+/// Activities other than scorings carried out at once by an engine node
+/// (and [`worker::SCORINGS_MAX`] scorings).
 const ACTIVITY_CONCURRENCY: usize = 256;
 /// Locally, a command owed this long is sent again.
 const LOCAL_RESEND_AFTER: Duration = Duration::from_secs(300);

@@ -20,21 +20,21 @@ use crate::local::space::Space;
 pub const RETRIES_MAX: u32 = 5;
 /// The first delay between two attempts; it doubles each time.
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
-/// Of the commands carried out at once, the most that score or launch:
-/// a scoring holds a job's predictions in memory (up to
-/// [`PREDICTIONS_MAX_BYTES`](evalflow_activities::scoring::PREDICTIONS_MAX_BYTES)),
-/// a local launch starts a process. The others (publishing a score,
-/// stopping a job) cost little each, and the more of them go at once, the
-/// more answers each of the engine's group commits takes.
-pub const HEAVY_MAX: usize = 16;
+/// The most scorings carried out at once: each holds a job's predictions
+/// in memory (up to
+/// [`PREDICTIONS_MAX_BYTES`](evalflow_activities::scoring::PREDICTIONS_MAX_BYTES)).
+/// The other commands (a launch, publishing a score, stopping a job) cost
+/// little each, and the more of them go at once, the more answers each of
+/// the engine's group commits takes.
+pub const SCORINGS_MAX: usize = 16;
 /// The longest a command waits for disk space in its task; then it stays
 /// owed, and the engine sends it again (a local engine after 5 minutes), so
 /// that no task holds a slot for ever on a disk whose writes keep failing.
 pub const ROOM_WAIT_MAX: Duration = Duration::from_secs(240);
 
-/// Runs commands until `shutdown`, at most `concurrency` at once and
-/// [`HEAVY_MAX`] of them scorings or launches, then lets the running ones
-/// finish. A command dropped at shutdown (waiting for a slot, or not yet
+/// Runs commands until `shutdown`: at most [`SCORINGS_MAX`] scorings and
+/// `concurrency` other commands at once (a scoring waiting for its turn
+/// holds back no other command), then lets the running ones finish. A command dropped at shutdown (waiting for a slot, or not yet
 /// received) is still owed and is sent again when the engine reopens.
 pub async fn run(
     activities: Arc<Activities>,
@@ -45,7 +45,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-    let heavy = Arc::new(Semaphore::new(HEAVY_MAX));
+    let scorings = Arc::new(Semaphore::new(SCORINGS_MAX));
     let mut tasks = JoinSet::new();
     loop {
         let dispatch = tokio::select! {
@@ -53,18 +53,23 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        // A slot before a task: at most `concurrency` tasks, however many commands wait.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot { Ok(slot) => slot, Err(_) => break },
-            _ = shutdown.cancelled() => break,
+        // A slot before a task: at most `concurrency` of them, however many
+        // commands wait. A scoring waits for its own in its task: a run owes
+        // at most one, so they are at most the live runs.
+        let scoring = matches!(dispatch.command, Command::ScorePredictions { .. });
+        let slot = if scoring {
+            None
+        } else {
+            tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot { Ok(slot) => Some(slot), Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            }
         };
-        let (activities, space, engine, heavy) = (activities.clone(), space.clone(), engine.clone(), heavy.clone());
+        let (activities, space, engine, scorings) =
+            (activities.clone(), space.clone(), engine.clone(), scorings.clone());
         tasks.spawn(async move {
             let _slot = slot;
-            let _heavy = match dispatch.command {
-                Command::ScorePredictions { .. } => Some(heavy.acquire_owned().await),
-                Command::LaunchJob { .. } | Command::Publish { .. } | Command::TerminateJob { .. } | Command::Withdraw { .. } => None,
-            };
+            let _scoring = if scoring { Some(scorings.acquire_owned().await) } else { None };
             let inputs = execute_with_retries(&activities, space.as_deref(), &dispatch).await;
             if engine.send(inputs).await.is_err() {
                 tracing::warn!(run = %dispatch.spec.run, "the engine stopped before the answer to {} reached it", dispatch.command.kind());
