@@ -153,4 +153,13 @@ pub trait JobRunner: Send + Sync {
     /// Looks at jobs believed running: those that ended, and those that
     /// have not started yet.
     async fn check(&self, jobs: &[RunningJob]) -> Result<Checked, ActivityError>;
+
+    /// Resolves once a job launched by this runner may have ended since the
+    /// last time it resolved: the watcher then looks at once instead of at
+    /// its next interval. A hint, never the only way an end is seen (ends
+    /// while no engine ran are found by looking). By default it never
+    /// resolves: the watcher's interval alone.
+    async fn ended_hint(&self) {
+        std::future::pending::<()>().await;
+    }
 }

@@ -38,12 +38,13 @@ const SUBMIT_BATCH: usize = 1_000;
 /// Teams the runs belong to (the DFDC's 2,265, rounded).
 const TEAMS: usize = 2_300;
 
-/// Jobs that end at once: a launch writes the job's predictions and the
-/// next check finds it succeeded.
+/// Jobs that end at once: a launch writes the job's predictions, hints
+/// that the job ended, and the next check finds it succeeded.
 struct InstantJobs {
     jobs_dir: PathBuf,
     predictions: Vec<u8>,
     launched: Mutex<HashMap<JobId, Timestamp>>,
+    ended: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -60,6 +61,7 @@ impl JobRunner for InstantJobs {
         std::fs::write(output.join("submission.csv"), &self.predictions)?;
         let job = JobId::new(name).map_err(|e| ActivityError::Permanent(e.to_string()))?;
         self.launched.lock().unwrap_or_else(PoisonError::into_inner).insert(job.clone(), Timestamp::now());
+        self.ended.notify_one();
         Ok(job)
     }
 
@@ -84,6 +86,10 @@ impl JobRunner for InstantJobs {
             })
             .collect();
         Ok(Checked { ended, waiting: Vec::new() })
+    }
+
+    async fn ended_hint(&self) {
+        self.ended.notified().await;
     }
 }
 
@@ -147,7 +153,12 @@ pub fn serve_child(dir: &Path) -> Result<(), Error> {
         let token = ApiToken::load_or_create(&config.data_dir)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         lock.announce(&EngineInfo { pid: std::process::id(), api: format!("http://{}", listener.local_addr()?) })?;
-        let jobs = InstantJobs { jobs_dir: config.jobs_dir(), predictions: predictions(), launched: Mutex::default() };
+        let jobs = InstantJobs {
+            jobs_dir: config.jobs_dir(),
+            predictions: predictions(),
+            launched: Mutex::default(),
+            ended: Default::default(),
+        };
         let options = NodeOptions {
             isolation: evalflow_activities::local::sandbox::Isolation::Sandbox,
             supervisor: Vec::new(),

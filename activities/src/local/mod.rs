@@ -59,12 +59,14 @@ pub struct LocalRunnerConfig {
 #[derive(Debug, Clone)]
 pub struct LocalRunner {
     config: Arc<LocalRunnerConfig>,
+    /// Told when a supervisor this runner spawned exits: its job ended.
+    exited: Arc<tokio::sync::Notify>,
 }
 
 impl LocalRunner {
     /// A runner. Call [`LocalRunner::check_host`] before running untrusted code with it.
     pub fn new(config: LocalRunnerConfig) -> LocalRunner {
-        LocalRunner { config: Arc::new(config) }
+        LocalRunner { config: Arc::new(config), exited: Arc::default() }
     }
 
     /// Checks that this machine can run jobs as configured: with
@@ -103,8 +105,8 @@ impl LocalRunner {
 #[async_trait]
 impl JobRunner for LocalRunner {
     async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
-        let (config, request) = (self.config.clone(), request.clone());
-        blocking(move || launch(&config, &request)).await
+        let (config, request, exited) = (self.config.clone(), request.clone(), self.exited.clone());
+        blocking(move || launch(&config, &request, exited)).await
     }
 
     async fn terminate(&self, run: &RunId, attempt: Attempt, _job: Option<&JobId>) -> Result<(), ActivityError> {
@@ -143,9 +145,19 @@ impl JobRunner for LocalRunner {
         })
         .await
     }
+
+    /// A supervisor spawned here exited: it wrote its job's status first,
+    /// or died, which the next look sees too.
+    async fn ended_hint(&self) {
+        self.exited.notified().await;
+    }
 }
 
-fn launch(config: &LocalRunnerConfig, request: &LaunchRequest) -> Result<JobId, ActivityError> {
+fn launch(
+    config: &LocalRunnerConfig,
+    request: &LaunchRequest,
+    exited: Arc<tokio::sync::Notify>,
+) -> Result<JobId, ActivityError> {
     let name = job_name(&request.spec.run, request.attempt);
     let paths = JobPaths::new(&config.jobs_dir, &name);
     if !paths.dir().exists() {
@@ -155,7 +167,7 @@ fn launch(config: &LocalRunnerConfig, request: &LaunchRequest) -> Result<JobId, 
     if paths.status().exists() || paths.started().exists() || paths.supervised()? {
         return Ok(job); // adopted: it runs, or ran
     }
-    spawn_supervisor(config, &paths)?;
+    spawn_supervisor(config, &paths, exited)?;
     Ok(job)
 }
 
@@ -198,7 +210,12 @@ fn create(config: &LocalRunnerConfig, request: &LaunchRequest, paths: &JobPaths)
     }
 }
 
-fn spawn_supervisor(config: &LocalRunnerConfig, paths: &JobPaths) -> Result<(), ActivityError> {
+/// Spawns the job's supervisor; `exited` is told when it exits.
+fn spawn_supervisor(
+    config: &LocalRunnerConfig,
+    paths: &JobPaths,
+    exited: Arc<tokio::sync::Notify>,
+) -> Result<(), ActivityError> {
     let Some((program, args)) = config.supervisor.split_first() else {
         return Err(ActivityError::Permanent("no supervisor program is configured".into()));
     };
@@ -210,7 +227,10 @@ fn spawn_supervisor(config: &LocalRunnerConfig, paths: &JobPaths) -> Result<(), 
     command.process_group(0); // out of reach of the terminal's Ctrl-C
     sandbox::inherit_nothing(&mut command);
     let mut child = command.spawn()?;
-    std::thread::spawn(move || child.wait());
+    std::thread::spawn(move || {
+        let _ = child.wait();
+        exited.notify_one();
+    });
     Ok(())
 }
 
