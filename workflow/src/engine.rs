@@ -225,7 +225,6 @@ struct Working {
 }
 
 /// The runs a group touches, in the order it first touched them.
-#[derive(Default)]
 struct Group {
     order: Vec<RunId>,
     runs: HashMap<RunId, Working>,
@@ -362,7 +361,8 @@ impl<S: WorkflowStore> Engine<S> {
 
     /// Applies `inputs` then admits queued runs, as one durable group.
     pub fn apply(&mut self, inputs: Vec<Input>, now: Timestamp) -> Result<Applied, EngineError> {
-        let mut group = Group::default();
+        // Sized for one run an input: growing it moves every run read so far.
+        let mut group = Group { order: Vec::with_capacity(inputs.len()), runs: HashMap::with_capacity(inputs.len()) };
         let mut outcomes = Vec::with_capacity(inputs.len());
         for input in inputs {
             outcomes.push(self.apply_one(&mut group, input, now)?);
