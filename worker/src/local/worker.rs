@@ -34,8 +34,9 @@ pub const ROOM_WAIT_MAX: Duration = Duration::from_secs(240);
 
 /// Runs commands until `shutdown`: at most [`SCORINGS_MAX`] scorings and
 /// `concurrency` other commands at once (a scoring waiting for its turn
-/// holds back no other command), then lets the running ones finish. A command dropped at shutdown (waiting for a slot, or not yet
-/// received) is still owed and is sent again when the engine reopens.
+/// holds back no other command), then lets the running ones finish. A
+/// command dropped at shutdown (waiting for a slot, or not yet received)
+/// is still owed and is sent again when the engine reopens.
 pub async fn run(
     activities: Arc<Activities>,
     space: Option<Arc<Space>>,
