@@ -200,6 +200,9 @@ pub struct FullStack {
     pub submit_secs: f64,
     /// Inputs per group commit of the engine, on average.
     pub group_inputs: f64,
+    /// The node's CPU time (every thread, user and system) per run, from
+    /// its start to the last look at its answers.
+    pub cpu_per_run: Duration,
 }
 
 fn spec(index: usize) -> RunSpec {
@@ -216,13 +219,18 @@ fn spec(index: usize) -> RunSpec {
 pub fn measure(runs: usize) -> Result<(FullStack, tempfile::TempDir), Error> {
     let dir = crate::scratch()?;
     competition(dir.path())?;
-    let result = serving(dir.path(), |api| drive(dir.path(), api, runs))?;
+    let (mut result, cpu) = serving(dir.path(), |api| drive(dir.path(), api, runs))?;
+    result.cpu_per_run = cpu / runs as u32;
     Ok((result, dir))
 }
 
 /// Runs `work` against a serving node on `dir`, in a child process stopped
-/// after it, once the node answers.
-pub fn serving<T, F: Future<Output = Result<T, Error>>>(dir: &Path, work: impl FnOnce(Api) -> F) -> Result<T, Error> {
+/// after it, once the node answers. Returns `work`'s answer and the CPU
+/// time (user and system, every thread) the node took until then.
+pub fn serving<T, F: Future<Output = Result<T, Error>>>(
+    dir: &Path,
+    work: impl FnOnce(Api) -> F,
+) -> Result<(T, Duration), Error> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args([SERVE_CHILD, &dir.display().to_string()])
         .stdin(std::process::Stdio::piped())
@@ -230,13 +238,25 @@ pub fn serving<T, F: Future<Output = Result<T, Error>>>(dir: &Path, work: impl F
         .env("RUST_LOG", "warn")
         .spawn()?;
     let result = tokio::runtime::Runtime::new()?.block_on(async { work(Api::connect(dir).await?).await });
+    let cpu = cpu_time(child.id());
     drop(child.stdin.take());
     let status = child.wait()?;
     let result = result?;
     if !status.success() {
         return Err(format!("the serving node exited with {status}").into());
     }
-    Ok(result)
+    Ok((result, cpu?))
+}
+
+/// The CPU time process `pid` has taken: user and system, of every thread
+/// it ran (`/proc/PID/stat`'s fields 14 and 15, in clock ticks).
+fn cpu_time(pid: u32) -> Result<Duration, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command's name, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').ok_or("no command name in /proc/PID/stat")?.1.split(' ').collect();
+    let ticks = |n: usize| -> Result<u64, Error> { Ok(fields.get(n - 2).ok_or("a short /proc/PID/stat")?.parse()?) };
+    let per_sec = rustix::param::clock_ticks_per_second();
+    Ok(Duration::from_secs_f64((ticks(14)? + ticks(15)?) as f64 / per_sec as f64))
 }
 
 /// A serving node's API, as a client reaches it.
@@ -342,5 +362,6 @@ async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
         transitions_per_sec: (runs as u64 * transitions_per_run) as f64 / secs,
         transitions_per_run,
         submit_secs,
+        cpu_per_run: Duration::ZERO, // the caller's, who sees the process
     })
 }

@@ -262,8 +262,13 @@ fn engine_and_full_stack(
     );
     println!("engine, queued -> published:               {:>9.0} complete runs/s", runs);
     println!(
-        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; {:.0} inputs a group commit; best of 3)",
-        full.runs_per_sec, full.transitions_per_sec, full.transitions_per_run, full.submit_secs, full.group_inputs
+        "full stack, {full_runs} runs through the API:  {:>9.0} complete runs/s, {:.0} durable transitions/s ({} a run; submitted in {:.1} s; {:.0} inputs a group commit; {:.0} us of the node's CPU a run; best of 3)",
+        full.runs_per_sec,
+        full.transitions_per_sec,
+        full.transitions_per_run,
+        full.submit_secs,
+        full.group_inputs,
+        full.cpu_per_run.as_secs_f64() * 1e6
     );
     println!("full stack / engine:                       {:>9.1} % (target >= 50 %)", 100.0 * full.runs_per_sec / runs);
     Ok((transitions, runs, full, kept))

@@ -79,6 +79,7 @@ pub fn measure(dir: &Path, run: &str) -> Result<Answers, Error> {
         let history = median::<Vec<EventView>>(&api, &format!("/v1/runs/{run}/history"), Vec::len).await?.parsed;
         Ok(Answers { start, status, failed, first_page, history })
     })
+    .map(|(answers, _cpu)| answers)
 }
 
 /// The median times `path` takes to answer, parsed as a `T` of `items`, and its size.
