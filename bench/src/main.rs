@@ -115,6 +115,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As `evalflow` does (its `huge_pages`): none, but for a job's supervisor.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(
+        args.first().is_none_or(|phase| phase != sandbox::SUPERVISE_CHILD),
+    );
     if let [phase, dir, runs] = args.as_slice()
         && phase == FILL_CHILD
     {

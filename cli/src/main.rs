@@ -43,6 +43,19 @@ use crate::backend::{Backend, connect};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Whether this process may get transparent huge pages. mimalloc asks for
+/// them, so the first touch of each fresh 2 MiB zeroes all of it at once:
+/// in the full-stack benchmark the engine thread spent about a sixth of its
+/// time there, with a group in hand. Without them the node took about 13%
+/// less CPU a run and published about 15% more runs a second. The setting
+/// passes to children, even through `exec`, so a job's supervisor allows
+/// them again: the submission gets the machine's default. (Linux only; a
+/// kernel that refuses leaves things as they were.)
+fn huge_pages(allowed: bool) {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(!allowed);
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "evalflow", version, about = "Re-run and score competition submissions as durable state machines")]
 struct Cli {
@@ -343,6 +356,7 @@ impl std::io::Write for Stderr {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    huge_pages(matches!(cli.command, Command::Supervise { .. }));
     // sled's own log lines restate, in its raw words, what evalflow reports:
     // shown only when EVALFLOW_LOG names sled.
     let mut filter = std::env::var("EVALFLOW_LOG").unwrap_or_else(|_| "warn".into());

@@ -5,7 +5,7 @@
 //! | class | probes |
 //! |---|---|
 //! | the scoring boundary | a link to the labels (absolute, relative), to a rival's predictions, to the engine's environment; a FIFO; a hard link; a directory; predictions over the cap |
-//! | what the sandbox inherits | the engine's environment (also at `/proc/1/environ`), its fds, its keyring; denied system calls; threads still work |
+//! | what the sandbox inherits | the engine's environment (also at `/proc/1/environ`), its fds, its keyring, its refusal of huge pages; denied system calls; threads still work |
 //! | limits | more files than allowed, paths deeper than a walk follows, a program that ignores `EFBIG`, the grace period of a stop, the size of a submission |
 //! | tenants | a uid per job, the kept submission unchangeable from its job, a private data directory, a private parent refused up front |
 //! | two competitions | the same run ids in two data directories at once |
@@ -141,6 +141,9 @@ t.start(); t.join()
 print(result[0] if result else "THREAD FAILED")
 print("pid %d in a fork: %s" % (os.getpid(), "ok" if os.fork() or os._exit(0) else ""))
 print("\n".join(found) if found else "nothing inherited")
+# The engine runs without transparent huge pages; the job gets the machine's default.
+thp = [line.split()[1] for line in open("/proc/self/status") if line.startswith("THP_enabled:")]
+print("huge pages allowed" if thp == ["1"] else "huge pages: %s" % thp)
 halves()
 "#;
 
@@ -163,6 +166,7 @@ fn the_sandbox_inherits_nothing_and_its_system_calls_are_filtered() {
         assert!(logs.contains(&format!("{call}: denied")), "{call}: {logs}");
     }
     assert!(logs.contains("thread ran") && logs.contains("in a fork: ok"), "{logs}");
+    assert!(logs.contains("huge pages allowed"), "{logs}");
 }
 
 #[test]
