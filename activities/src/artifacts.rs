@@ -404,13 +404,16 @@ impl FsLayout {
         })?;
         let unreadable =
             |e: std::io::Error| ActivityError::Permanent(format!("cannot read labels file {}: {e}", path.display()));
-        let mut file = fs::File::open(path).map_err(unreadable)?;
-        let stamp = Stamp::of(&file.metadata().map_err(unreadable)?);
+        // One stat for each scoring: the file is opened only when it changed.
+        let stamp = Stamp::of(&fs::metadata(path).map_err(unreadable)?);
         if let Some((parsed_at, labels)) = locked(&self.parsed_labels).get(&stage)
             && *parsed_at == stamp
         {
             return Ok(labels.clone());
         }
+        // Stamped as opened: a change after this is seen by the next scoring.
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let stamp = Stamp::of(&file.metadata().map_err(unreadable)?);
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(unreadable)?;
         let labels = Arc::new(Labels::parse(&bytes, &path.display().to_string())?);
