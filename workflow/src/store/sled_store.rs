@@ -93,8 +93,9 @@ pub struct SledStore {
     tree: sled::Tree,
     /// The counters, kept in memory and updated by the writer after each commit.
     counts: Arc<Mutex<StateCounts>>,
-    /// The seq of the last stored entry of each run a commit changed since
-    /// the store was opened, until the run is terminal. A commit's check
+    /// The seq of the last stored entry of each run past its queue that a
+    /// commit changed since the store was opened, until the run is terminal
+    /// (so a bulk submission's queued runs take no room). A commit's check
     /// that its entries go on from the stored history reads it instead of
     /// sled when it can: the two point reads took about an eighth of the
     /// engine thread in the full-stack benchmark.
@@ -689,7 +690,7 @@ impl WorkflowStore for SledStore {
         let mut last_seqs = locked(&self.last_seqs);
         for change in &commit.changes {
             let (Some(last), Some(after)) = (change.entries.last(), change.after()) else { continue };
-            if after.state.tag().is_terminal() {
+            if after.state.tag().is_terminal() || after.state.tag() == StateTag::Queued {
                 last_seqs.remove(&change.run);
             } else if let Some(seq) = last_seqs.get_mut(&change.run) {
                 *seq = last.seq;
@@ -941,8 +942,12 @@ mod tests {
     fn a_write_that_breaks_the_history_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunId::parse("a-public").unwrap();
-        // The store that wrote the run knows its last seq; one opened since reads it.
-        let written = submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a");
+        // The store that wrote the run (admitted: past its queue) knows its
+        // last seq; one opened since reads it.
+        let store = submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a");
+        let (mut engine, _) = Engine::open(store, crate::policy::tests::case_policy(), 1).unwrap();
+        engine.apply(Vec::new(), Timestamp(2)).unwrap();
+        let written = engine.into_store();
         let mut stores = vec![written];
         for reopened in [false, true] {
             if reopened {
@@ -951,15 +956,16 @@ mod tests {
             }
             let store = &stores[0];
             let stored = store.load(&run).unwrap().unwrap();
-            for (seq, problem) in [(3, "entry seq 3 after seq 1"), (1, "entry seq 1 after seq 1")] {
-                let mut entry = store.history(&run).unwrap().remove(0);
-                entry.seq = seq; // skips seq 2, or overwrites seq 1
+            assert_eq!((stored.last_seq, stored.run.status.state.tag()), (2, StateTag::Launching));
+            for (seq, problem) in [(4, "entry seq 4 after seq 2"), (2, "entry seq 2 after seq 2")] {
+                let mut entry = store.history(&run).unwrap().remove(1);
+                entry.seq = seq; // skips seq 3, or overwrites seq 2
                 let before = Some(stored.run.status.clone());
                 let change = RunChange { run: run.clone(), spec: None, before, entries: vec![entry] };
                 let err = store.commit(&Commit { changes: vec![change] }).unwrap_err();
                 assert_eq!(err.to_string(), format!("refused write for run a-public: {problem}"), "{reopened}");
-                assert_eq!(store.history(&run).unwrap().len(), 1);
-                assert_eq!(store.counts().unwrap()[StateTag::Queued], 1);
+                assert_eq!(store.history(&run).unwrap().len(), 2);
+                assert_eq!(store.counts().unwrap()[StateTag::Launching], 1);
             }
         }
     }
