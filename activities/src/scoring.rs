@@ -162,9 +162,17 @@ thread_local! {
     /// A reader for each thread that scores: making one builds its parser's
     /// state machine, which took about a tenth of scoring small predictions
     /// (the benchmark's ten rows). Each use starts it afresh on new bytes.
-    static READER: RefCell<csv::Reader<Cursor<Vec<u8>>>> = RefCell::new(
-        csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(Cursor::default()),
-    );
+    static READER: RefCell<csv::Reader<Cursor<Vec<u8>>>> = RefCell::new(reader());
+}
+
+/// A reader whose headers are set (empty), so that starting it afresh never
+/// reads a file's first row into them, where it would stay for the thread's
+/// life (up to 16 MiB of one team's predictions).
+fn reader() -> csv::Reader<Cursor<Vec<u8>>> {
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(Cursor::default());
+    reader.set_byte_headers(csv::ByteRecord::new());
+    reader
 }
 
 /// Parses the rows: file -> (probability, line).
@@ -322,6 +330,11 @@ mod tests {
         assert_eq!(scored("filename,label\nb.mp4,2\n").unwrap_err(), Rejection::OutOfRange { line: 2, value: 2.0 });
         assert_eq!(scored(""), Err(Rejection::Empty));
         assert!(scored("filename,label\na.mp4,0.9\nb.mp4,0.2\nc.mp4,0.3\n").is_ok());
+        // Nothing of them is kept: no bytes, no row taken for headers.
+        READER.with_borrow_mut(|reader| {
+            assert!(reader.get_ref().get_ref().is_empty());
+            assert!(reader.byte_headers().unwrap().is_empty());
+        });
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub fn measure(runs: usize) -> Result<(FullStack, tempfile::TempDir), Error> {
     let dir = crate::scratch()?;
     competition(dir.path())?;
     let (mut result, cpu) = serving(dir.path(), |api| drive(dir.path(), api, runs))?;
-    result.cpu_per_run = cpu / runs as u32;
+    result.cpu_per_run = cpu / runs.max(1) as u32;
     Ok((result, dir))
 }
 

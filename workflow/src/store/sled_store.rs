@@ -29,7 +29,7 @@
 //! read that may have seen a commit returns only once that commit is
 //! flushed, and after a failed flush the store answers nothing more.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -462,7 +462,14 @@ impl SledStore {
         let before = counts;
         let mut batch = sled::Batch::default();
         let last_seqs = locked(&self.last_seqs);
+        // Each change is checked against the stored history, not against
+        // another change of the same commit: a run changes once a commit.
+        let mut runs = HashSet::with_capacity(commit.changes.len());
         for change in &commit.changes {
+            if !runs.insert(&change.run) {
+                let problem = "changed twice in one commit".to_owned();
+                return Err(StoreError::InvalidWrite { run: change.run.clone(), problem });
+            }
             self.stage(change, &last_seqs, &mut batch, &mut counts)?;
         }
         for (tag, count) in counts.iter() {
@@ -968,5 +975,14 @@ mod tests {
                 assert_eq!(store.counts().unwrap()[StateTag::Launching], 1);
             }
         }
+        // Two changes of one run in a commit, each going on from the stored history.
+        let store = &stores[0];
+        let stored = store.load(&run).unwrap().unwrap();
+        let mut entry = store.history(&run).unwrap().remove(1);
+        entry.seq = 3;
+        let change = RunChange { run: run.clone(), spec: None, before: Some(stored.run.status), entries: vec![entry] };
+        let err = store.commit(&Commit { changes: vec![change.clone(), change] }).unwrap_err();
+        assert_eq!(err.to_string(), "refused write for run a-public: changed twice in one commit");
+        assert_eq!(store.history(&run).unwrap().len(), 2);
     }
 }
