@@ -54,6 +54,8 @@ enum Stop {
 /// lock, also rides out the brief shared locks of whoever asks whether the
 /// job is supervised.)
 pub fn supervise(job_dir: &Path) -> io::Result<()> {
+    // Before anything else: see `sandbox::inherit_nothing`.
+    super::sandbox::inherited_fds_close_on_exec()?;
     let paths = JobPaths::at(job_dir);
     let lock = File::options().create(true).truncate(false).write(true).open(paths.lock())?;
     lock.lock()?;
