@@ -57,7 +57,13 @@ pub async fn run(
         // A slot before a task: at most `concurrency` of them, however many
         // commands wait. A scoring waits for its own in its task: a run owes
         // at most one, so they are at most the live runs.
-        let scoring = matches!(dispatch.command, Command::ScorePredictions { .. });
+        let scoring = match dispatch.command {
+            Command::ScorePredictions { .. } => true,
+            Command::LaunchJob { .. }
+            | Command::Publish { .. }
+            | Command::TerminateJob { .. }
+            | Command::Withdraw { .. } => false,
+        };
         let slot = if scoring {
             None
         } else {
