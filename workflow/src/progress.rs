@@ -222,16 +222,10 @@ impl Tally {
 
     fn count(&mut self, spec: &RunSpec, status: &RunStatus, sign: Sign) {
         let tag = status.state.tag();
-        let costs: Vec<(f64, f64)> = status
-            .attempts
-            .iter()
-            .map(|a| {
-                let secs = a.usage.as_ref().map_or(0.0, crate::JobUsage::running_secs);
-                (attempt_cost(a, &self.policy, self.billing).map_or(0.0, |(_, usd)| usd), secs)
-            })
-            .collect();
-        let usd = costs.iter().fold(0.0, |total, (usd, _)| total + usd);
-        let secs = costs.iter().fold(0.0, |total, (_, secs)| total + secs);
+        let (usd, secs) = status.attempts.iter().fold((0.0, 0.0), |(usd, secs), a| {
+            let cost = attempt_cost(a, &self.policy, self.billing).map_or(0.0, |(_, usd)| usd);
+            (usd + cost, secs + a.usage.as_ref().map_or(0.0, crate::JobUsage::running_secs))
+        });
         let profile = match &status.state {
             RunState::Launching { profile, .. } | RunState::Running { profile, .. } => Some(profile),
             _ => None,

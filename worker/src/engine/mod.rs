@@ -255,10 +255,13 @@ fn run(
         // Commands first: when a requester hears back, what its inputs caused is already queued.
         out.dispatcher.settle(&applied.changed);
         out.send(applied.dispatches);
-        let outcomes = applied.outcomes;
-        for (reply, range) in replies {
+        // The last requester's outcomes are the tail, and so on back: each
+        // takes its own out instead of a copy.
+        let mut outcomes = applied.outcomes;
+        for (reply, range) in replies.into_iter().rev() {
+            let theirs = outcomes.split_off(range.start);
             if let Some(reply) = reply {
-                let _ = reply.send(outcomes[range].to_vec());
+                let _ = reply.send(theirs);
             }
         }
         for question in questions {
