@@ -4,6 +4,11 @@
 //! competition's configuration can select it), each scored from a real
 //! predictions file against the stage's labels and published to the real
 //! leaderboard, until every run is published.
+//!
+//! Where the jobs' outputs come from is measured both ways ([`Outputs`]):
+//! written before the clock starts, as jobs that ended at once would have
+//! left them (the stack alone, the headline), and written by each launch on
+//! the node's CPUs (the stack and the file-system work of a job's output).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,10 +43,65 @@ const SUBMIT_BATCH: usize = 1_000;
 /// Teams the runs belong to (the DFDC's 2,265, rounded).
 const TEAMS: usize = 2_300;
 
-/// Jobs that end at once: a launch writes the job's predictions, hints
-/// that the job ended, and the next check finds it succeeded.
+/// Where the jobs' outputs (`jobs/<job>/output/submission.csv`) come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outputs {
+    /// Written before the clock starts, as jobs that ended at once would
+    /// have left them: a launch records its job, and what is measured is
+    /// the stack alone. A job's output is made by the job's own processes
+    /// locally (its supervisor and the job) and by another machine on AWS;
+    /// the local runner's own share of a launch (a staged job directory,
+    /// its `job.json`, the supervisor's spawn) is measured with the sandbox.
+    Prepared,
+    /// Written by each launch on the node's CPUs: two directories and a
+    /// file on the file system, which the machine's two CPUs share with the
+    /// stack.
+    AtLaunch,
+}
+
+impl Outputs {
+    fn arg(self) -> &'static str {
+        match self {
+            Outputs::Prepared => "prepared",
+            Outputs::AtLaunch => "at-launch",
+        }
+    }
+
+    /// The outputs named `arg` on the serving node's command line.
+    pub fn from_arg(arg: &str) -> Result<Outputs, Error> {
+        [Outputs::Prepared, Outputs::AtLaunch]
+            .into_iter()
+            .find(|o| o.arg() == arg)
+            .ok_or_else(|| format!("no job outputs {arg:?}: prepared or at-launch").into())
+    }
+}
+
+/// The job's name of the `index`th run's first attempt: the directory its
+/// output is in.
+fn first_job(index: usize) -> String {
+    job_name(&RunId::new(&spec(index).submission, Stage::Public), Attempt(1))
+}
+
+/// Writes a job's output under `jobs_dir`: its directory, its output
+/// directory and its predictions.
+fn write_output(jobs_dir: &Path, job: &str, predictions: &[u8]) -> std::io::Result<()> {
+    let (dir, output) = (jobs_dir.join(job), jobs_dir.join(job).join("output"));
+    for made in [&dir, &output] {
+        match std::fs::create_dir(made) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::write(output.join("submission.csv"), predictions)
+}
+
+/// Jobs that end at once: a launch (with [`Outputs::AtLaunch`], after
+/// writing the job's output) hints that the job ended, and the next check
+/// finds it succeeded. With [`Outputs::Prepared`], a job whose output was
+/// not prepared fails its scoring, and the benchmark with it.
 struct InstantJobs {
     jobs_dir: PathBuf,
+    outputs: Outputs,
     predictions: Vec<u8>,
     launched: Mutex<HashMap<JobId, Timestamp>>,
     ended: tokio::sync::Notify,
@@ -51,14 +111,9 @@ struct InstantJobs {
 impl JobRunner for InstantJobs {
     async fn launch(&self, request: &LaunchRequest) -> Result<JobId, ActivityError> {
         let name = job_name(&request.spec.run, request.attempt);
-        let (dir, output) = (self.jobs_dir.join(&name), self.jobs_dir.join(&name).join("output"));
-        for made in [&dir, &output] {
-            match std::fs::create_dir(made) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
-                _ => {}
-            }
+        if self.outputs == Outputs::AtLaunch {
+            write_output(&self.jobs_dir, &name, &self.predictions)?;
         }
-        std::fs::write(output.join("submission.csv"), &self.predictions)?;
         let job = JobId::new(name).map_err(|e| ActivityError::Permanent(e.to_string()))?;
         self.launched.lock().unwrap_or_else(PoisonError::into_inner).insert(job.clone(), Timestamp::now());
         self.ended.notify_one();
@@ -143,7 +198,7 @@ fn predictions() -> Vec<u8> {
 
 /// The serving node of the full-stack phase: `evalflow serve`'s engine,
 /// workers and API on `dir`, with [`InstantJobs`] for a runner.
-pub fn serve_child(dir: &Path) -> Result<(), Error> {
+pub fn serve_child(dir: &Path, outputs: Outputs) -> Result<(), Error> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let LockState::Acquired(mut lock) = lock_for_engine(dir, Duration::from_secs(5))? else {
@@ -155,6 +210,7 @@ pub fn serve_child(dir: &Path) -> Result<(), Error> {
         lock.announce(&EngineInfo { pid: std::process::id(), api: format!("http://{}", listener.local_addr()?) })?;
         let jobs = InstantJobs {
             jobs_dir: config.jobs_dir(),
+            outputs,
             predictions: predictions(),
             launched: Mutex::default(),
             ended: Default::default(),
@@ -212,14 +268,22 @@ fn spec(index: usize) -> RunSpec {
     RunSpec::new(submission, team, Stage::Public, false, SubmissionSource::Image { uri }, Timestamp::now())
 }
 
-/// Runs `runs` runs through a serving node in a child process. Returns its
-/// data directory too, to be removed once every phase is done: ext4 (without
-/// a journal) passes over inodes freed in the last minutes when it makes a
-/// file, so removing tens of thousands of them would slow the next phases.
-pub fn measure(runs: usize) -> Result<(FullStack, tempfile::TempDir), Error> {
+/// Runs `runs` runs through a serving node in a child process, their jobs'
+/// outputs from `outputs`. Returns its data directory too, to be removed
+/// once every phase is done: ext4 (without a journal) passes over inodes
+/// freed in the last minutes when it makes a file, so removing tens of
+/// thousands of them would slow the next phases.
+pub fn measure(runs: usize, outputs: Outputs) -> Result<(FullStack, tempfile::TempDir), Error> {
     let dir = crate::scratch()?;
     competition(dir.path())?;
-    let (mut result, cpu) = serving(dir.path(), |api| drive(dir.path(), api, runs))?;
+    if outputs == Outputs::Prepared {
+        let (jobs_dir, predictions) = (Config::load(dir.path())?.jobs_dir(), predictions());
+        std::fs::create_dir_all(&jobs_dir)?;
+        for index in 0..runs {
+            write_output(&jobs_dir, &first_job(index), &predictions)?;
+        }
+    }
+    let (mut result, cpu) = serving_with(dir.path(), outputs, |api| drive(dir.path(), api, runs))?;
     result.cpu_per_run = cpu / runs.max(1) as u32;
     Ok((result, dir))
 }
@@ -231,8 +295,16 @@ pub fn serving<T, F: Future<Output = Result<T, Error>>>(
     dir: &Path,
     work: impl FnOnce(Api) -> F,
 ) -> Result<(T, Duration), Error> {
+    serving_with(dir, Outputs::AtLaunch, work)
+}
+
+fn serving_with<T, F: Future<Output = Result<T, Error>>>(
+    dir: &Path,
+    outputs: Outputs,
+    work: impl FnOnce(Api) -> F,
+) -> Result<(T, Duration), Error> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args([SERVE_CHILD, &dir.display().to_string()])
+        .args([SERVE_CHILD, &dir.display().to_string(), outputs.arg()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .env("RUST_LOG", "warn")
@@ -313,11 +385,22 @@ async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
     let Api { base, token, http } = &api;
     let get_status = || api.get::<StatusView>("/v1/status");
 
-    let (start, started_ms) = (Instant::now(), Timestamp::now().as_millis());
+    // The requests are made before the clock starts: the client shares the
+    // machine's CPUs with the node it measures.
+    let mut bodies = Vec::with_capacity(runs.div_ceil(SUBMIT_BATCH));
     for first in (0..runs).step_by(SUBMIT_BATCH) {
         let specs: Vec<RunSpec> = (first..(first + SUBMIT_BATCH).min(runs)).map(spec).collect();
-        let response =
-            http.post(format!("{base}/v1/submit")).bearer_auth(token.as_str()).json(&Submit(specs)).send().await?;
+        bodies.push(serde_json::to_vec(&Submit(specs))?);
+    }
+    let (start, started_ms) = (Instant::now(), Timestamp::now().as_millis());
+    for body in bodies {
+        let response = http
+            .post(format!("{base}/v1/submit"))
+            .bearer_auth(token.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await?;
         response.error_for_status()?;
     }
     let submit_secs = start.elapsed().as_secs_f64();
