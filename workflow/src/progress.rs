@@ -187,6 +187,12 @@ pub struct Tally {
 /// How long an ended run counts as ended lately.
 const LATELY_MS: u64 = 3_600_000;
 
+/// Whether a run in state `tag` has an entry in [`Tally`]'s live runs: all
+/// but the published, failed and cancelled ones.
+fn has_live_entry(tag: StateTag) -> bool {
+    !matches!(tag, StateTag::Published | StateTag::Failed | StateTag::Cancelled)
+}
+
 impl Tally {
     /// An empty tally, costs billed as `billing`.
     pub fn new(policy: &Policy, billing: Billing) -> Tally {
@@ -204,23 +210,27 @@ impl Tally {
 
     /// Counts `run`.
     pub fn add(&mut self, run: &Run) {
-        self.count(&run.spec, &run.status, Sign::In);
+        self.count(&run.spec, &run.status, Sign::In, false);
     }
 
     /// Takes out `run`, counted before as it is.
     pub fn remove(&mut self, run: &Run) {
-        self.count(&run.spec, &run.status, Sign::Out);
+        self.count(&run.spec, &run.status, Sign::Out, false);
     }
 
     /// Follows a run of `spec` from `before` (`None`: a new run) to `after`.
     pub fn change(&mut self, spec: &RunSpec, before: Option<&RunStatus>, after: &RunStatus) {
+        // A run that stays live keeps its entry, overwritten below.
+        let stays_live = has_live_entry(after.state.tag());
         if let Some(before) = before {
-            self.count(spec, before, Sign::Out);
+            self.count(spec, before, Sign::Out, stays_live);
         }
-        self.count(spec, after, Sign::In);
+        self.count(spec, after, Sign::In, false);
     }
 
-    fn count(&mut self, spec: &RunSpec, status: &RunStatus, sign: Sign) {
+    /// Counts the run of `spec` in `status` in or out; out, it keeps its
+    /// live entry when `keep_live` (it is about to be counted in, live).
+    fn count(&mut self, spec: &RunSpec, status: &RunStatus, sign: Sign, keep_live: bool) {
         let tag = status.state.tag();
         let (usd, secs) = status.attempts.iter().fold((0.0, 0.0), |(usd, secs), a| {
             let cost = attempt_cost(a, &self.policy, self.billing).map_or(0.0, |(_, usd)| usd);
@@ -291,7 +301,11 @@ impl Tally {
                 }
             }
             StateTag::Cancelled => {}
-            _ if sign == Sign::Out => _ = self.live.remove(&spec.run),
+            _ if sign == Sign::Out => {
+                if !keep_live {
+                    self.live.remove(&spec.run);
+                }
+            }
             _ => {
                 let running_since = match (&status.state, status.attempts.last()) {
                     (RunState::Running { .. }, Some(current)) => Some(current.launched_at),
@@ -307,7 +321,10 @@ impl Tally {
                     ended_secs: secs,
                     running_since,
                 };
-                self.live.insert(spec.run.clone(), live);
+                match self.live.get_mut(&spec.run) {
+                    Some(entry) => *entry = live,
+                    None => _ = self.live.insert(spec.run.clone(), live),
+                }
             }
         }
     }
