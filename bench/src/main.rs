@@ -212,30 +212,35 @@ fn main() -> Result<(), Error> {
         }
     };
     println!();
-    println!("| system | runs/s | durable transitions/s | evalflow's full stack is |");
-    println!("|---|---:|---:|---:|");
+    println!("| system | runs/s | durable transitions/s | of the engine alone | evalflow's full stack is |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| evalflow, full stack (HTTP API, engine, workers, scoring, publishing) | {:.0} | {:.0} | 1x |",
-        full.runs_per_sec, full.transitions_per_sec
+        "| evalflow, full stack (HTTP API, engine, workers, scoring, publishing), jobs' outputs written before the clock | {:.0} | {:.0} | {:.2}x | 1x |",
+        full.runs_per_sec,
+        full.transitions_per_sec,
+        full.runs_per_sec / runs
     );
     println!(
-        "| evalflow, full stack, each launch writing its job's output | {:.0} | {:.0} | {:.2}x |",
+        "| evalflow, full stack, each launch writing its job's output on the node's CPUs | {:.0} | {:.0} | {:.2}x | {:.2}x |",
         at_launch.runs_per_sec,
         at_launch.transitions_per_sec,
+        at_launch.runs_per_sec / runs,
         full.runs_per_sec / at_launch.runs_per_sec
     );
-    println!("| evalflow, engine only | {runs:.0} | {transitions:.0} | {:.2}x |", full.runs_per_sec / runs);
-    println!("| raw sled, batches of {GROUP} | | {raw_writes:.0} writes | |");
+    println!("| evalflow, engine only | {runs:.0} | {transitions:.0} | 1x | {:.2}x |", full.runs_per_sec / runs);
+    println!("| raw sled, batches of {GROUP} | | {raw_writes:.0} writes | | |");
     for peer in &peers {
         println!(
-            "| {} | {:.1} | {:.1} | {:.0}x |",
+            "| {} | {:.1} | {:.1} | | {:.0}x |",
             peer.name,
             peer.runs_per_sec,
             peer.transitions_per_sec,
             full.runs_per_sec / peer.runs_per_sec
         );
     }
-    println!("(targets: the full stack >= 0.5x the engine alone, >= 20x Restate, >= 100x DBOS)");
+    println!(
+        "(targets: the full stack, its jobs' outputs written before the clock, >= 0.5x the engine alone, >= 20x Restate, >= 100x DBOS)"
+    );
     println!();
 
     stored_at_scale(&policy, stored_runs, live_runs)?;
@@ -257,10 +262,15 @@ fn engine_and_full_stack(
     let (mut transitions, mut runs) = (0.0_f64, 0.0_f64);
     let mut best: [Option<fullstack::FullStack>; 2] = [None, None];
     let mut kept = Vec::new();
-    for _ in 0..3 {
+    for round in 0..3 {
         let (t, r) = engine_throughput(policy, 50_000)?;
         (transitions, runs) = (transitions.max(t), runs.max(r));
-        for (best, outputs) in best.iter_mut().zip([Outputs::Prepared, Outputs::AtLaunch]) {
+        // Each way goes first in turn: neither always follows the other's files.
+        let mut ways: Vec<_> = best.iter_mut().zip([Outputs::Prepared, Outputs::AtLaunch]).collect();
+        if round % 2 == 1 {
+            ways.reverse();
+        }
+        for (best, outputs) in ways {
             let (measured, dir) = fullstack::measure(full_runs, outputs)?;
             kept.push(dir);
             if best.as_ref().is_none_or(|b| b.runs_per_sec < measured.runs_per_sec) {
@@ -286,11 +296,19 @@ fn engine_and_full_stack(
         )
     };
     println!("full stack, {full_runs} runs through the API:  {}", line(&full));
-    println!("  (the jobs' outputs, a directory, an output directory and predictions each, written before the clock)");
+    println!(
+        "  (the stack alone: each job's output, its directory, output directory and predictions, written before the clock)"
+    );
     println!("full stack / engine:                       {:>9.1} % (target >= 50 %)", 100.0 * full.runs_per_sec / runs);
     println!("full stack, each launch writing its job's output on the node's CPUs:");
     println!("                                           {}", line(&at_launch));
-    println!("  / engine:                                {:>9.1} %", 100.0 * at_launch.runs_per_sec / runs);
+    println!(
+        "  / engine:                                {:>9.1} % (the target is read against the stack alone)",
+        100.0 * at_launch.runs_per_sec / runs
+    );
+    println!(
+        "  (neither has the local runner's own work at a launch, a staged job directory, job.json and the supervisor's spawn: see the sandbox)"
+    );
     Ok((transitions, runs, [full, at_launch], kept))
 }
 

@@ -258,10 +258,11 @@ fn run(
         // The last requester's outcomes are the tail, and so on back: each
         // takes its own out instead of a copy.
         let mut outcomes = applied.outcomes;
+        debug_assert_eq!(outcomes.len(), count, "one outcome an input");
         for (reply, range) in replies.into_iter().rev() {
-            let theirs = outcomes.split_off(range.start);
-            if let Some(reply) = reply {
-                let _ = reply.send(theirs);
+            match reply {
+                Some(reply) => _ = reply.send(outcomes.split_off(range.start)),
+                None => outcomes.truncate(range.start),
             }
         }
         for question in questions {
