@@ -421,6 +421,11 @@ async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
         if failed > 0 {
             return Err(format!("{failed} runs failed: the benchmark's runs should all be published").into());
         }
+        // A node that stopped launching (its disk short of space or inodes)
+        // would not finish: its words, at once.
+        if let Some(paused) = &status.paused {
+            return Err(format!("the serving node paused launching: {paused}").into());
+        }
         if published as usize == runs {
             break;
         }
