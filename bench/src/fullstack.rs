@@ -82,7 +82,7 @@ impl Outputs {
 /// The job's name of the `index`th run's first attempt: the directory its
 /// output is in.
 fn first_job(index: usize) -> String {
-    job_name(&RunId::new(&spec(index).submission, Stage::Public), Attempt(1))
+    job_name(&spec(index).run, Attempt(1))
 }
 
 /// Writes a job's output under `jobs_dir`: its directory, its output
@@ -439,7 +439,7 @@ async fn drive(dir: &Path, api: Api, runs: usize) -> Result<FullStack, Error> {
     let views: Vec<RunView> = api.get("/v1/runs").await?;
     let ended_ms = views.iter().map(|v| v.updated_at_ms).max().unwrap_or(started_ms);
     let secs = (ended_ms.saturating_sub(started_ms) as f64 / 1000.0).max(f64::EPSILON);
-    let run = RunId::new(&spec(0).submission, Stage::Public);
+    let run = spec(0).run;
     let history: Vec<serde_json::Value> = api.get(&format!("/v1/runs/{run}/history")).await?;
     let transitions_per_run = history.iter().filter(|e| e["disposition"] == "applied").count() as u64;
     let board = std::fs::read(dir.join("leaderboard/public.json"))?;
