@@ -174,7 +174,7 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, Input};
     use crate::ids::{Stage, SubmissionId, TeamId};
-    use crate::machine::SubmissionSource;
+    use crate::machine::{Envelope, Event, SubmissionSource};
     use crate::store::Commit;
     use crate::time::Timestamp;
 
@@ -203,7 +203,7 @@ mod tests {
             run: RunId::parse("b-public").unwrap(),
             spec: Some(spec("b")),
             before: None,
-            entries: vec![first.clone()],
+            entries: vec![HistoryEntry { input: Envelope::unfenced(Event::Submitted(spec("b"))), ..first.clone() }],
         };
         let broken = RunChange {
             run: a.clone(),
@@ -218,5 +218,25 @@ mod tests {
         assert_eq!(store.runs(RunFilter::Live, None, 10).unwrap(), std::slice::from_ref(&a));
         assert_eq!(store.history(&a).unwrap().len(), 1);
         assert_eq!(store.counts().unwrap(), counts);
+    }
+
+    #[test]
+    fn a_new_run_whose_first_entry_is_not_its_submission_is_refused() {
+        let (mut engine, _) = Engine::open(MemoryStore::new(), crate::policy::tests::case_policy(), 0).unwrap();
+        engine.apply(vec![Input::Submit(spec("a"))], Timestamp(1)).unwrap();
+        let store = engine.into_store();
+        let first = store.history(&RunId::parse("a-public").unwrap()).unwrap().remove(0);
+        let b = RunId::parse("b-public").unwrap();
+        // The submission of another run, then an event that is not a submission.
+        for event in [Event::Submitted(spec("a")), Event::CancelRequested] {
+            let entry = HistoryEntry { input: Envelope::unfenced(event), ..first.clone() };
+            let change = RunChange { run: b.clone(), spec: Some(spec("b")), before: None, entries: vec![entry] };
+            let err = store.commit(&Commit { changes: vec![change] }).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "refused write for run b-public: a new run's first entry is its submission, with its spec"
+            );
+            assert_eq!(store.load(&b).unwrap(), None);
+        }
     }
 }

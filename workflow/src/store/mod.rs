@@ -1,10 +1,11 @@
 //! Where runs live: the [`WorkflowStore`] trait, its sled implementation and
 //! its in-memory twin.
 //!
-//! A run is stored as its spec (written once) and its history: one entry per
-//! event, each holding the status the event left the run in. The last entry
-//! *is* the run's current state and its outbox, so recording an event is one
-//! key, not a state row, a history row and an outbox row. Two indexes make
+//! A run is stored as its history: one entry per event, each holding the
+//! status the event left the run in, the first (its submission) holding the
+//! run's spec. The last entry *is* the run's current state and its outbox,
+//! so recording an event is one key, not a state row, a history row and an
+//! outbox row. Two indexes make
 //! the questions the engine and the CLI ask cheap without a full scan:
 //!
 //! - the live index: runs that are not terminal or are owed a command (what
@@ -25,7 +26,7 @@ pub use sled_store::{Footprint, SledOptions, SledStore};
 use std::ops::{Index, IndexMut};
 
 use crate::ids::RunId;
-use crate::machine::{HistoryEntry, Run, RunSpec, RunStatus, StateTag};
+use crate::machine::{Event, HistoryEntry, Run, RunSpec, RunStatus, StateTag};
 
 /// How many runs a listing returns at most per call.
 pub const LIST_LIMIT_MAX: usize = 10_000;
@@ -145,6 +146,12 @@ impl RunChange {
         let Some(last) = self.entries.last() else {
             return Err(refuse("no entries".into()));
         };
+        // The sled store keeps a run's spec in its first entry alone.
+        if let (Some(spec), Some(first)) = (&self.spec, self.entries.first())
+            && !matches!(&first.input.event, Event::Submitted(submitted) if submitted == spec)
+        {
+            return Err(refuse("a new run's first entry is its submission, with its spec".into()));
+        }
         for (offset, entry) in (1..).zip(&self.entries) {
             if entry.seq != last_seq_before + offset {
                 return Err(refuse(format!("entry seq {} after seq {}", entry.seq, last_seq_before)));

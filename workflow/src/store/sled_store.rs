@@ -3,14 +3,18 @@
 //! | key | value |
 //! |---|---|
 //! | `m` | layout version ([`LAYOUT_VERSION`]) |
-//! | `s` run | the run's spec |
-//! | `h` run `\0` seq (u32, big-endian) | a history entry, with the status after it |
+//! | `h` run `\0` seq (u32, big-endian) | a history entry, with the status after it; the first is the submission, with the run's spec |
 //! | `l` run | (empty) the run is live |
 //! | `t` state run | the run in this terminal state: spec, last seq and status |
 //! | `c` state | how many runs are in this state (u64, big-endian) |
 //!
-//! The terminal index holds its runs whole, although the spec and the last
-//! history entry hold the same: at a million stored runs, finding a run's
+//! A run's spec is kept in its first entry alone: sled's layout costs about
+//! 180 bytes on disk a record beyond the record's own, so a key of its own
+//! for the spec took 380 of the 2,790 bytes a stored run took on disk
+//! (layout 3, in the benchmark).
+//!
+//! The terminal index holds its runs whole, although the first and the last
+//! history entries hold the same: at a million stored runs, finding a run's
 //! spec and last entry costs two reads of pages out of cache (~35 µs), so
 //! listing 10,000 failed runs took a third of a second and counting every
 //! run at start 20 s, where one pass over a range costs a few µs a run. The
@@ -40,18 +44,21 @@ use super::{
     Commit, IndexDelta, LIST_LIMIT_MAX, RunChange, RunFilter, StateCounts, StoreError, StoredRun, WorkflowStore,
 };
 use crate::ids::RunId;
-use crate::machine::{HistoryEntry, Run, RunSpec, StateTag};
+use crate::machine::{Event, HistoryEntry, Run, RunSpec, StateTag};
 
 /// How long opening waits for sled's file lock to clear.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// The layout of the keys (the table above), kept in `m`. Version 2 had
-/// empty terminal-index values; a store of version 2 is brought to 3 when
-/// opened ([`SledStore::open`]).
-pub(crate) const LAYOUT_VERSION: u8 = 3;
+/// empty terminal-index values, version 3 a key `s` run for each spec; an
+/// older store is brought to 4 when opened ([`SledStore::open`]).
+pub(crate) const LAYOUT_VERSION: u8 = 4;
 
 const META_KEY: &[u8] = b"m";
-const SPEC: u8 = b's';
+/// Layout 3's key of a run's spec.
+const SPEC_OF_LAYOUT_3: u8 = b's';
+/// The seq of a run's first entry, its submission, as its key ends.
+const FIRST_ENTRY: [u8; 5] = [0, 0, 0, 0, 1];
 const HISTORY: u8 = b'h';
 const LIVE: u8 = b'l';
 const TERMINAL: u8 = b't';
@@ -282,7 +289,11 @@ impl SledStore {
         let tree = db.open_tree("runs")?;
         match tree.get(META_KEY)?.as_deref() {
             Some([LAYOUT_VERSION]) => {}
-            Some([2]) => migrate_from_2(&db, &tree)?,
+            Some([2]) => {
+                migrate_from_2(&db, &tree)?;
+                migrate_from_3(&db, &tree)?;
+            }
+            Some([3]) => migrate_from_3(&db, &tree)?,
             Some(found) => {
                 let found = found.first().copied().unwrap_or(0);
                 return Err(StoreError::SchemaVersion { found, supported: LAYOUT_VERSION });
@@ -292,6 +303,7 @@ impl SledStore {
                 db.flush()?;
             }
         }
+        remove_specs_of_layout_3(&db, &tree)?;
         let mut counts = StateCounts::default();
         for item in tree.scan_prefix([COUNT]) {
             let (key, value) = item?;
@@ -345,7 +357,7 @@ impl SledStore {
         Ok(self.db.size_on_disk()?)
     }
 
-    /// What the store's records take, by kind (`spec`, `history`, ...):
+    /// What the store's records take, by kind (`history`, `terminal index`, ...):
     /// how many there are and the bytes of their keys and values, before
     /// sled's own layout. Reads every record.
     pub fn footprint(&self) -> Result<BTreeMap<&'static str, Footprint>, StoreError> {
@@ -353,7 +365,6 @@ impl SledStore {
         for item in self.tree.iter() {
             let (key, value) = item?;
             let kind = match key.first() {
-                Some(&SPEC) => "spec",
                 Some(&HISTORY) => "history",
                 Some(&LIVE) => "live index",
                 Some(&TERMINAL) => "terminal index",
@@ -407,11 +418,6 @@ impl SledStore {
             });
         }
         change.validate(last_seq_before)?;
-        if let Some(spec) = &change.spec {
-            let key = key(SPEC, &change.run);
-            let value = codec::encode(&key, spec)?;
-            batch.insert(key, value);
-        }
         for entry in &change.entries {
             let key = entry_key(&change.run, entry.seq);
             let value = codec::encode(&key, entry)?;
@@ -432,7 +438,9 @@ impl SledStore {
         if tag.is_terminal() {
             let spec = match &change.spec {
                 Some(spec) => spec.clone(),
-                None => self.spec(&change.run)?,
+                None => self.spec(&change.run)?.ok_or_else(|| {
+                    codec::corrupt(&entry_key(&change.run, 1), "a run with history but no first entry".into())
+                })?,
             };
             let key = terminal_key(tag, &change.run);
             let last_seq = change.entries.last().map_or(last_seq_before, |e| e.seq);
@@ -442,17 +450,16 @@ impl SledStore {
         counts.count(&change.run, delta)
     }
 
-    fn spec(&self, run: &RunId) -> Result<RunSpec, StoreError> {
-        let key = key(SPEC, run);
-        let spec = self.tree.get(&key)?.ok_or_else(|| codec::corrupt(&key, "a run without a spec".into()))?;
-        codec::decode(&key, &spec)
+    /// The run's spec, from its first entry; `None` for an unknown run.
+    fn spec(&self, run: &RunId) -> Result<Option<RunSpec>, StoreError> {
+        let key = entry_key(run, 1);
+        let Some(value) = self.tree.get(&key)? else { return Ok(None) };
+        spec_in(&key, run, codec::decode(&key, &value)?).map(Some)
     }
 
     fn load_now(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
-        let key = key(SPEC, run);
-        let Some(spec) = self.tree.get(&key)? else { return Ok(None) };
-        let spec: RunSpec = codec::decode(&key, &spec)?;
-        let entry = self.last_entry(run)?.ok_or_else(|| codec::corrupt(&key, "a spec without history".into()))?;
+        let Some(spec) = self.spec(run)? else { return Ok(None) };
+        let entry = self.last_entry(run)?.ok_or_else(|| codec::corrupt(&entry_key(run, 1), "vanished".into()))?;
         Ok(Some(StoredRun { run: Run { spec, status: entry.status }, last_seq: entry.seq }))
     }
 
@@ -488,20 +495,32 @@ impl SledStore {
         limit: usize,
         mut read: impl FnMut(&[u8], RunId, &[u8]) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
-        let prefix = match filter {
-            RunFilter::All => vec![SPEC],
-            RunFilter::Live => vec![LIVE],
-            RunFilter::Terminal(tag) => vec![TERMINAL, tag.code()],
+        // Every run is named by the key of its first entry: the others are passed over.
+        let (prefix, after_id) = match filter {
+            RunFilter::All => (vec![HISTORY], 1),
+            RunFilter::Live => (vec![LIVE], 0),
+            RunFilter::Terminal(tag) => (vec![TERMINAL, tag.code()], 0),
         };
         let mut start = prefix.clone();
         if let Some(after) = after {
             start.extend_from_slice(after.as_str().as_bytes());
-            start.push(0);
+            start.push(after_id);
         }
+        let limit = limit.min(LIST_LIMIT_MAX);
         let mut found = Vec::new();
-        for item in self.tree.range(start..).take(limit.min(LIST_LIMIT_MAX)) {
+        for item in self.tree.range(start..) {
+            if found.len() == limit {
+                break;
+            }
             let (key, value) = item?;
             let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+            let id = match filter {
+                RunFilter::All => match id.strip_suffix(&FIRST_ENTRY) {
+                    Some(id) => id,
+                    None => continue,
+                },
+                RunFilter::Live | RunFilter::Terminal(_) => id,
+            };
             let id = std::str::from_utf8(id).map_err(|e| codec::corrupt(&key, e.to_string()))?;
             let id = RunId::parse(id).map_err(|e| codec::corrupt(&key, e.to_string()))?;
             found.push(read(&key, id, &value)?);
@@ -527,7 +546,8 @@ impl SledStore {
                 }
                 Ok(StoredRun { run: Run { spec, status }, last_seq })
             }),
-            RunFilter::All | RunFilter::Live => {
+            RunFilter::All => self.every_run_from_history(after, limit),
+            RunFilter::Live => {
                 let ids = self.runs_now(filter, after, limit)?;
                 let mut runs = Vec::with_capacity(ids.len());
                 for id in &ids {
@@ -538,10 +558,57 @@ impl SledStore {
         }
     }
 
+    /// Up to `limit` runs after `after`, in id order, read in one pass over
+    /// the history: the spec from each run's first entry, the status from
+    /// its last.
+    fn every_run_from_history(&self, after: Option<&RunId>, limit: usize) -> Result<Vec<StoredRun>, StoreError> {
+        let limit = limit.min(LIST_LIMIT_MAX);
+        let mut start = vec![HISTORY];
+        if let Some(after) = after {
+            start.extend_from_slice(after.as_str().as_bytes());
+            start.push(1);
+        }
+        let finish = |(spec, key, value): (RunSpec, sled::IVec, sled::IVec)| -> Result<StoredRun, StoreError> {
+            let last: HistoryEntry = codec::decode(&key, &value)?;
+            Ok(StoredRun { run: Run { spec, status: last.status }, last_seq: last.seq })
+        };
+        let mut runs = Vec::new();
+        // The run being read: its spec, and its last entry so far.
+        let mut reading: Option<(RunSpec, sled::IVec, sled::IVec)> = None;
+        for item in self.tree.range(start..) {
+            let (key, value) = item?;
+            if key.first() != Some(&HISTORY) {
+                break;
+            }
+            if let Some(id) = key.get(1..).and_then(|rest| rest.strip_suffix(&FIRST_ENTRY)) {
+                if let Some(read) = reading.take() {
+                    runs.push(finish(read)?);
+                    if runs.len() == limit {
+                        return Ok(runs);
+                    }
+                }
+                let id = std::str::from_utf8(id).ok().and_then(|id| RunId::parse(id).ok());
+                let id = id.ok_or_else(|| codec::corrupt(&key, "not a run id".into()))?;
+                let spec = spec_in(&key, &id, codec::decode(&key, &value)?)?;
+                reading = Some((spec, key, value));
+            } else {
+                let of_run = |first: &[u8]| first.len() == key.len() && key.starts_with(&first[..first.len() - 4]);
+                match &mut reading {
+                    Some((_, last, last_value)) if of_run(last) => (*last, *last_value) = (key, value),
+                    _ => return Err(codec::corrupt(&key, "an entry of a run without a first entry".into())),
+                }
+            }
+        }
+        if let Some(read) = reading {
+            runs.push(finish(read)?);
+        }
+        Ok(runs)
+    }
+
     /// Up to `limit` (at most [`LIST_LIMIT_MAX`]) runs matching `filter`,
     /// loaded, in id order, starting after `after`: [`WorkflowStore::runs`]
     /// and a [`WorkflowStore::load`] of each, but a terminal state's are read
-    /// in one pass over its index.
+    /// in one pass over its index, and every run's in one over the history.
     pub fn stored_runs(
         &self,
         filter: RunFilter,
@@ -643,6 +710,15 @@ impl Pages<'_> {
     }
 }
 
+/// The spec a run's first entry holds: its submission, of this run.
+fn spec_in(key: &[u8], run: &RunId, first: HistoryEntry) -> Result<RunSpec, StoreError> {
+    match first.input.event {
+        Event::Submitted(spec) if spec.run == *run => Ok(spec),
+        Event::Submitted(spec) => Err(codec::corrupt(key, format!("the submission of run {}", spec.run))),
+        other => Err(codec::corrupt(key, format!("the first entry is {}, not the submission", other.kind()))),
+    }
+}
+
 /// Brings a store of layout version 2, whose terminal index held no values,
 /// to version 3: each terminal run is copied into its index, batch by batch,
 /// then the version is set. Cut short, it starts again at the next open
@@ -675,9 +751,52 @@ fn migrate_from_2(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
     }
     tree.apply_batch(batch)?;
     db.flush()?;
+    tree.insert(META_KEY, &[3])?;
+    db.flush()?;
+    Ok(())
+}
+
+/// Brings a store of layout version 3, which kept each run's spec under a
+/// key of its own as well as in its first entry, to version 4: checks that
+/// every such spec is the one its run's first entry holds, and only then
+/// sets the version; [`remove_specs_of_layout_3`] removes them after.
+/// Refused, or cut short, it leaves a store of version 3 as it was.
+fn migrate_from_3(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
+    for item in tree.scan_prefix([SPEC_OF_LAYOUT_3]) {
+        let (key, value) = item?;
+        let spec: RunSpec = codec::decode(&key, &value)?;
+        let first = entry_key(&spec.run, 1);
+        let held = match tree.get(&first)? {
+            Some(entry) => Some(spec_in(&first, &spec.run, codec::decode(&first, &entry)?)?),
+            None => None,
+        };
+        if key.get(1..) != Some(spec.run.as_str().as_bytes()) || held.as_ref() != Some(&spec) {
+            let problem = "its spec is not the one its run's first history entry holds, which layout 4 keeps alone: \
+                           open this store with the evalflow that made it";
+            return Err(codec::corrupt(&key, problem.into()));
+        }
+    }
     tree.insert(META_KEY, &[LAYOUT_VERSION])?;
     db.flush()?;
     Ok(())
+}
+
+/// Removes layout 3's spec keys, batch by batch: after [`migrate_from_3`],
+/// and at each open until none is left (a removal cut short).
+fn remove_specs_of_layout_3(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut batched = 0;
+        for item in tree.scan_prefix([SPEC_OF_LAYOUT_3]).keys().take(COPY_BATCH) {
+            batch.remove(item?);
+            batched += 1;
+        }
+        if batched == 0 {
+            return Ok(());
+        }
+        tree.apply_batch(batch)?;
+        db.flush()?;
+    }
 }
 
 impl WorkflowStore for SledStore {
@@ -849,7 +968,7 @@ mod tests {
         let (mut engine, _) = Engine::open(store, crate::policy::tests::case_policy(), 0).unwrap();
         let cancel = |name: &str| Input::Event {
             run: RunId::parse(name).unwrap(),
-            envelope: crate::machine::Envelope::unfenced(crate::machine::Event::CancelRequested),
+            envelope: crate::machine::Envelope::unfenced(Event::CancelRequested),
         };
         engine.apply(vec![cancel("a-public"), cancel("c-public")], Timestamp(2)).unwrap();
         let store = engine.into_store();
@@ -869,6 +988,98 @@ mod tests {
         store.each_run(|stored| visited.push(stored.run.spec.run.to_string())).unwrap();
         visited.sort();
         assert_eq!(visited, ["a-public", "b-public", "c-public"]);
+    }
+
+    /// What layout 3 wrote besides layout 4's records: each run's spec under `s`.
+    fn add_specs_of_layout_3(store: &SledStore) {
+        for item in store.tree.scan_prefix([HISTORY]) {
+            let (entry_key, value) = item.unwrap();
+            if let Event::Submitted(spec) = codec::decode::<HistoryEntry>(&entry_key, &value).unwrap().input.event {
+                let key = key(SPEC_OF_LAYOUT_3, &spec.run);
+                store.tree.insert(&key, codec::encode(&key, &spec).unwrap()).unwrap();
+            }
+        }
+        store.tree.insert(META_KEY, &[3]).unwrap();
+    }
+
+    fn every_run(store: &SledStore) -> Vec<StoredRun> {
+        let mut runs = Vec::new();
+        store.each_in(RunFilter::All, |stored| runs.push(stored)).unwrap();
+        runs
+    }
+
+    #[test]
+    fn a_store_of_layout_3_opens_with_each_spec_kept_in_its_first_entry_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = submit(submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a"), "b");
+        let runs = every_run(&store);
+        assert_eq!(runs.len(), 2);
+        add_specs_of_layout_3(&store);
+        assert_eq!(store.tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 2);
+        drop(store);
+
+        let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
+        assert_eq!(store.tree.get(META_KEY).unwrap().as_deref(), Some(&[LAYOUT_VERSION][..]));
+        assert_eq!(store.tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 0);
+        assert_eq!(every_run(&store), runs);
+    }
+
+    #[test]
+    fn a_spec_of_layout_3_that_its_first_entry_does_not_hold_stops_the_migration_before_any_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = submit(submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a"), "b");
+        add_specs_of_layout_3(&store);
+        let key = key(SPEC_OF_LAYOUT_3, &RunId::parse("b-public").unwrap());
+        let mut spec: RunSpec = codec::decode(&key, &store.tree.get(&key).unwrap().unwrap()).unwrap();
+        spec.team = TeamId::new("another").unwrap();
+        store.tree.insert(&key, codec::encode(&key, &spec).unwrap()).unwrap();
+        drop(store);
+
+        let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "corrupt record sb-public: its spec is not the one its run's first history entry holds, which layout 4 \
+             keeps alone: open this store with the evalflow that made it"
+        );
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("runs").unwrap();
+        assert_eq!(tree.get(META_KEY).unwrap().as_deref(), Some(&[3][..]));
+        assert_eq!(tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 2, "nothing removed");
+    }
+
+    #[test]
+    fn every_run_is_read_from_the_history_page_by_page_as_loaded() {
+        let mut store = SledStore::temporary().unwrap();
+        for name in ["b", "a-b", "a", "ab", "a_b"] {
+            store = submit(store, name);
+        }
+        // Histories of one entry and of more, side by side.
+        let (mut engine, _) = Engine::open(store, crate::policy::tests::case_policy(), 0).unwrap();
+        let cancels = ["a-b-public", "ab-public"].map(|run| Input::Event {
+            run: RunId::parse(run).unwrap(),
+            envelope: crate::machine::Envelope::unfenced(Event::CancelRequested),
+        });
+        engine.apply(cancels.into(), Timestamp(2)).unwrap();
+        let store = engine.into_store();
+        let mut ids: Vec<RunId> =
+            ["b", "a-b", "a", "ab", "a_b"].map(|name| RunId::parse(&format!("{name}-public")).unwrap()).into();
+        ids.sort();
+        let loaded: Vec<StoredRun> = ids.iter().map(|id| store.load(id).unwrap().unwrap()).collect();
+        assert_eq!(loaded.iter().filter(|stored| stored.last_seq > 1).count(), 2);
+        for limit in 1..=ids.len() + 1 {
+            let (mut read, mut listed) = (Vec::new(), Vec::new());
+            for _page in 0..=ids.len() {
+                let after = read.last().map(|stored: &StoredRun| stored.run.spec.run.clone());
+                let page = store.stored_runs(RunFilter::All, after.as_ref(), limit).unwrap();
+                listed.extend(store.runs(RunFilter::All, after.as_ref(), limit).unwrap());
+                let done = page.len() < limit;
+                read.extend(page);
+                if done {
+                    break;
+                }
+            }
+            assert_eq!((&read, &listed), (&loaded, &ids), "pages of {limit}");
+        }
     }
 
     #[test]
@@ -892,7 +1103,7 @@ mod tests {
         // Every third cancelled: a terminal index and the live one, both longer than a page.
         let cancels = (0..runs).step_by(3).map(|i| Input::Event {
             run: RunId::parse(&format!("s{i:05}-public")).unwrap(),
-            envelope: crate::machine::Envelope::unfenced(crate::machine::Event::CancelRequested),
+            envelope: crate::machine::Envelope::unfenced(Event::CancelRequested),
         });
         engine.apply(cancels.collect(), Timestamp(2)).unwrap();
         let store = engine.into_store();
