@@ -539,11 +539,14 @@ fn footprint(dir: &std::path::Path, runs: usize, disk_mib: u64) -> Result<(), Er
     let kinds = SledStore::open(dir, options())?.footprint()?;
     let runs = runs.max(1) as f64;
     let logical: u64 = kinds.values().map(|f| f.key_bytes + f.value_bytes).sum();
+    let records: u64 = kinds.values().map(|f| f.records).sum();
     let on_disk = (disk_mib << 20) as f64 / runs;
     println!(
-        "bytes per stored run: {on_disk:.0} on disk; {:.0} in records (keys and values), so sled's layout takes {:.1}x",
+        "bytes per stored run: {on_disk:.0} on disk; {:.0} in records (keys and values), so sled's layout takes {:.1}x, \
+         {:.0} bytes a record beyond its own",
         logical as f64 / runs,
-        on_disk * runs / logical.max(1) as f64
+        on_disk * runs / logical.max(1) as f64,
+        ((disk_mib << 20) as f64 - logical as f64) / records.max(1) as f64
     );
     for (kind, f) in &kinds {
         println!(

@@ -148,7 +148,7 @@ impl RunChange {
         };
         // The sled store keeps a run's spec in its first entry alone.
         if let (Some(spec), Some(first)) = (&self.spec, self.entries.first())
-            && !matches!(&first.input.event, Event::Submitted(submitted) if submitted == spec)
+            && (first.seq != 1 || !matches!(&first.input.event, Event::Submitted(submitted) if submitted == spec))
         {
             return Err(refuse("a new run's first entry is its submission, with its spec".into()));
         }
@@ -226,7 +226,7 @@ impl IndexMut<StateTag> for StateCounts {
 /// Which runs a listing covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunFilter {
-    /// Every run (a full scan of the specs).
+    /// Every run (a full scan of the histories' keys).
     All,
     /// Runs not terminal or owed a command.
     Live,

@@ -290,10 +290,14 @@ impl SledStore {
         match tree.get(META_KEY)?.as_deref() {
             Some([LAYOUT_VERSION]) => {}
             Some([2]) => {
+                check_specs_of_layout_3(&tree)?;
                 migrate_from_2(&db, &tree)?;
-                migrate_from_3(&db, &tree)?;
+                set_layout(&db, &tree)?;
             }
-            Some([3]) => migrate_from_3(&db, &tree)?,
+            Some([3]) => {
+                check_specs_of_layout_3(&tree)?;
+                set_layout(&db, &tree)?;
+            }
             Some(found) => {
                 let found = found.first().copied().unwrap_or(0);
                 return Err(StoreError::SchemaVersion { found, supported: LAYOUT_VERSION });
@@ -454,13 +458,19 @@ impl SledStore {
     fn spec(&self, run: &RunId) -> Result<Option<RunSpec>, StoreError> {
         let key = entry_key(run, 1);
         let Some(value) = self.tree.get(&key)? else { return Ok(None) };
-        spec_in(&key, run, codec::decode(&key, &value)?).map(Some)
+        spec_in(&key, run, codec::decode::<HistoryEntry>(&key, &value)?.input.event).map(Some)
     }
 
     fn load_now(&self, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
-        let Some(spec) = self.spec(run)? else { return Ok(None) };
-        let entry = self.last_entry(run)?.ok_or_else(|| codec::corrupt(&entry_key(run, 1), "vanished".into()))?;
-        Ok(Some(StoredRun { run: Run { spec, status: entry.status }, last_seq: entry.seq }))
+        let Some(HistoryEntry { seq: last_seq, input, status, .. }) = self.last_entry(run)? else { return Ok(None) };
+        // A queued run, the one most loaded, has one entry: read once.
+        let spec = match last_seq {
+            1 => spec_in(&entry_key(run, 1), run, input.event)?,
+            _ => self.spec(run)?.ok_or_else(|| {
+                codec::corrupt(&entry_key(run, last_seq), "an entry of a run without a first entry".into())
+            })?,
+        };
+        Ok(Some(StoredRun { run: Run { spec, status }, last_seq }))
     }
 
     /// The batch that writes `commit`, and the counters after it; checked, not written.
@@ -508,6 +518,8 @@ impl SledStore {
         }
         let limit = limit.min(LIST_LIMIT_MAX);
         let mut found = Vec::new();
+        // Listing every run: the key of the last first entry passed.
+        let mut first: Option<sled::IVec> = None;
         for item in self.tree.range(start..) {
             if found.len() == limit {
                 break;
@@ -516,8 +528,12 @@ impl SledStore {
             let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
             let id = match filter {
                 RunFilter::All => match id.strip_suffix(&FIRST_ENTRY) {
-                    Some(id) => id,
-                    None => continue,
+                    Some(id) => {
+                        first = Some(key.clone());
+                        id
+                    }
+                    None if first.as_ref().is_some_and(|first| of_first(first, &key)) => continue,
+                    None => return Err(codec::corrupt(&key, "an entry of a run without a first entry".into())),
                 },
                 RunFilter::Live | RunFilter::Terminal(_) => id,
             };
@@ -563,18 +579,27 @@ impl SledStore {
     /// its last.
     fn every_run_from_history(&self, after: Option<&RunId>, limit: usize) -> Result<Vec<StoredRun>, StoreError> {
         let limit = limit.min(LIST_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut start = vec![HISTORY];
         if let Some(after) = after {
             start.extend_from_slice(after.as_str().as_bytes());
             start.push(1);
         }
-        let finish = |(spec, key, value): (RunSpec, sled::IVec, sled::IVec)| -> Result<StoredRun, StoreError> {
-            let last: HistoryEntry = codec::decode(&key, &value)?;
-            Ok(StoredRun { run: Run { spec, status: last.status }, last_seq: last.seq })
+        let finish = |read: Reading| -> Result<StoredRun, StoreError> {
+            let HistoryEntry { seq, input, status, .. } = read.first;
+            let spec = spec_in(&read.key, &read.run, input.event)?;
+            let (last_seq, status) = match read.last {
+                Some((key, value)) => {
+                    codec::decode::<HistoryEntry>(&key, &value).map(|last| (last.seq, last.status))?
+                }
+                None => (seq, status),
+            };
+            Ok(StoredRun { run: Run { spec, status }, last_seq })
         };
         let mut runs = Vec::new();
-        // The run being read: its spec, and its last entry so far.
-        let mut reading: Option<(RunSpec, sled::IVec, sled::IVec)> = None;
+        let mut reading: Option<Reading> = None;
         for item in self.tree.range(start..) {
             let (key, value) = item?;
             if key.first() != Some(&HISTORY) {
@@ -587,14 +612,12 @@ impl SledStore {
                         return Ok(runs);
                     }
                 }
-                let id = std::str::from_utf8(id).ok().and_then(|id| RunId::parse(id).ok());
-                let id = id.ok_or_else(|| codec::corrupt(&key, "not a run id".into()))?;
-                let spec = spec_in(&key, &id, codec::decode(&key, &value)?)?;
-                reading = Some((spec, key, value));
+                let run = std::str::from_utf8(id).ok().and_then(|id| RunId::parse(id).ok());
+                let run = run.ok_or_else(|| codec::corrupt(&key, "not a run id".into()))?;
+                reading = Some(Reading { run, first: codec::decode(&key, &value)?, key, last: None });
             } else {
-                let of_run = |first: &[u8]| first.len() == key.len() && key.starts_with(&first[..first.len() - 4]);
                 match &mut reading {
-                    Some((_, last, last_value)) if of_run(last) => (*last, *last_value) = (key, value),
+                    Some(read) if of_first(&read.key, &key) => read.last = Some((key, value)),
                     _ => return Err(codec::corrupt(&key, "an entry of a run without a first entry".into())),
                 }
             }
@@ -710,9 +733,25 @@ impl Pages<'_> {
     }
 }
 
-/// The spec a run's first entry holds: its submission, of this run.
-fn spec_in(key: &[u8], run: &RunId, first: HistoryEntry) -> Result<RunSpec, StoreError> {
-    match first.input.event {
+/// A run read by [`SledStore::every_run_from_history`].
+struct Reading {
+    run: RunId,
+    /// Its first entry, and that entry's key.
+    first: HistoryEntry,
+    key: sled::IVec,
+    /// The key and value of its last entry so far, unless it is the first.
+    last: Option<(sled::IVec, sled::IVec)>,
+}
+
+/// Whether history key `key` is of the run whose first entry's key is `first`.
+fn of_first(first: &[u8], key: &[u8]) -> bool {
+    let prefix = first.len().saturating_sub(FIRST_ENTRY.len() - 1);
+    first.len() == key.len() && first.get(..prefix) == key.get(..prefix)
+}
+
+/// The spec a run's first entry holds (its event): its submission, of this run.
+fn spec_in(key: &[u8], run: &RunId, first: Event) -> Result<RunSpec, StoreError> {
+    match first {
         Event::Submitted(spec) if spec.run == *run => Ok(spec),
         Event::Submitted(spec) => Err(codec::corrupt(key, format!("the submission of run {}", spec.run))),
         other => Err(codec::corrupt(key, format!("the first entry is {}, not the submission", other.kind()))),
@@ -756,18 +795,19 @@ fn migrate_from_2(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Brings a store of layout version 3, which kept each run's spec under a
-/// key of its own as well as in its first entry, to version 4: checks that
-/// every such spec is the one its run's first entry holds, and only then
-/// sets the version; [`remove_specs_of_layout_3`] removes them after.
-/// Refused, or cut short, it leaves a store of version 3 as it was.
-fn migrate_from_3(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
+/// Checks that each spec a store of layout 2 or 3 kept under a key of its
+/// own is the one its run's first entry holds, which layout 4 keeps alone
+/// ([`remove_specs_of_layout_3`] removes the others once the version is
+/// set). It changes nothing, so that a store it refuses is left as it was.
+fn check_specs_of_layout_3(tree: &sled::Tree) -> Result<(), StoreError> {
     for item in tree.scan_prefix([SPEC_OF_LAYOUT_3]) {
         let (key, value) = item?;
         let spec: RunSpec = codec::decode(&key, &value)?;
         let first = entry_key(&spec.run, 1);
         let held = match tree.get(&first)? {
-            Some(entry) => Some(spec_in(&first, &spec.run, codec::decode(&first, &entry)?)?),
+            Some(entry) => {
+                Some(spec_in(&first, &spec.run, codec::decode::<HistoryEntry>(&first, &entry)?.input.event)?)
+            }
             None => None,
         };
         if key.get(1..) != Some(spec.run.as_str().as_bytes()) || held.as_ref() != Some(&spec) {
@@ -776,12 +816,16 @@ fn migrate_from_3(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
             return Err(codec::corrupt(&key, problem.into()));
         }
     }
+    Ok(())
+}
+
+fn set_layout(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
     tree.insert(META_KEY, &[LAYOUT_VERSION])?;
     db.flush()?;
     Ok(())
 }
 
-/// Removes layout 3's spec keys, batch by batch: after [`migrate_from_3`],
+/// Removes layout 3's spec keys, batch by batch, once the version is set,
 /// and at each open until none is left (a removal cut short).
 fn remove_specs_of_layout_3(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
     loop {
@@ -978,11 +1022,13 @@ mod tests {
         for item in store.tree.scan_prefix([TERMINAL]) {
             store.tree.insert(item.unwrap().0, EMPTY).unwrap();
         }
+        add_specs_of_layout_3(&store); // layout 2 kept them too
         store.tree.insert(META_KEY, &[2]).unwrap();
         drop(store);
 
         let store = SledStore::open(dir.path(), SledOptions::default()).unwrap();
         assert_eq!(store.tree.get(META_KEY).unwrap().as_deref(), Some(&[LAYOUT_VERSION][..]));
+        assert_eq!(store.tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 0);
         assert_eq!(store.stored_runs(RunFilter::Terminal(StateTag::Cancelled), None, 10).unwrap(), cancelled);
         let mut visited = Vec::new();
         store.each_run(|stored| visited.push(stored.run.spec.run.to_string())).unwrap();
@@ -1025,26 +1071,50 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_of_layout_3_that_its_first_entry_does_not_hold_stops_the_migration_before_any_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = submit(submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a"), "b");
-        add_specs_of_layout_3(&store);
-        let key = key(SPEC_OF_LAYOUT_3, &RunId::parse("b-public").unwrap());
-        let mut spec: RunSpec = codec::decode(&key, &store.tree.get(&key).unwrap().unwrap()).unwrap();
-        spec.team = TeamId::new("another").unwrap();
-        store.tree.insert(&key, codec::encode(&key, &spec).unwrap()).unwrap();
-        drop(store);
+    fn a_spec_of_layout_2_or_3_that_its_first_entry_does_not_hold_stops_the_migration_before_any_change() {
+        for layout in [2, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = submit(submit(SledStore::open(dir.path(), SledOptions::default()).unwrap(), "a"), "b");
+            add_specs_of_layout_3(&store);
+            store.tree.insert(META_KEY, &[layout]).unwrap();
+            let key = key(SPEC_OF_LAYOUT_3, &RunId::parse("b-public").unwrap());
+            let mut spec: RunSpec = codec::decode(&key, &store.tree.get(&key).unwrap().unwrap()).unwrap();
+            spec.team = TeamId::new("another").unwrap();
+            store.tree.insert(&key, codec::encode(&key, &spec).unwrap()).unwrap();
+            drop(store);
 
-        let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
+            let err = SledStore::open(dir.path(), SledOptions::default()).err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                "corrupt record sb-public: its spec is not the one its run's first history entry holds, which layout \
+                 4 keeps alone: open this store with the evalflow that made it"
+            );
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("runs").unwrap();
+            assert_eq!(tree.get(META_KEY).unwrap().as_deref(), Some(&[layout][..]));
+            assert_eq!(tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 2, "nothing removed");
+        }
+    }
+
+    #[test]
+    fn a_run_submitted_again_over_its_own_history_is_refused() {
+        let store = submit(SledStore::temporary().unwrap(), "a");
+        let run = RunId::parse("a-public").unwrap();
+        let first = store.history(&run).unwrap().remove(0);
+        let Event::Submitted(spec) = first.input.event.clone() else { panic!("{first:?}") };
+        // Goes on from the stored entry 1, as a new run: it would be counted twice.
+        let again = RunChange {
+            run: run.clone(),
+            spec: Some(spec),
+            before: None,
+            entries: vec![HistoryEntry { seq: 2, ..first }],
+        };
+        let err = store.commit(&Commit { changes: vec![again] }).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "corrupt record sb-public: its spec is not the one its run's first history entry holds, which layout 4 \
-             keeps alone: open this store with the evalflow that made it"
+            "refused write for run a-public: a new run's first entry is its submission, with its spec"
         );
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("runs").unwrap();
-        assert_eq!(tree.get(META_KEY).unwrap().as_deref(), Some(&[3][..]));
-        assert_eq!(tree.scan_prefix([SPEC_OF_LAYOUT_3]).count(), 2, "nothing removed");
+        assert_eq!((store.history(&run).unwrap().len(), store.counts().unwrap().total()), (1, 1));
     }
 
     #[test]
@@ -1065,6 +1135,10 @@ mod tests {
             ["b", "a-b", "a", "ab", "a_b"].map(|name| RunId::parse(&format!("{name}-public")).unwrap()).into();
         ids.sort();
         let loaded: Vec<StoredRun> = ids.iter().map(|id| store.load(id).unwrap().unwrap()).collect();
+        assert_eq!(
+            (store.stored_runs(RunFilter::All, None, 0).unwrap(), store.runs(RunFilter::All, None, 0).unwrap()),
+            (vec![], vec![])
+        );
         assert_eq!(loaded.iter().filter(|stored| stored.last_seq > 1).count(), 2);
         for limit in 1..=ids.len() + 1 {
             let (mut read, mut listed) = (Vec::new(), Vec::new());
@@ -1146,6 +1220,18 @@ mod tests {
         assert!(matches!(&err, StoreError::Corrupt { key, .. } if key.starts_with("ha-public")), "{err}");
         store.tree.insert(entry_key(&run, 1), &[SCHEMA_VERSION + 1][..]).unwrap();
         assert!(matches!(store.load(&run), Err(StoreError::SchemaVersion { .. })));
+        // An entry of a run whose first is missing.
+        let store = submit(SledStore::temporary().unwrap(), "a");
+        let orphan = RunId::parse("b-public").unwrap();
+        store.tree.insert(entry_key(&orphan, 2), store.tree.get(entry_key(&run, 1)).unwrap().unwrap()).unwrap();
+        let listed =
+            [store.runs(RunFilter::All, None, 10).map(|_| ()), store.stored_runs(RunFilter::All, None, 10).map(|_| ())];
+        for err in listed {
+            assert!(
+                matches!(&err, Err(StoreError::Corrupt { key, problem }) if key.starts_with("hb-public") && problem == "an entry of a run without a first entry"),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
