@@ -1,7 +1,8 @@
 //! The stored runs at scale, through a serving node's API: how long the node
 //! takes to start on them, and how long `status`, `runs --state failed` and
 //! one run's `history` take to answer (the median of [`ASKED`] asks each),
-//! each answer parsed into the types the CLI parses it into.
+//! each answer parsed into the types the CLI parses it into, and a scrape
+//! of its `/metrics`, which counts every run.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ use crate::fullstack::{self, Api};
 const ASKED: usize = 20;
 /// The page a paging client asks for.
 const PAGE: usize = 1_000;
+/// How many times `/metrics` is scraped: it reads every run.
+const SCRAPED: usize = 3;
 
 /// What the node answered, and how fast.
 pub struct Answers {
@@ -26,6 +29,8 @@ pub struct Answers {
     /// Its first page of [`PAGE`] runs, as a client that pages asks it.
     first_page: Asked,
     history: Duration,
+    /// The median of [`SCRAPED`] scrapes of `/metrics`, to its last byte.
+    scrape: Duration,
 }
 
 /// The median of [`ASKED`] asks of one question.
@@ -64,6 +69,7 @@ impl Answers {
             self.first_page.items
         );
         println!("  one run's history through the API:     {:>9.1} ms (target < 100 ms)", ms(self.history));
+        println!("  a scrape of /metrics (counts every run): {:>7.1} ms", ms(self.scrape));
     }
 }
 
@@ -77,7 +83,19 @@ pub fn measure(dir: &Path, run: &str) -> Result<Answers, Error> {
         let page = format!("/v1/runs?state=failed&limit={PAGE}");
         let first_page = median::<Vec<RunView>>(&api, &page, Vec::len).await?;
         let history = median::<Vec<EventView>>(&api, &format!("/v1/runs/{run}/history"), Vec::len).await?.parsed;
-        Ok(Answers { start, status, failed, first_page, history })
+        let mut scrapes = Vec::with_capacity(SCRAPED);
+        for _ in 0..SCRAPED {
+            let start = Instant::now();
+            let text = api.get_bytes("/metrics").await?;
+            scrapes.push(start.elapsed());
+            if !text.starts_with(b"# HELP") {
+                return Err(
+                    format!("/metrics answered {:?}", String::from_utf8_lossy(&text[..text.len().min(200)])).into()
+                );
+            }
+        }
+        scrapes.sort();
+        Ok(Answers { start, status, failed, first_page, history, scrape: scrapes[SCRAPED / 2] })
     })
     .map(|(answers, _cpu)| answers)
 }
