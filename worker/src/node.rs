@@ -698,8 +698,13 @@ impl Node {
             let limit = limit.unwrap_or(usize::MAX);
             let (mut views, mut after) = (Vec::new(), after);
             while views.len() < limit {
-                let page = store.stored_runs(filter, after.as_ref(), LIST_LIMIT_MAX)?;
-                let last_page = page.len() < LIST_LIMIT_MAX;
+                // A page of a terminal state or of every run is read whole: no more than asked for.
+                let read = match filter {
+                    RunFilter::Live => LIST_LIMIT_MAX,
+                    RunFilter::All | RunFilter::Terminal(_) => (limit - views.len()).min(LIST_LIMIT_MAX),
+                };
+                let page = store.stored_runs(filter, after.as_ref(), read)?;
+                let last_page = page.len() < read;
                 after = page.last().map(|stored| stored.run.spec.run.clone());
                 for stored in page {
                     if views.len() == limit {
