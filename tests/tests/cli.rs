@@ -85,6 +85,17 @@ fn a_manifest_is_checked_line_by_line_before_anything_is_submitted() {
     assert!(views.iter().all(|v| v.accepted), "{views:?}");
     let runs: Vec<RunView> = cli.json(&["runs", "--state", "queued", "--json"]);
     assert_eq!(runs.len(), 2);
+
+    // More than the pages of 1,000 that `runs --json` asks for, each run once, in id order.
+    let many: String = (0..2_500).map(|i| line(&format!("m{i:04}"), "subs/a")).collect();
+    fs::write(&manifest, many).unwrap();
+    cli.ok(&["submit", "--manifest", manifest.to_str().unwrap()]);
+    let mut expected: Vec<String> = ["a-public".to_owned(), "b-public".to_owned()].into();
+    expected.extend((0..2_500).map(|i| format!("m{i:04}-public")));
+    for args in [&["runs", "--json"][..], &["runs", "--state", "queued", "--json"]] {
+        let runs: Vec<RunView> = cli.json(args);
+        assert_eq!(runs.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(), expected, "{args:?}");
+    }
 }
 
 #[test]
