@@ -5,8 +5,8 @@
 //! status the event left the run in, the first (its submission) holding the
 //! run's spec. The last entry *is* the run's current state and its outbox,
 //! so recording an event is one key, not a state row, a history row and an
-//! outbox row. Two indexes make
-//! the questions the engine and the CLI ask cheap without a full scan:
+//! outbox row. Two indexes make the questions the engine and the CLI ask
+//! cheap without a full scan:
 //!
 //! - the live index: runs that are not terminal or are owed a command (what
 //!   recovery reads on open);

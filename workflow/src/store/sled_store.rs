@@ -505,8 +505,10 @@ impl SledStore {
         limit: usize,
         mut read: impl FnMut(&[u8], RunId, &[u8]) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
-        // Every run is named by the key of its first entry: the others are passed over.
-        let (prefix, after_id) = match filter {
+        // Every run is named by the key of its first entry; its others are
+        // passed over. The start goes past `after`'s own keys: its id, then
+        // `\0` in an index key, `\0` and a seq in a history key.
+        let (prefix, past) = match filter {
             RunFilter::All => (vec![HISTORY], 1),
             RunFilter::Live => (vec![LIVE], 0),
             RunFilter::Terminal(tag) => (vec![TERMINAL, tag.code()], 0),
@@ -514,7 +516,7 @@ impl SledStore {
         let mut start = prefix.clone();
         if let Some(after) = after {
             start.extend_from_slice(after.as_str().as_bytes());
-            start.push(after_id);
+            start.push(past);
         }
         let limit = limit.min(LIST_LIMIT_MAX);
         let mut found = Vec::new();
