@@ -275,38 +275,40 @@ impl Tally {
             // Nothing left: no sum keeps what rounding left of what was taken out.
             self.whole.cost_usd = 0.0;
         }
-        match tag {
-            // What a cancelled run took says nothing of what a run takes.
-            StateTag::Published | StateTag::Failed => {
-                let mut profiles: Vec<&ProfileName> = status.attempts.iter().map(|a| &a.profile).collect();
-                profiles.sort();
-                profiles.dedup();
-                let keys = [(Some(spec.stage), None), (None, None)].into_iter().chain(
-                    profiles.into_iter().flat_map(|p| [(Some(spec.stage), Some(p.clone())), (None, Some(p.clone()))]),
-                );
-                for key in keys {
-                    let mut maps = vec![&mut self.observed];
-                    if tag == StateTag::Published {
-                        maps.push(&mut self.published);
-                    }
-                    for map in maps {
-                        let sums = map.entry(key.clone()).or_default();
-                        sign.count(&mut sums.runs);
-                        sign.sum(&mut sums.usd, usd);
-                        sign.sum(&mut sums.secs, secs);
-                        if sums.runs == 0 {
-                            map.remove(&key);
-                        }
+        // What a cancelled run took says nothing of what a run takes.
+        if matches!(tag, StateTag::Published | StateTag::Failed) {
+            let mut profiles: Vec<&ProfileName> = status.attempts.iter().map(|a| &a.profile).collect();
+            profiles.sort();
+            profiles.dedup();
+            let keys = [(Some(spec.stage), None), (None, None)].into_iter().chain(
+                profiles.into_iter().flat_map(|p| [(Some(spec.stage), Some(p.clone())), (None, Some(p.clone()))]),
+            );
+            for key in keys {
+                let mut maps = vec![&mut self.observed];
+                if tag == StateTag::Published {
+                    maps.push(&mut self.published);
+                }
+                for map in maps {
+                    let sums = map.entry(key.clone()).or_default();
+                    sign.count(&mut sums.runs);
+                    sign.sum(&mut sums.usd, usd);
+                    sign.sum(&mut sums.secs, secs);
+                    if sums.runs == 0 {
+                        map.remove(&key);
                     }
                 }
             }
-            StateTag::Cancelled => {}
-            _ if sign == Sign::Out => {
+        }
+        if !has_live_entry(tag) {
+            return;
+        }
+        match sign {
+            Sign::Out => {
                 if !keep_live {
                     self.live.remove(&spec.run);
                 }
             }
-            _ => {
+            Sign::In => {
                 let running_since = match (&status.state, status.attempts.last()) {
                     (RunState::Running { .. }, Some(current)) => Some(current.launched_at),
                     _ => None,

@@ -106,6 +106,18 @@ fn live_runs_are_expected_to_take_what_ended_runs_on_their_profile_took() {
 }
 
 #[test]
+fn a_cancelled_run_is_spent_but_not_expected_to_take_more() {
+    let policy = crate::policy::tests::case_policy();
+    let before = tally(&policy, &competition()).forecast(2, NOW).whole;
+    let mut runs = competition();
+    runs.push(run("f", Stage::Public, 6, RunState::Cancelled, vec![attempt(1, "g4", 3600, Some(1800))], 0));
+    let whole = tally(&policy, &runs).forecast(2, NOW).whole;
+    assert_eq!((whole.total, whole.ended, whole.queued, whole.running), (6, 3, 1, 2));
+    assert!(close(whole.cost_usd, before.cost_usd + 0.263), "its half hour on g4: {whole:?}");
+    assert_eq!((whole.remaining_cost_usd, whole.eta_secs), (before.remaining_cost_usd, before.eta_secs));
+}
+
+#[test]
 fn a_stage_is_estimated_from_its_own_runs_and_from_all_before_any_ended() {
     let policy = crate::policy::tests::case_policy();
     let mut runs = competition();
